@@ -1,0 +1,182 @@
+"""The command line: ``python -m nbutils COMMAND [options]`` (each command has ``--help``).
+
+Errors a person can fix (missing data, bad arguments, a damaged file) are printed to stderr as one
+``error: …`` message and the process exits with status 1 (2 for argument-parsing errors, as argparse
+does); nothing is written half-way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .config import PRESETS, default_preset_name, get_config, pick_device, project_root
+from .data import CLASS_NAMES, CorruptDatasetError, DatasetNotFoundError, find_raw_dir, load_split
+
+
+class CLIError(Exception):
+    """An error whose message is meant for the person at the terminal."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def _output_path(text: str, suffixes: tuple[str, ...]) -> Path:
+    """An output file whose folder exists and is writable, with one of ``suffixes``."""
+    path = Path(text)
+    if path.suffix.lower() not in suffixes:
+        raise CLIError(f"output {text!r} must end in {' or '.join(suffixes)}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise CLIError(f"output folder {str(folder)!r} does not exist (create it first)")
+    import os
+
+    if not os.access(folder, os.W_OK):
+        raise CLIError(f"output folder {str(folder)!r} is not writable")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    try:
+        import torchvision
+
+        tv = torchvision.__version__
+    except Exception as exc:  # pragma: no cover - torchvision is a dependency
+        tv = f"unavailable ({exc})"
+    preset = args.preset or default_preset_name()
+    cfg = get_config(preset)
+    try:
+        data = str(find_raw_dir(args.data_root, download=False))
+    except (DatasetNotFoundError, CorruptDatasetError) as exc:
+        data = f"not found ({str(exc).splitlines()[0]})"
+    info = {
+        "nbutils": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": tv,
+        "numpy": np.__version__,
+        "device": str(pick_device()),
+        "cpu_threads": torch.get_num_threads(),
+        "preset": cfg.preset,
+        "project_root": str(project_root()),
+        "data": data,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+        print("config:")
+        print("  " + str(cfg).replace("\n", "\n  "))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Check the dataset files, print per-split statistics, optionally write a grid of real images."""
+    from .plotting import save_grid
+
+    out = _output_path(args.out, (".png",)) if args.out else None
+    t0 = time.perf_counter()
+    folder = find_raw_dir(args.data_root, download=not args.no_download)
+    stats = {"folder": str(folder)}
+    for split in ("train", "test"):
+        images, labels = load_split(split, root=folder)
+        x = images.float() / 255
+        stats[split] = {
+            "images": tuple(images.shape),
+            "pixel_mean": round(float(x.mean()), 4),
+            "pixel_std": round(float(x.std()), 4),
+            "per_class": {CLASS_NAMES[c]: int((labels == c).sum()) for c in range(len(CLASS_NAMES))},
+        }
+    stats["seconds"] = round(time.perf_counter() - t0, 2)
+    print(json.dumps(stats, indent=2))
+    if out is not None:
+        from .data import per_class
+
+        images, labels = load_split("train", root=folder)
+        save_grid(per_class(images, labels, args.per_class), out, nrow=args.per_class)
+        print(f"wrote {out} (one row per class: {', '.join(CLASS_NAMES)})", file=sys.stderr)
+    return 0
+
+
+def cmd_notebooks(args: argparse.Namespace) -> int:
+    """Check (or with --fix, rewrite) every notebook's Colab badge and setup cell."""
+    from .nbtools import fix_notebook, notebook_paths, notebook_problems
+
+    problems = []
+    for path in notebook_paths():
+        if args.fix and fix_notebook(path):
+            print(f"updated {path.name}")
+        problems += notebook_problems(path)
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        print("run `python -m nbutils notebooks --fix` to rewrite badges and setup cells", file=sys.stderr)
+    return 1 if problems else 0
+
+
+# --------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m nbutils",
+        description="FashionMNIST latent diffusion: data, training, sampling and evaluation.",
+    )
+    parser.add_argument("--version", action="version", version=f"nbutils {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("info", help="versions, device, preset, data location, configuration")
+    p.add_argument("--preset", choices=PRESETS, help="preset to describe (default: $NBUTILS_PRESET or auto)")
+    p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("data", help="check the dataset, print statistics, write a grid of real images")
+    p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files")
+    p.add_argument("--out", help="write a PNG grid (one row per class) here")
+    p.add_argument("--per-class", type=_positive_int, default=10, help="images per class in the grid")
+    p.add_argument("--no-download", action="store_true", help="never try torchvision's download")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("notebooks", help="check every notebook's Colab badge and setup cell (--fix rewrites)")
+    p.add_argument("--fix", action="store_true", help="rewrite badges and setup cells from pyproject.toml")
+    p.set_defaults(func=cmd_notebooks)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, DatasetNotFoundError, CorruptDatasetError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

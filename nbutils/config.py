@@ -1,0 +1,301 @@
+"""Configuration: typed dataclasses, the three presets, device choice and seeding.
+
+Every knob of the project lives in one of four small dataclasses (data + the two models +
+the diffusion process + training), grouped in :class:`Config`. A preset is a function that returns
+a ``Config``; ``get_config()`` picks one by name, by ``$NBUTILS_PRESET``, or automatically
+(``full`` when CUDA is available, else ``cpu``). Configs are plain data: they print readably,
+turn into JSON-able dicts with :meth:`Config.to_dict` and back with :meth:`Config.from_dict`, which is
+how checkpoints remember what they were trained with.
+
+Names follow Hugging Face ``diffusers`` where one exists (``block_out_channels``,
+``layers_per_block``, ``norm_num_groups``, ``cross_attention_dim``, ``num_train_timesteps``,
+``beta_schedule``, ``prediction_type``) so the two can be read side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PRESETS = ("smoke", "cpu", "full")
+PRESET_ENV = "NBUTILS_PRESET"
+DEVICE_ENV = "NBUTILS_DEVICE"
+
+
+# --------------------------------------------------------------------------------------------
+# The dataclasses
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Which part of FashionMNIST to use. ``None`` means the whole split."""
+
+    train_subset: int | None = None  # first N training images (smoke uses a few hundred)
+    test_subset: int | None = None  # first N test images used for per-epoch metrics
+
+
+@dataclass
+class VAEConfig:
+    """First stage: 1×28×28 image ↔ ``latent_channels``×7×7 latent (two 2× down/up samplings)."""
+
+    in_channels: int = 1
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (32, 64, 128)  # at 28×28, 14×14, 7×7
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    attention_reduction: int = 4  # ChannelAttention bottleneck = channels // reduction
+    kl_weight: float = 1e-6  # β in  recon + β·KL
+
+
+@dataclass
+class UNetConfig:
+    """Second stage: the noise-predicting UNet on 7×7 latents, class as cross-attention context."""
+
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (64, 128)  # at 7×7 and 4×4
+    layers_per_block: int = 2
+    attention_levels: tuple[bool, ...] = (False, True)
+    num_heads: int = 4
+    cross_attention_dim: int = 128
+    num_classes: int = 10  # context tokens: one per class + one null token
+    norm_num_groups: int = 8
+    dropout: float = 0.1
+
+
+@dataclass
+class DiffusionConfig:
+    """The DDPM forward process and what the UNet is trained to predict."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"  # "linear" | "scaled_linear" | "squaredcos_cap_v2"
+    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
+    cond_drop_prob: float = 0.1  # classifier-free guidance: P(class → null token) in training
+    min_snr_gamma: float | None = None  # None = plain MSE; e.g. 5.0 for min-SNR-γ weighting
+
+
+@dataclass
+class TrainConfig:
+    """One training loop (the VAE and the UNet each get their own)."""
+
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.9999
+    ema_warmup_steps: int = 1000  # EMA decay ramps up from 0 over these steps
+    seed: int = 0
+    sample_every: int = 1  # epochs between sample grids / metrics (0 = never)
+
+
+@dataclass
+class Config:
+    """Everything one run needs. ``preset`` records where it came from."""
+
+    preset: str = "full"
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train_vae: TrainConfig = field(default_factory=TrainConfig)
+    train_unet: TrainConfig = field(default_factory=TrainConfig)
+
+    # -- (de)serialisation -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able nested dict (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        """Inverse of :meth:`to_dict`. Unknown keys are an error that names them."""
+        return _from_dict(cls, d, path="config")
+
+    def replace(self, **sections: Any) -> Config:
+        """A copy with some sections swapped, e.g. ``cfg.replace(vae=VAEConfig(latent_channels=8))``."""
+        return dataclasses.replace(self, **sections)
+
+    def __str__(self) -> str:
+        lines = [f"preset: {self.preset}"]
+        for f in dataclasses.fields(self):
+            if f.name == "preset":
+                continue
+            section = getattr(self, f.name)
+            items = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(section).items())
+            lines.append(f"  {f.name:<10} {items}")
+        return "\n".join(lines)
+
+
+def _from_dict(cls: type, d: dict[str, Any], path: str) -> Any:
+    if not isinstance(d, dict):
+        raise TypeError(f"{path}: expected a mapping, got {type(d).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {unknown}; {cls.__name__} has {sorted(known)}")
+    kwargs = {}
+    defaults = cls()
+    for name, value in d.items():
+        default = getattr(defaults, name)
+        if dataclasses.is_dataclass(default):
+            value = _from_dict(type(default), value, f"{path}.{name}")
+        elif isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+
+def smoke_config() -> Config:
+    """Tiny models on a few hundred images: every code path runs in seconds (CI, nbval)."""
+    return Config(
+        preset="smoke",
+        data=DataConfig(train_subset=512, test_subset=256),
+        vae=VAEConfig(block_out_channels=(8, 16, 16), norm_num_groups=4, kl_weight=1e-6),
+        unet=UNetConfig(
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            num_heads=2,
+            cross_attention_dim=32,
+            norm_num_groups=4,
+        ),
+        diffusion=DiffusionConfig(),
+        train_vae=TrainConfig(epochs=1, batch_size=64, lr=1e-3, ema_warmup_steps=2),
+        train_unet=TrainConfig(epochs=1, batch_size=64, lr=1e-3, ema_warmup_steps=2),
+    )
+
+
+def cpu_config() -> Config:
+    """The best quality reachable in about 20 minutes of 2-core CPU time for both models."""
+    return Config(
+        preset="cpu",
+        data=DataConfig(train_subset=None, test_subset=2000),
+        vae=VAEConfig(block_out_channels=(32, 64, 128), kl_weight=1e-6),
+        unet=UNetConfig(block_out_channels=(64, 128), layers_per_block=2, cross_attention_dim=128),
+        diffusion=DiffusionConfig(),
+        train_vae=TrainConfig(epochs=4, batch_size=128, lr=1e-3, ema_decay=0.999),
+        train_unet=TrainConfig(epochs=10, batch_size=128, lr=1e-3, ema_decay=0.999),
+    )
+
+
+def full_config() -> Config:
+    """The reference configuration (a GPU): 100 epochs, batch 128, Adam 1e-4, 1000 DDPM steps."""
+    return Config(
+        preset="full",
+        data=DataConfig(),
+        vae=VAEConfig(block_out_channels=(64, 128, 256), layers_per_block=2),
+        unet=UNetConfig(block_out_channels=(128, 256), layers_per_block=2, cross_attention_dim=256),
+        diffusion=DiffusionConfig(),
+        train_vae=TrainConfig(epochs=100, batch_size=128, lr=1e-4),
+        train_unet=TrainConfig(epochs=100, batch_size=128, lr=1e-4),
+    )
+
+
+_PRESET_FACTORIES = {"smoke": smoke_config, "cpu": cpu_config, "full": full_config}
+
+
+def default_preset_name() -> str:
+    """``$NBUTILS_PRESET`` if set, else ``full`` when CUDA is available, else ``cpu``."""
+    name = os.environ.get(PRESET_ENV, "").strip()
+    if name:
+        return name
+    return "full" if torch.cuda.is_available() else "cpu"
+
+
+def get_config(preset: str | None = None) -> Config:
+    """The :class:`Config` of a preset (``None`` = :func:`default_preset_name`).
+
+    >>> get_config("smoke").train_unet.epochs
+    1
+    """
+    name = preset if preset is not None else default_preset_name()
+    key = name.strip().lower()
+    if key not in _PRESET_FACTORIES:
+        source = "" if preset is not None else f" (from ${PRESET_ENV})"
+        raise ValueError(f"unknown preset {name!r}{source}; valid presets: {', '.join(PRESETS)}")
+    return _PRESET_FACTORIES[key]()
+
+
+# --------------------------------------------------------------------------------------------
+# Device and seeding
+# --------------------------------------------------------------------------------------------
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """``prefer`` or ``$NBUTILS_DEVICE`` if given, else the first of cuda → mps → cpu available."""
+    name = prefer or os.environ.get(DEVICE_ENV, "").strip() or None
+    if name is not None:
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+        if dev.type == "mps" and not _mps_available():
+            raise RuntimeError(f"device {name!r} requested but MPS is not available")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if _mps_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A fresh ``torch.Generator`` seeded with ``seed``. Pass it on; never rely on global RNG state."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
+
+def seed_everything(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """Seed Python, NumPy and torch's global RNGs (for library code we do not control, such as
+    dropout) and return a generator for our own sampling, seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return make_generator(seed, device)
+
+
+# --------------------------------------------------------------------------------------------
+# Where things live
+# --------------------------------------------------------------------------------------------
+
+
+def project_root() -> Path:
+    """The repository folder: ``$NBUTILS_HOME``, else the checkout this package sits in, else cwd."""
+    env = os.environ.get("NBUTILS_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    here = Path(__file__).resolve().parent.parent
+    if (here / "pyproject.toml").is_file() and (here / "nbutils").is_dir():
+        return here
+    return Path.cwd()
+
+
+def runs_dir() -> Path:
+    return project_root() / "runs"
+
+
+def checkpoints_dir() -> Path:
+    return project_root() / "checkpoints"
+
+
+def data_dir() -> Path:
+    return project_root() / "data"

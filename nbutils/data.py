@@ -1,0 +1,355 @@
+"""FashionMNIST: finding the files, checking them, loading them, batching them.
+
+The dataset is four gzip'd IDX files (LeCun's MNIST format: a big-endian header of a magic number
+and the dimensions, then raw uint8 bytes). We read them ourselves — 30 lines, no download needed —
+and check every file completely (gzip CRC, magic number, dimensions, exact length), so a damaged file
+is reported by name instead of surfacing later as a strange tensor.
+
+Lookup order for the folder holding the files (see ``data/README.md``):
+
+1. an explicit ``root`` argument;
+2. ``$FASHION_MNIST_ROOT``;
+3. ``data/FashionMNIST/raw/`` in the project folder (where torchvision's download writes);
+4. ``/usr/share/datasets/fashion-mnist/`` (Debian/Ubuntu package ``dataset-fashion-mnist``);
+5. torchvision's download into ``data/`` (needs internet).
+
+Images are uint8 (N, 28, 28) on disk and in :func:`load_split`; inside the models they are float
+(N, 1, 28, 28) in [-1, 1] (:func:`to_model_range`).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import re
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import data_dir
+
+CLASS_NAMES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+IMAGE_SIZE = 28
+
+ROOT_ENV = "FASHION_MNIST_ROOT"
+SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+# file stem -> (magic number, dimensions)
+FILES: dict[str, tuple[int, tuple[int, ...]]] = {
+    "train-images-idx3-ubyte": (2051, (60000, 28, 28)),
+    "train-labels-idx1-ubyte": (2049, (60000,)),
+    "t10k-images-idx3-ubyte": (2051, (10000, 28, 28)),
+    "t10k-labels-idx1-ubyte": (2049, (10000,)),
+}
+SPLITS = {"train": "train", "test": "t10k"}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """No FashionMNIST files were found in any of the places we look."""
+
+
+class CorruptDatasetError(ValueError):
+    """A dataset file exists but is damaged (truncated, bad CRC, wrong header or length)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Class names
+# --------------------------------------------------------------------------------------------
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+_ALIASES = {_norm(n): i for i, n in enumerate(CLASS_NAMES)}
+_ALIASES.update({"tshirt": 0, "top": 0, "tee": 0, "boot": 9, "ankleboot": 9, "trousers": 1})
+
+
+def class_index(name: str | int) -> int:
+    """Class index from an index or a name, forgiving about case and punctuation.
+
+    >>> class_index("sneaker"), class_index("T-shirt"), class_index("9")
+    (7, 0, 9)
+    """
+    if isinstance(name, int) or (isinstance(name, str) and name.strip().isdigit()):
+        idx = int(name)
+        if 0 <= idx < NUM_CLASSES:
+            return idx
+        raise ValueError(f"class index {idx} out of range 0..{NUM_CLASSES - 1}")
+    key = _norm(str(name))
+    if key in _ALIASES:
+        return _ALIASES[key]
+    valid = ", ".join(f"{i}={n!r}" for i, n in enumerate(CLASS_NAMES))
+    raise ValueError(f"unknown class {name!r}; valid classes: {valid}")
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the files
+# --------------------------------------------------------------------------------------------
+
+
+def _file_in(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _has_all(folder: Path) -> bool:
+    return all(_file_in(folder, stem) is not None for stem in FILES)
+
+
+def _expand(folder: Path) -> Path:
+    """Accept a torchvision-style root (``root/FashionMNIST/raw``) as well as the raw folder."""
+    for candidate in (folder, folder / "FashionMNIST" / "raw", folder / "raw"):
+        if _has_all(candidate):
+            return candidate
+    return folder
+
+
+def how_to_get_data() -> str:
+    return (
+        "Ways to get FashionMNIST (any one is enough):\n"
+        "  1. pass root=DIR (or --data-root DIR) pointing at a folder with the four .gz files;\n"
+        f"  2. set ${ROOT_ENV}=DIR;\n"
+        f"  3. put the files in {data_dir() / 'FashionMNIST' / 'raw'};\n"
+        f"  4. sudo apt-get install dataset-fashion-mnist  (installs them in {SYSTEM_DIR});\n"
+        "  5. with internet access, let torchvision download them (download=True, the default)."
+    )
+
+
+def find_raw_dir(root: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """The folder holding the four FashionMNIST files, following the lookup order above.
+
+    An explicit ``root`` or ``$FASHION_MNIST_ROOT`` is taken at its word: if the files are not there
+    that is an error naming the missing files (we do not silently fall back to another copy).
+    """
+    for origin, given in (("root argument", root), (f"${ROOT_ENV}", os.environ.get(ROOT_ENV))):
+        if given:
+            folder = _expand(Path(given).expanduser())
+            if not _has_all(folder):
+                missing = [f"{s}.gz" for s in FILES if _file_in(folder, s) is None]
+                raise DatasetNotFoundError(
+                    f"{origin} {str(given)!r} does not hold FashionMNIST; missing: {', '.join(missing)}\n"
+                    + how_to_get_data()
+                )
+            return folder
+
+    for folder in (data_dir() / "FashionMNIST" / "raw", SYSTEM_DIR):
+        if _has_all(folder):
+            return folder
+
+    reason = "download=False"
+    if download:
+        try:
+            return _torchvision_download(data_dir())
+        except Exception as exc:  # no internet, no torchvision, ...
+            reason = f"download failed: {type(exc).__name__}: {exc}"
+    raise DatasetNotFoundError(
+        f"FashionMNIST not found in {data_dir() / 'FashionMNIST' / 'raw'} or {SYSTEM_DIR} ({reason}).\n"
+        + how_to_get_data()
+    )
+
+
+def _torchvision_download(root: Path) -> Path:
+    from torchvision.datasets import FashionMNIST
+
+    root.mkdir(parents=True, exist_ok=True)
+    for train in (True, False):
+        FashionMNIST(str(root), train=train, download=True)
+    folder = root / "FashionMNIST" / "raw"
+    if not _has_all(folder):
+        raise DatasetNotFoundError(f"torchvision download finished but files are missing in {folder}")
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Reading IDX files
+# --------------------------------------------------------------------------------------------
+
+
+def read_idx(path: str | os.PathLike, magic: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Read one IDX file (gzip'd or not) and check it completely; uint8 tensor of ``shape``."""
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                raw = f.read()  # reading to the end verifies the gzip CRC and length
+        else:
+            raw = path.read_bytes()
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise CorruptDatasetError(
+            f"dataset file {path} is damaged ({type(exc).__name__}: {exc}); "
+            "delete it and get a fresh copy.\n" + how_to_get_data()
+        ) from exc
+
+    ndim = len(shape)
+    header = 4 + 4 * ndim
+    expected = header + int(torch.tensor(shape).prod())
+    problem = None
+    if len(raw) < header:
+        problem = f"only {len(raw)} bytes, shorter than the {header}-byte header"
+    else:
+        got_magic = struct.unpack(">i", raw[:4])[0]
+        got_shape = struct.unpack(f">{ndim}i", raw[4:header])
+        if got_magic != magic:
+            problem = f"magic number {got_magic}, expected {magic}"
+        elif tuple(got_shape) != tuple(shape):
+            problem = f"dimensions {tuple(got_shape)}, expected {tuple(shape)}"
+        elif len(raw) != expected:
+            problem = f"{len(raw)} bytes after decompression, expected {expected}"
+    if problem:
+        raise CorruptDatasetError(
+            f"dataset file {path} is damaged: {problem}; delete it and get a fresh copy.\n"
+            + how_to_get_data()
+        )
+    data = torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8)
+    return data.reshape(shape)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(folder: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    prefix = SPLITS[split]
+    img_stem, lab_stem = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+    images = read_idx(_file_in(Path(folder), img_stem), *FILES[img_stem])
+    labels = read_idx(_file_in(Path(folder), lab_stem), *FILES[lab_stem]).long()
+    if int(labels.max()) >= NUM_CLASSES:
+        raise CorruptDatasetError(f"{folder}/{lab_stem}: label {int(labels.max())} ≥ {NUM_CLASSES}")
+    return images, labels
+
+
+def load_split(
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    subset: int | None = None,
+    download: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, labels)``: uint8 (N, 28, 28) and int64 (N,). ``subset`` keeps the first N.
+
+    The files are read and checked once per process; later calls return the cached tensors
+    (treat them as read-only).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    folder = find_raw_dir(root, download=download)
+    images, labels = _load_cached(str(folder), split)
+    if subset is not None:
+        if subset <= 0:
+            raise ValueError(f"subset must be a positive number of images, got {subset}")
+        images, labels = images[:subset], labels[:subset]
+    return images, labels
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) or (N, 1, 28, 28) → float32 (N, 1, 28, 28) in [-1, 1]."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4 or images.shape[1:] != (1, IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"expected images of shape (N, 28, 28) or (N, 1, 28, 28), got {tuple(images.shape)}")
+    return images.float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float in [-1, 1], (N, 1, 28, 28) or (N, 28, 28) → uint8 (N, 28, 28) (values are clamped)."""
+    if x.ndim == 4:
+        if x.shape[1] != 1:
+            raise ValueError(f"expected one channel, got shape {tuple(x.shape)}")
+        x = x[:, 0]
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+# --------------------------------------------------------------------------------------------
+# Batching
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorLoader:
+    """Batches of in-memory tensors, shuffled by an explicit ``torch.Generator``.
+
+    FashionMNIST fits in memory many times over, so a ``DataLoader`` with per-item indexing and
+    collation only adds overhead; slicing whole batches is several times faster on a CPU.
+    With ``shuffle=True`` each epoch draws one permutation from ``generator``; saving
+    ``generator.get_state()`` in a checkpoint therefore makes resumed epochs identical.
+    """
+
+    tensors: Sequence[torch.Tensor]
+    batch_size: int = 128
+    shuffle: bool = True
+    drop_last: bool = False
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        lengths = {len(t) for t in self.tensors}
+        if len(lengths) != 1:
+            raise ValueError(f"tensors have different lengths: {sorted(lengths)}")
+        self.n = lengths.pop()
+        if self.shuffle and self.generator is None:
+            self.generator = torch.Generator().manual_seed(0)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.n // self.batch_size
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else None
+        for b in range(len(self)):
+            lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.n)
+            if order is None:
+                yield tuple(t[lo:hi] for t in self.tensors)
+            else:
+                idx = order[lo:hi]
+                yield tuple(t[idx] for t in self.tensors)
+
+
+def make_loader(
+    split: str = "train",
+    batch_size: int = 128,
+    subset: int | None = None,
+    shuffle: bool | None = None,
+    generator: torch.Generator | None = None,
+    root: str | os.PathLike | None = None,
+) -> TensorLoader:
+    """Batches ``(images, labels)`` of a split, images float (B, 1, 28, 28) in [-1, 1].
+
+    ``shuffle`` defaults to True for ``train`` and False for ``test``.
+    """
+    images, labels = load_split(split, root=root, subset=subset)
+    if shuffle is None:
+        shuffle = split == "train"
+    return TensorLoader(
+        (to_model_range(images), labels), batch_size=batch_size, shuffle=shuffle, generator=generator
+    )
+
+
+def per_class(images: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """The first ``k`` images of each class, class by class: shape (10·k, ...), row-major by class."""
+    picks = []
+    for c in range(NUM_CLASSES):
+        idx = (labels == c).nonzero().flatten()[:k]
+        if len(idx) < k:
+            raise ValueError(f"only {len(idx)} images of class {c} ({CLASS_NAMES[c]}), need {k}")
+        picks.append(images[idx])
+    return torch.cat(picks)

@@ -1,0 +1,125 @@
+"""Pictures: image grids (on screen and as PNG files), and the small charts the notebooks use.
+
+Images may be given as uint8 (N, 28, 28), or float (N, 1, 28, 28) / (N, 28, 28) in [-1, 1]
+(the models' range); :func:`as_uint8` converts either way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import CLASS_NAMES, NUM_CLASSES
+
+
+def as_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """uint8 numpy (N, H, W) from uint8 or [-1, 1] float images, with or without a channel axis."""
+    x = torch.as_tensor(np.asarray(images) if isinstance(images, np.ndarray) else images)
+    if x.ndim == 4:
+        if x.shape[1] != 1:
+            raise ValueError(f"expected one channel, got shape {tuple(x.shape)}")
+        x = x[:, 0]
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"expected images (N, H, W) or (N, 1, H, W), got shape {tuple(x.shape)}")
+    if x.dtype != torch.uint8:
+        x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.cpu().numpy()
+
+
+def image_grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile images into one uint8 array, ``nrow`` images per row (default: a near-square grid).
+
+    Padding is white-ish grey (200) so black garments on a black background stay separable.
+    """
+    imgs = as_uint8(images)
+    n, h, w = imgs.shape
+    ncol = nrow or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncol))
+    grid = np.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad), 200, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        top, left = pad + r * (h + pad), pad + c * (w + pad)
+        grid[top : top + h, left : left + w] = imgs[i]
+    return grid
+
+
+def save_grid(
+    images: torch.Tensor | np.ndarray, path: str | os.PathLike, nrow: int | None = None, scale: int = 2
+) -> Path:
+    """Write an image grid as a PNG (``scale``× nearest-neighbour upsampling). Returns the path."""
+    import matplotlib.image
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {path.parent} does not exist")
+    grid = image_grid(images, nrow=nrow)
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    matplotlib.image.imsave(path, grid, cmap="gray", vmin=0, vmax=255)
+    return path
+
+
+def show_grid(
+    images: torch.Tensor | np.ndarray,
+    nrow: int | None = None,
+    title: str | None = None,
+    row_labels: Sequence[str] | None = None,
+    ax=None,
+    size: float = 0.6,
+):
+    """Show an image grid with matplotlib; ``row_labels`` annotate each row (e.g. class names)."""
+    import matplotlib.pyplot as plt
+
+    grid = image_grid(images, nrow=nrow)
+    if ax is None:
+        n = len(as_uint8(images))
+        ncol = nrow or int(np.ceil(np.sqrt(n)))
+        rows = int(np.ceil(n / ncol))
+        extra = 1.2 if row_labels else 0.0
+        _, ax = plt.subplots(figsize=(ncol * size + extra, rows * size + (0.4 if title else 0.0)))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
+    ax.set_xticks([])
+    if row_labels:
+        h = as_uint8(images).shape[1]
+        ax.set_yticks([2 + (h + 2) * i + h / 2 for i in range(len(row_labels))])
+        ax.set_yticklabels(row_labels)
+        ax.tick_params(left=False)
+    else:
+        ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def show_class_grid(images, labels, per_class: int = 10, title: str | None = None, ax=None):
+    """One row per class, the first ``per_class`` images of each, class names on the left."""
+    from .data import per_class as pick
+
+    return show_grid(pick(images, labels, per_class), nrow=per_class, title=title,
+                     row_labels=CLASS_NAMES, ax=ax)
+
+
+def plot_class_balance(labels_by_split: dict[str, torch.Tensor], ax=None):
+    """Bar chart of images per class, one colour per split (seaborn)."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    rows = []
+    for split, labels in labels_by_split.items():
+        counts = torch.bincount(torch.as_tensor(labels), minlength=NUM_CLASSES)
+        rows += [{"class": CLASS_NAMES[c], "split": split, "images": int(counts[c])} for c in range(NUM_CLASSES)]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 3.2))
+    sns.barplot(pd.DataFrame(rows), x="class", y="images", hue="split", ax=ax)
+    ax.tick_params(axis="x", rotation=30)
+    ax.set_xlabel("")
+    return ax

@@ -1,0 +1,51 @@
+"""pyproject.toml, environment.yml, Makefile, README and CI agree with each other."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_environment_yml_installs_exactly_pyproject():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    deps = env["dependencies"]
+    conda = [d for d in deps if isinstance(d, str)]
+    pip = [d for d in deps if isinstance(d, dict)]
+    # conda provides only Python and pip; every Python package comes from pyproject via pip
+    assert sorted(re.split(r"[<>=\s]", d)[0] for d in conda) == ["pip", "python"]
+    assert pip == [{"pip": ["-e .[dev]"]}]
+    python = next(d for d in conda if d.startswith("python"))
+    assert python.removeprefix("python") == PYPROJECT["project"]["requires-python"]
+
+
+def test_required_dependencies_are_declared():
+    names = {re.split(r"[<>=\[ ]", d)[0].lower() for d in PYPROJECT["project"]["dependencies"]}
+    need = {"torch", "torchvision", "matplotlib", "seaborn", "ipywidgets", "tqdm", "safetensors", "scipy", "numpy"}
+    assert need <= names
+    dev = {re.split(r"[<>=\[ ]", d)[0].lower() for d in PYPROJECT["project"]["optional-dependencies"]["dev"]}
+    assert {"pytest", "nbval", "jupyterlab", "ruff"} <= dev
+
+
+def test_ranges_not_pins_and_nothing_above_the_local_torch():
+    for dep in PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["dev"]:
+        assert "==" not in dep, f"{dep}: use a range, not a pin"
+        assert ">=" in dep, f"{dep}: give a lower bound"
+    torch = next(d for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch>"))
+    lower = tuple(int(x) for x in torch.split(">=")[1].split(",")[0].split("."))
+    assert lower <= (2, 14, 1)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in readme and "make demo" in readme
+    assert ci.rstrip().splitlines()[-1] == "make test"
+    assert "apt-get update" in ci and "apt-get install -y dataset-fashion-mnist" in ci
+    assert "NBUTILS_PRESET=smoke" in ci
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("demo:", "test:", "lab:"):
+        assert re.search(rf"^{target}", makefile, re.M), target
