@@ -120,6 +120,60 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preset_config(args: argparse.Namespace):
+    cfg = get_config(args.preset)
+    return cfg
+
+
+def cmd_train_vae(args: argparse.Namespace) -> int:
+    from .train import train_vae
+
+    cfg = _preset_config(args)
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    t0 = time.perf_counter()
+    vae = train_vae(cfg, run_dir=run_dir, epochs=args.epochs, resume=args.resume, device=args.device,
+                    progress=not args.no_progress, data_root=args.data_root,
+                    log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps({"run_dir": str(run_dir or (project_root() / "runs" / cfg.preset)),
+                      "seconds": round(time.perf_counter() - t0, 1),
+                      "latent_scale": float(vae.latent_scale)}))
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .data import load_split, to_model_range, to_uint8
+    from .train import load_vae
+
+    out = _output_path(args.out, (".npz", ".png"))
+    vae, meta = load_vae(args.checkpoint, device=args.device)
+    images, labels = load_split("test", root=args.data_root, subset=args.n)
+    if len(images) < args.n:
+        raise CLIError(f"--n {args.n} is more than the {len(images)} test images")
+    recons = []
+    with torch.no_grad():
+        for i in range(0, args.n, 500):
+            x = to_model_range(images[i : i + 500]).to(next(vae.parameters()).device)
+            recons.append(to_uint8(vae.decode(vae.encode(x))))
+    recon = torch.cat(recons)
+    from .metrics import reconstruction_metrics
+
+    m = reconstruction_metrics(images, recon)
+    if out.suffix == ".png":
+        from .plotting import save_grid
+
+        k = min(args.n, 10)
+        pairs = torch.stack([images[:k * 5], recon[:k * 5]], 1).flatten(0, 1)
+        save_grid(pairs, out, nrow=10)
+    else:
+        np.savez_compressed(out, images=recon.numpy(), originals=images.numpy(), labels=labels.numpy().astype(np.int64))
+    print(json.dumps({"out": str(out), "n": args.n, "checkpoint": meta["path"],
+                      **{k: round(v, 5) for k, v in m.items()}}))
+    return 0
+
+
 def cmd_notebooks(args: argparse.Namespace) -> int:
     """Check (or with --fix, rewrite) every notebook's Colab badge and setup cell."""
     from .nbtools import fix_notebook, notebook_paths, notebook_problems
@@ -139,6 +193,16 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # Parser
 # --------------------------------------------------------------------------------------------
+
+
+def _training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=PRESETS, help="configuration preset (default: $NBUTILS_PRESET or auto)")
+    p.add_argument("--run-dir", help="where checkpoints go (default: runs/PRESET)")
+    p.add_argument("--epochs", type=_positive_int, help="total epochs wanted (default: the preset's)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
+    p.add_argument("--device", help="cpu, cuda, mps (default: auto)")
+    p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-download", action="store_true", help="never try torchvision's download")
     p.set_defaults(func=cmd_data)
 
+    p = sub.add_parser("train-vae", help="train the VAE (checkpoint every epoch; --resume continues)")
+    _training_args(p)
+    p.set_defaults(func=cmd_train_vae)
+
+    p = sub.add_parser("reconstruct", help="encode+decode test images with a VAE; write .npz (or a .png grid)")
+    p.add_argument("--n", type=_positive_int, default=1000, help="number of test images (first N)")
+    p.add_argument("--checkpoint", help="VAE file or run folder (default: latest run, else shipped weights)")
+    p.add_argument("--out", required=True, help="output .npz (images, originals, labels) or .png grid")
+    p.add_argument("--device", help="cpu, cuda, mps (default: auto)")
+    p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files")
+    p.set_defaults(func=cmd_reconstruct)
+
     p = sub.add_parser("notebooks", help="check every notebook's Colab badge and setup cell (--fix rewrites)")
     p.add_argument("--fix", action="store_true", help="rewrite badges and setup cells from pyproject.toml")
     p.set_defaults(func=cmd_notebooks)
@@ -175,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (CLIError, DatasetNotFoundError, CorruptDatasetError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        from .train import NonFiniteLossError
+
+        if not isinstance(exc, NonFiniteLossError):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -241,9 +241,9 @@ def pick_device(prefer: str | None = None) -> torch.device:
     if name is not None:
         dev = torch.device(name)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
         if dev.type == "mps" and not _mps_available():
-            raise RuntimeError(f"device {name!r} requested but MPS is not available")
+            raise ValueError(f"device {name!r} requested but MPS is not available")
         return dev
     if torch.cuda.is_available():
         return torch.device("cuda")

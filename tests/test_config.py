@@ -70,7 +70,7 @@ def test_pick_device(monkeypatch):
     monkeypatch.setenv(C.DEVICE_ENV, "cpu")
     assert C.pick_device() == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
+    with pytest.raises(ValueError, match="CUDA is not available"):
         C.pick_device("cuda")
 
 

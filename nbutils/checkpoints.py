@@ -1,0 +1,220 @@
+"""Saving and loading weights: safetensors + config, written atomically, checked on load.
+
+A model checkpoint is one ``NAME.safetensors`` file whose metadata carries the format version, the
+kind of model (``vae``, ``unet``, …), the full :class:`~nbutils.config.Config` as JSON and any extras
+(the VAE's latent statistics, training epoch, metrics). A ``NAME.json`` copy of that metadata sits
+beside it for people to read; loading only trusts the safetensors file.
+
+Training state that is not needed for inference (optimizer moments, step counter, RNG states, loss
+history) goes to ``NAME_state.pt`` next to it, so resumes are exact without bloating shipped weights.
+
+Every write goes to a temporary file in the same folder, is flushed and fsync'd, then renamed over
+the old file (``os.replace`` is atomic on POSIX and Windows): a crash mid-write leaves the previous
+checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, checkpoints_dir, runs_dir
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, of the wrong kind or for a different config."""
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
+    """Write ``payload`` to ``path`` so that readers see either the old file or the new one."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------
+# Model checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def save_model(
+    path: str | os.PathLike,
+    kind: str,
+    state_dict: dict[str, torch.Tensor],
+    config: Config,
+    extra: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``state_dict`` + metadata to ``path`` (``.safetensors``) and a readable ``.json`` copy.
+
+    ``dtype`` (e.g. ``torch.float16``) stores floating tensors at lower precision (shipped weights).
+    """
+    from safetensors.torch import save
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
+    tensors = {}
+    for name, t in state_dict.items():
+        t = t.detach().cpu()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        tensors[name] = t.contiguous()
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "config": config.to_dict(),
+        "extra": extra or {},
+    }
+    atomic_write_bytes(path, save(tensors, metadata={"nbutils": json.dumps(meta)}))
+    atomic_write_bytes(path.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
+    return path
+
+
+def read_model(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, metadata)`` of a checkpoint, with clear errors for every way it can be wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    raw = path.read_bytes()
+    try:
+        tensors = load(raw)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated, or not a safetensors file): {exc}"
+        ) from exc
+    if "nbutils" not in header:
+        raise CheckpointError(f"{path} is a safetensors file but not an nbutils checkpoint (no metadata)")
+    meta = json.loads(header["nbutils"])
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version}; this nbutils reads version {FORMAT_VERSION}"
+        )
+    if meta.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, expected {kind!r}")
+    return tensors, meta
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable list of the fields where two (nested) config dicts differ."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+        name = f"{prefix}{key}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_differences(va, vb, name + ".")
+        elif _plain(va) != _plain(vb):
+            out.append(f"{name}: checkpoint {va!r} vs expected {vb!r}")
+    return out
+
+
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def load_state_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``load_state_dict`` with an error that names missing/unexpected/mis-shaped tensors."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    shapes = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(tensors)) if tensors[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' …' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}")
+        if shapes:
+            parts.append(f"different shapes {shapes[:5]}")
+        raise CheckpointError(f"{path} does not fit the model: " + "; ".join(parts))
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
+
+
+def file_digest(path: str | os.PathLike, n: int = 12) -> str:
+    """First ``n`` hex digits of the file's SHA-256 (identifies a checkpoint for caches)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:n]
+
+
+# --------------------------------------------------------------------------------------------
+# Finding checkpoints: the user's latest run, else the shipped weights
+# --------------------------------------------------------------------------------------------
+
+
+def latest_run_file(filename: str) -> Path | None:
+    """The most recently written ``runs/*/filename``, or None."""
+    root = runs_dir()
+    if not root.is_dir():
+        return None
+    found = [p for p in root.glob(f"*/{filename}") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def resolve_checkpoint(filename: str, checkpoint: str | os.PathLike | None = None) -> Path:
+    """Where to load ``filename`` (e.g. ``vae.safetensors``) from.
+
+    ``checkpoint`` may be a file or a folder holding ``filename``; without it: the newest
+    ``runs/*/filename``, else ``checkpoints/filename`` (shipped with the repository).
+    """
+    if checkpoint is not None:
+        p = Path(checkpoint)
+        if p.is_dir():
+            p = p / filename
+        if not p.is_file():
+            raise CheckpointError(f"no checkpoint at {p}")
+        return p
+    latest = latest_run_file(filename)
+    if latest is not None:
+        return latest
+    shipped = checkpoints_dir() / filename
+    if shipped.is_file():
+        return shipped
+    raise CheckpointError(
+        f"no {filename} found in {runs_dir()}/*/ nor in {checkpoints_dir()}; train one first "
+        f"(python -m nbutils train-{filename.split('.')[0]})"
+    )

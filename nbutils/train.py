@@ -1,0 +1,396 @@
+"""Training loops: the VAE (this file) and, with the diffusion issue, the UNet.
+
+What every loop here does:
+
+* progress bars (``tqdm.auto``: a widget in notebooks, text in a terminal) showing the running loss;
+* an EMA copy of the weights (with warm-up), which is what gets evaluated, saved and shipped;
+* a learning-rate schedule defined by the *config* (warm-up, then cosine decay over
+  ``config.epochs``), never by how many epochs this call happens to run, so stopping and resuming
+  does not bend the schedule;
+* test-set metrics and a picture after every epoch, a checkpoint after every epoch
+  (``RUN_DIR/vae.safetensors`` = EMA weights + config, ``RUN_DIR/vae_state.pt`` = optimizer, step,
+  RNG states, history), written atomically;
+* ``resume=True`` continues from ``RUN_DIR``'s checkpoint to ``epochs`` total epochs;
+* a non-finite loss stops training at once with the step and the loss parts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import data as D
+from .checkpoints import (
+    CheckpointError,
+    atomic_torch_save,
+    atomic_write_bytes,
+    config_differences,
+    file_digest,
+    load_state_strict,
+    read_model,
+    resolve_checkpoint,
+    save_model,
+)
+from .config import Config, TrainConfig, pick_device, runs_dir
+from .metrics import reconstruction_metrics
+from .vae import VAE, latent_stats, vae_loss
+
+VAE_FILE = "vae.safetensors"
+VAE_STATE_FILE = "vae_state.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small pieces shared by the loops
+# --------------------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of a model's weights, with warm-up.
+
+    ``decay_t = min(decay, (1 + t) / (10 + t))`` (the warm-up used by TensorFlow's
+    ``ExponentialMovingAverage`` with ``num_updates``): early on the average follows the weights
+    closely, so an EMA sampled after a short run is not dominated by the random initialisation.
+    ``warmup_steps`` additionally keeps decay at 0 (a plain copy) for the first steps.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup_steps: int = 0):
+        self.decay = decay
+        self.warmup_steps = warmup_steps
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.num_updates = 0
+
+    def current_decay(self) -> float:
+        t = self.num_updates
+        if t < self.warmup_steps:
+            return 0.0
+        return min(self.decay, (1 + t) / (10 + t))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            ema_p.lerp_(p.detach(), 1.0 - d)
+        for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            ema_b.copy_(b)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.num_updates = int(state["num_updates"])
+
+
+def lr_at(step: int, tc: TrainConfig, steps_per_epoch: int, warmup: int = 200, floor: float = 0.05) -> float:
+    """Linear warm-up, then cosine decay to ``floor·lr`` at ``tc.epochs`` epochs.
+
+    The warm-up lasts ``warmup`` steps, or 5% of the planned steps when that is shorter (tiny runs).
+    """
+    total = max(tc.epochs * steps_per_epoch, 2)
+    warmup = max(1, min(warmup, total // 20))
+    if step < warmup:
+        return tc.lr * (step + 1) / warmup
+    progress = min((step - warmup) / (total - warmup), 1.0)
+    return tc.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in generators.items()}}
+
+
+def _set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    for k, g in generators.items():
+        g.set_state(state[k])
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+@dataclass
+class History:
+    """Per-step losses and per-epoch metrics of a training run (kept in the state file)."""
+
+    steps: list[dict[str, float]] = field(default_factory=list)
+    epochs: list[dict[str, float]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# VAE
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_vae(vae: VAE, images: torch.Tensor, batch_size: int = 500) -> dict[str, float]:
+    """Test metrics (MSE, PSNR, SSIM) of reconstructions from the posterior mean."""
+    vae.eval()
+    device = next(vae.parameters()).device
+    sums: dict[str, float] = {}
+    n = 0
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(device)
+        mean, _ = vae.encode_dist(x)
+        recon = vae.decoder(mean)
+        m = reconstruction_metrics(x.cpu(), recon.cpu())
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v * len(x)
+        n += len(x)
+    return {k: v / n for k, v in sums.items()}
+
+
+def train_vae(
+    cfg: Config,
+    run_dir: str | Path | None = None,
+    epochs: int | None = None,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    data_root: str | None = None,
+) -> VAE:
+    """Train the VAE of ``cfg`` and return its EMA copy (with latent statistics set).
+
+    ``epochs`` is the total number of epochs wanted (default ``cfg.train_vae.epochs``); with
+    ``resume=True`` training continues from ``run_dir``'s last checkpoint up to that total.
+    """
+    tc = cfg.train_vae
+    epochs = tc.epochs if epochs is None else epochs
+    if epochs < 1:
+        raise ValueError(f"epochs must be ≥ 1, got {epochs}")
+    if tc.batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {tc.batch_size}")
+    run_dir = Path(run_dir) if run_dir is not None else runs_dir() / cfg.preset
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device) if device is not None else pick_device()
+
+    train_x, train_y = D.load_split("train", root=data_root, subset=cfg.data.train_subset)
+    test_x, test_y = D.load_split("test", root=data_root, subset=cfg.data.test_subset)
+    train_x, test_x = D.to_model_range(train_x), D.to_model_range(test_x)
+
+    torch.manual_seed(tc.seed)
+    vae = VAE(cfg.vae).to(device)
+    ema = EMA(vae, tc.ema_decay, tc.ema_warmup_steps)
+    opt = torch.optim.Adam(vae.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    shuffle_gen = torch.Generator().manual_seed(tc.seed)
+    noise_gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
+    gens = {"shuffle": shuffle_gen, "noise": noise_gen}
+    loader = D.TensorLoader((train_x, train_y), batch_size=tc.batch_size, shuffle=True, generator=shuffle_gen)
+    history = History()
+    step, start_epoch = 0, 0
+
+    ckpt_path, state_path = run_dir / VAE_FILE, run_dir / VAE_STATE_FILE
+    if resume:
+        if not state_path.is_file():
+            raise CheckpointError(f"cannot resume: {state_path} does not exist (train without --resume first)")
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        diffs = config_differences(state["config"], cfg.to_dict())
+        diffs = [d for d in diffs if not d.startswith("train_vae.epochs")]
+        if diffs:
+            raise CheckpointError(f"cannot resume {run_dir}: its config differs: " + "; ".join(diffs))
+        vae.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"], gens)
+        step, start_epoch = state["step"], state["epoch"]
+        history = History(**state["history"])
+        log(f"resuming {run_dir} at epoch {start_epoch}, step {step}")
+        if start_epoch >= epochs:
+            log(f"already trained {start_epoch} epochs (asked for {epochs}); nothing to do")
+    elif ckpt_path.exists():
+        log(f"note: overwriting the checkpoint in {run_dir} (pass resume=True / --resume to continue it)")
+
+    n_params = sum(p.numel() for p in vae.parameters())
+    log(f"VAE: {n_params:,} parameters, {len(train_x):,} training images, batch {tc.batch_size}, "
+        f"{len(loader)} steps/epoch, device {device}, run dir {run_dir}")
+
+    for epoch in range(start_epoch, epochs):
+        vae.train()
+        t0 = time.perf_counter()
+        running = 0.0
+        bar = _progress(loader, len(loader), f"VAE epoch {epoch + 1}/{epochs}", progress)
+        for x, _ in bar:
+            x = x.to(device, non_blocking=True)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, tc, len(loader))
+            recon, mean, logvar = vae(x, generator=noise_gen)
+            loss, parts = vae_loss(x, recon, mean, logvar, cfg.vae.kl_weight)
+            if not math.isfinite(parts["loss"]):
+                raise NonFiniteLossError(
+                    f"non-finite VAE loss at step {step} (epoch {epoch + 1}): {parts}; "
+                    f"last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none'}"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                nn.utils.clip_grad_norm_(vae.parameters(), tc.grad_clip)
+            opt.step()
+            ema.update(vae)
+            step += 1
+            running = parts["loss"] if running == 0 else 0.98 * running + 0.02 * parts["loss"]
+            history.steps.append({"step": step, **parts})
+            bar.set_postfix(loss=f"{running:.4f}", psnr=f"{10 * math.log10(4 / max(parts['mse'], 1e-12)):.1f}dB")
+        bar.close()
+        metrics = evaluate_vae(ema.model, test_x.to(device))
+        record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0,
+                  "train_loss": running, **{f"test_{k}": v for k, v in metrics.items()}}
+        history.epochs.append(record)
+        log(f"epoch {epoch + 1}/{epochs}: train loss {running:.5f}  test PSNR {metrics['psnr']:.2f} dB  "
+            f"SSIM {metrics['ssim']:.4f}  ({record['seconds']:.0f} s)")
+        _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch + 1, history)
+        if tc.sample_every and (epoch + 1) % tc.sample_every == 0:
+            _save_recon_grid(ema.model, test_x, test_y, run_dir / f"vae_recon_epoch{epoch + 1:03d}.png")
+
+    model = ema.model
+    if not getattr(model, "_stats_set", False):
+        model = finalize_vae(run_dir, cfg, data_root=data_root, log=log, device=device, progress=progress)
+    return model
+
+
+def _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch, history) -> None:
+    extra = {"epoch": epoch, "step": step, "latent_stats": False, "metrics": history.epochs[-1]}
+    save_model(run_dir / VAE_FILE, "vae", ema.model.state_dict(), cfg, extra)
+    atomic_torch_save(
+        {
+            "config": cfg.to_dict(),
+            "model": vae.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(),
+            "rng": _rng_state(gens),
+            "step": step,
+            "epoch": epoch,
+            "history": {"steps": history.steps, "epochs": history.epochs},
+        },
+        run_dir / VAE_STATE_FILE,
+    )
+    atomic_write_bytes(run_dir / "vae_history.json", json.dumps(history.epochs, indent=1).encode())
+
+
+def _save_recon_grid(vae: VAE, test_x: torch.Tensor, test_y: torch.Tensor, path: Path) -> None:
+    from .plotting import save_grid
+
+    k = 2 if len(test_x) >= 200 else 1
+    try:
+        originals = D.per_class(test_x, test_y, k)
+    except ValueError:
+        return
+    with torch.no_grad():
+        device = next(vae.parameters()).device
+        mean, _ = vae.encode_dist(originals.to(device))
+        recon = vae.decoder(mean).cpu()
+    pairs = torch.stack([originals, recon], 1).flatten(0, 1)  # original, reconstruction, ...
+    save_grid(pairs, path, nrow=4 * k if k > 1 else 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Latent statistics and the latent cache
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_dataset(vae: VAE, images: torch.Tensor, batch_size: int = 1000, progress: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw posterior ``(mean, std)`` of every image (N, C_z, 7, 7), on the CPU, float32."""
+    vae.eval()
+    device = next(vae.parameters()).device
+    means, stds = [], []
+    batches = range(0, len(images), batch_size)
+    for i in _progress(batches, len(batches), "encoding", progress):
+        x = images[i : i + batch_size].to(device)
+        mean, logvar = vae.encode_dist(x)
+        means.append(mean.float().cpu())
+        stds.append(torch.exp(0.5 * logvar).float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def finalize_vae(
+    run_dir: str | Path,
+    cfg: Config | None = None,
+    data_root: str | None = None,
+    log: Callable[[str], None] = print,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> VAE:
+    """Compute the latent shift/scale from the training set, store them in the run's checkpoint,
+    and write the latent cache (``latents.safetensors``) the UNet trains from."""
+    run_dir = Path(run_dir)
+    vae, meta = load_vae(run_dir / VAE_FILE, device=device)
+    cfg = cfg or Config.from_dict(meta["config"])
+    images, labels = D.load_split("train", root=data_root, subset=cfg.data.train_subset)
+    mean, std = encode_dataset(vae, D.to_model_range(images), progress=progress)
+    shift, scale = latent_stats(mean, std)
+    vae.set_latent_stats(shift, scale)
+    extra = dict(meta["extra"], latent_stats=True, latent_shift=shift.tolist(), latent_scale=scale)
+    save_model(run_dir / VAE_FILE, "vae", vae.state_dict(), cfg, extra)
+    write_latent_cache(run_dir / "latents.safetensors", mean, std, labels, run_dir / VAE_FILE)
+    log(f"latent scale factor {scale:.4f}, shift {[round(v, 3) for v in shift.tolist()]}; "
+        f"latent cache {run_dir / 'latents.safetensors'}")
+    vae._stats_set = True
+    return vae
+
+
+def write_latent_cache(path: Path, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor,
+                       vae_path: Path) -> Path:
+    from safetensors.torch import save
+
+    payload = save({"mean": mean.contiguous(), "std": std.contiguous(), "labels": labels.contiguous()},
+                   metadata={"vae_digest": file_digest(vae_path)})
+    return atomic_write_bytes(path, payload)
+
+
+def load_latent_cache(path: Path, vae_path: Path | None = None) -> dict[str, torch.Tensor]:
+    """The cached posterior ``mean``, ``std`` (raw, unstandardised) and ``labels`` of the training set.
+
+    With ``vae_path`` the cache must have been made by exactly that VAE file (else an error).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"latent cache {path} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        digest = (f.metadata() or {}).get("vae_digest")
+    if vae_path is not None and digest != file_digest(vae_path):
+        raise CheckpointError(f"latent cache {path} was made by a different VAE than {vae_path}; delete it")
+    return load_file(str(path))
+
+
+def load_vae(
+    checkpoint: str | Path | None = None,
+    device: str | torch.device | None = None,
+    expected: Config | None = None,
+) -> tuple[VAE, dict[str, Any]]:
+    """``(vae, metadata)`` from a checkpoint file or folder (default: latest run, else shipped).
+
+    With ``expected``, a checkpoint whose VAE config differs is an error naming the fields.
+    """
+    path = resolve_checkpoint(VAE_FILE, checkpoint)
+    tensors, meta = read_model(path, "vae")
+    cfg = Config.from_dict(meta["config"])
+    if expected is not None:
+        arch = lambda d: {k: v for k, v in d.items() if k != "kl_weight"}  # noqa: E731  (training-only)
+        diffs = config_differences(arch(meta["config"]["vae"]), arch(expected.to_dict()["vae"]), "vae.")
+        if diffs:
+            raise CheckpointError(f"{path} was trained with a different VAE config: " + "; ".join(diffs))
+    vae = VAE(cfg.vae)
+    load_state_strict(vae, tensors, path)
+    vae._stats_set = bool(meta["extra"].get("latent_stats"))
+    device = torch.device(device) if device is not None else pick_device()
+    meta["path"] = str(path)
+    return vae.to(device).eval(), meta
