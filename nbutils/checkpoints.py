@@ -149,7 +149,7 @@ def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -
         if isinstance(va, dict) and isinstance(vb, dict):
             out += config_differences(va, vb, name + ".")
         elif _plain(va) != _plain(vb):
-            out.append(f"{name}: checkpoint {va!r} vs expected {vb!r}")
+            out.append(f"{name}: checkpoint {_plain(va)!r} vs expected {_plain(vb)!r}")
     return out
 
 
@@ -186,20 +186,38 @@ def file_digest(path: str | os.PathLike, n: int = 12) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def latest_run_file(filename: str) -> Path | None:
-    """The most recently written ``runs/*/filename``, or None."""
+def _run_preset(path: Path) -> str | None:
+    try:
+        return json.loads(path.with_suffix(".json").read_text())["config"]["preset"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def latest_run_file(filename: str, preset: str | None = None) -> Path | None:
+    """The most recently written ``runs/*/filename``, or None.
+
+    Runs of ``preset`` come first; runs made with the ``smoke`` preset (tiny test models) are only
+    considered when ``preset`` is ``smoke`` itself.
+    """
     root = runs_dir()
     if not root.is_dir():
         return None
     found = [p for p in root.glob(f"*/{filename}") if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    presets = {p: _run_preset(p) for p in found}
+    for keep in (lambda q: q == preset, lambda q: q not in ("smoke", None) and preset != "smoke"):
+        matching = [p for p in found if keep(presets[p])]
+        if matching:
+            return max(matching, key=lambda p: p.stat().st_mtime)
+    return None
 
 
-def resolve_checkpoint(filename: str, checkpoint: str | os.PathLike | None = None) -> Path:
+def resolve_checkpoint(filename: str, checkpoint: str | os.PathLike | None = None,
+                       preset: str | None = None) -> Path:
     """Where to load ``filename`` (e.g. ``vae.safetensors``) from.
 
     ``checkpoint`` may be a file or a folder holding ``filename``; without it: the newest
-    ``runs/*/filename``, else ``checkpoints/filename`` (shipped with the repository).
+    ``runs/*/filename`` (see :func:`latest_run_file`; ``preset`` defaults to the current one),
+    else ``checkpoints/filename`` (shipped with the repository).
     """
     if checkpoint is not None:
         p = Path(checkpoint)
@@ -208,7 +226,11 @@ def resolve_checkpoint(filename: str, checkpoint: str | os.PathLike | None = Non
         if not p.is_file():
             raise CheckpointError(f"no checkpoint at {p}")
         return p
-    latest = latest_run_file(filename)
+    if preset is None:
+        from .config import default_preset_name
+
+        preset = default_preset_name()
+    latest = latest_run_file(filename, preset)
     if latest is not None:
         return latest
     shipped = checkpoints_dir() / filename

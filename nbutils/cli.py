@@ -81,6 +81,16 @@ def cmd_info(args: argparse.Namespace) -> int:
         "project_root": str(project_root()),
         "data": data,
     }
+    from .checkpoints import CheckpointError, read_model, resolve_checkpoint
+
+    for kind in ("vae",):
+        try:
+            path = resolve_checkpoint(f"{kind}.safetensors", None)
+            tensors, meta = read_model(path, kind)
+            n = sum(t.numel() for name, t in tensors.items() if not name.startswith("latent_"))
+            info[f"{kind}_checkpoint"] = f"{path} ({n:,} parameters, {meta['extra'].get('epoch')} epochs)"
+        except CheckpointError as exc:
+            info[f"{kind}_checkpoint"] = f"none ({exc})"
     if args.json:
         print(json.dumps(info, indent=2))
     else:

@@ -353,3 +353,76 @@ def per_class(images: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tenso
             raise ValueError(f"only {len(idx)} images of class {c} ({CLASS_NAMES[c]}), need {k}")
         picks.append(images[idx])
     return torch.cat(picks)
+
+
+# --------------------------------------------------------------------------------------------
+# The latent cache: the training set encoded once by a VAE (the UNet never re-encodes images)
+# --------------------------------------------------------------------------------------------
+
+LATENT_CACHE_FILE = "latents.safetensors"
+
+
+def write_latent_cache(path: str | os.PathLike, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor,
+                       vae_path: str | os.PathLike) -> Path:
+    """Save the posterior ``mean`` and ``std`` (raw, unstandardised, (N, C_z, 7, 7)) and ``labels``,
+    stamped with the SHA-256 of the VAE file that made them."""
+    from safetensors.torch import save
+
+    from .checkpoints import atomic_write_bytes, file_digest
+
+    payload = save({"mean": mean.float().contiguous(), "std": std.float().contiguous(),
+                    "labels": labels.long().contiguous()}, metadata={"vae_digest": file_digest(vae_path)})
+    return atomic_write_bytes(Path(path), payload)
+
+
+def load_latent_cache(path: str | os.PathLike, vae_path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """``{"mean", "std", "labels"}`` from a latent cache; with ``vae_path`` it must come from that VAE."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .checkpoints import CheckpointError, file_digest
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"latent cache {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            digest = (f.metadata() or {}).get("vae_digest")
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"latent cache {path} is unreadable ({exc}); delete it to rebuild") from exc
+    if vae_path is not None and digest != file_digest(vae_path):
+        raise CheckpointError(f"latent cache {path} was made by a different VAE than {vae_path}; delete it")
+    return tensors
+
+
+def latent_dataset(vae, vae_path: str | os.PathLike, subset: int | None = None, root=None,
+                   progress: bool = True) -> dict[str, torch.Tensor]:
+    """The training set encoded by ``vae`` (loaded from ``vae_path``), from cache when possible.
+
+    Looks for ``latents.safetensors`` beside the VAE file, then ``runs/latent_cache/<digest>.safetensors``;
+    computes and writes the latter when neither matches. ``subset`` keeps the first N.
+    """
+    from .checkpoints import CheckpointError, file_digest
+    from .config import runs_dir
+    from .train import encode_dataset
+
+    vae_path = Path(vae_path)
+    shared = runs_dir() / "latent_cache" / f"{file_digest(vae_path)}.safetensors"  # always the full set
+    candidates = [vae_path.parent / LATENT_CACHE_FILE, shared]
+    for path in candidates:
+        try:
+            cache = load_latent_cache(path, vae_path)
+        except CheckpointError:
+            continue
+        if subset is None or len(cache["labels"]) >= subset:
+            break
+    else:
+        images, labels = load_split("train", root=root)
+        mean, std = encode_dataset(vae, to_model_range(images), progress=progress)
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        write_latent_cache(shared, mean, std, labels, vae_path)
+        cache = {"mean": mean, "std": std, "labels": labels}
+    if subset is not None:
+        cache = {k: v[:subset] for k, v in cache.items()}
+    return cache

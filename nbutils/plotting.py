@@ -123,3 +123,37 @@ def plot_class_balance(labels_by_split: dict[str, torch.Tensor], ax=None):
     ax.tick_params(axis="x", rotation=30)
     ax.set_xlabel("")
     return ax
+
+
+def show_pairs(originals, reconstructions, per_row: int = 10, title: str | None = None, row_labels=None, ax=None):
+    """Originals and their reconstructions interleaved: each row pair = originals above, copies below."""
+    a, b = torch.as_tensor(as_uint8(originals)), torch.as_tensor(as_uint8(reconstructions))
+    if a.shape != b.shape:
+        raise ValueError(f"originals {tuple(a.shape)} and reconstructions {tuple(b.shape)} differ in shape")
+    rows = []
+    for i in range(0, len(a), per_row):
+        rows += [a[i : i + per_row], b[i : i + per_row]]
+    labels = None
+    if row_labels is not None:
+        labels = [f"{lab}{suffix}" for lab in row_labels for suffix in ("", " (VAE)")]
+    return show_grid(torch.cat(rows), nrow=per_row, title=title, row_labels=labels, ax=ax)
+
+
+def plot_training_history(steps: list[dict], epochs: list[dict], metric: str = "test_psnr", smooth: int = 50):
+    """Training loss per step (raw and a running mean), and one test metric per epoch."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.2))
+    loss = np.array([s["loss"] for s in steps])
+    x = np.arange(1, len(loss) + 1)
+    ax1.plot(x, loss, alpha=0.3, lw=0.8, label="per step")
+    if len(loss) >= smooth:
+        kernel = np.ones(smooth) / smooth
+        ax1.plot(x[smooth - 1 :], np.convolve(loss, kernel, mode="valid"), lw=1.5, label=f"mean of {smooth}")
+    ax1.set(xlabel="step", ylabel="training loss", yscale="log", title="training loss")
+    ax1.legend()
+    if epochs:
+        ax2.plot([e["epoch"] for e in epochs], [e[metric] for e in epochs], "o-")
+    ax2.set(xlabel="epoch", ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')} after each epoch")
+    fig.tight_layout()
+    return fig

@@ -4,9 +4,8 @@ What every loop here does:
 
 * progress bars (``tqdm.auto``: a widget in notebooks, text in a terminal) showing the running loss;
 * an EMA copy of the weights (with warm-up), which is what gets evaluated, saved and shipped;
-* a learning-rate schedule defined by the *config* (warm-up, then cosine decay over
-  ``config.epochs``), never by how many epochs this call happens to run, so stopping and resuming
-  does not bend the schedule;
+* a short learning-rate warm-up, then a constant rate (the EMA does the averaging a decaying schedule
+  would), so the schedule does not depend on how many epochs a call runs and resuming cannot bend it;
 * test-set metrics and a picture after every epoch, a checkpoint after every epoch
   (``RUN_DIR/vae.safetensors`` = EMA weights + config, ``RUN_DIR/vae_state.pt`` = optimizer, step,
   RNG states, history), written atomically;
@@ -34,7 +33,6 @@ from .checkpoints import (
     atomic_torch_save,
     atomic_write_bytes,
     config_differences,
-    file_digest,
     load_state_strict,
     read_model,
     resolve_checkpoint,
@@ -95,17 +93,14 @@ class EMA:
         self.num_updates = int(state["num_updates"])
 
 
-def lr_at(step: int, tc: TrainConfig, steps_per_epoch: int, warmup: int = 200, floor: float = 0.05) -> float:
-    """Linear warm-up, then cosine decay to ``floor·lr`` at ``tc.epochs`` epochs.
+def lr_at(step: int, tc: TrainConfig, warmup: int = 200) -> float:
+    """Linear warm-up over the first ``warmup`` steps, then the constant ``tc.lr``.
 
-    The warm-up lasts ``warmup`` steps, or 5% of the planned steps when that is shorter (tiny runs).
+    A constant rate plus an EMA of the weights (what we evaluate and ship) does the job of a decaying
+    schedule without tying the schedule to a planned number of epochs: training for 2 epochs, or for
+    1 and then resuming for 1 more, follows exactly the same learning rates.
     """
-    total = max(tc.epochs * steps_per_epoch, 2)
-    warmup = max(1, min(warmup, total // 20))
-    if step < warmup:
-        return tc.lr * (step + 1) / warmup
-    progress = min((step - warmup) / (total - warmup), 1.0)
-    return tc.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return tc.lr * min(1.0, (step + 1) / warmup)
 
 
 def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
@@ -228,7 +223,7 @@ def train_vae(
         for x, _ in bar:
             x = x.to(device, non_blocking=True)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, tc, len(loader))
+                group["lr"] = lr_at(step, tc, tc.lr_warmup_steps)
             recon, mean, logvar = vae(x, generator=noise_gen)
             loss, parts = vae_loss(x, recon, mean, logvar, cfg.vae.kl_weight)
             if not math.isfinite(parts["loss"]):
@@ -338,37 +333,11 @@ def finalize_vae(
     vae.set_latent_stats(shift, scale)
     extra = dict(meta["extra"], latent_stats=True, latent_shift=shift.tolist(), latent_scale=scale)
     save_model(run_dir / VAE_FILE, "vae", vae.state_dict(), cfg, extra)
-    write_latent_cache(run_dir / "latents.safetensors", mean, std, labels, run_dir / VAE_FILE)
+    D.write_latent_cache(run_dir / "latents.safetensors", mean, std, labels, run_dir / VAE_FILE)
     log(f"latent scale factor {scale:.4f}, shift {[round(v, 3) for v in shift.tolist()]}; "
         f"latent cache {run_dir / 'latents.safetensors'}")
     vae._stats_set = True
     return vae
-
-
-def write_latent_cache(path: Path, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor,
-                       vae_path: Path) -> Path:
-    from safetensors.torch import save
-
-    payload = save({"mean": mean.contiguous(), "std": std.contiguous(), "labels": labels.contiguous()},
-                   metadata={"vae_digest": file_digest(vae_path)})
-    return atomic_write_bytes(path, payload)
-
-
-def load_latent_cache(path: Path, vae_path: Path | None = None) -> dict[str, torch.Tensor]:
-    """The cached posterior ``mean``, ``std`` (raw, unstandardised) and ``labels`` of the training set.
-
-    With ``vae_path`` the cache must have been made by exactly that VAE file (else an error).
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    if not Path(path).is_file():
-        raise CheckpointError(f"latent cache {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        digest = (f.metadata() or {}).get("vae_digest")
-    if vae_path is not None and digest != file_digest(vae_path):
-        raise CheckpointError(f"latent cache {path} was made by a different VAE than {vae_path}; delete it")
-    return load_file(str(path))
 
 
 def load_vae(
@@ -394,3 +363,62 @@ def load_vae(
     device = torch.device(device) if device is not None else pick_device()
     meta["path"] = str(path)
     return vae.to(device).eval(), meta
+
+
+def beta_sweep(
+    cfg: Config,
+    betas: tuple[float, ...] = (0.0, 1e-6, 1e-4, 1e-2),
+    epochs: int = 1,
+    train_subset: int | None = None,
+    run_root: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, float]]:
+    """Train one VAE per KL weight β (same seed, data and budget) and measure each on the test subset.
+
+    Returns one row per β: test PSNR/SSIM of reconstructions, the KL per latent dimension (how much
+    information the latent carries beyond the prior), and the raw latent standard deviation (how far
+    from N(0, 1) the unscaled latents are, i.e. what the scale factor has to fix).
+    """
+    import tempfile
+
+    from .vae import kl_divergence
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(run_root) if run_root is not None else Path(tmp)
+        for beta in betas:
+            c = cfg.replace(
+                vae=_with(cfg.vae, kl_weight=beta),
+                data=_with(cfg.data, train_subset=train_subset or cfg.data.train_subset),
+                train_vae=_with(cfg.train_vae, epochs=epochs, sample_every=0),
+            )
+            t0 = time.perf_counter()
+            vae = train_vae(c, run_dir=root / f"beta_{beta:g}", progress=progress, log=lambda m: None)
+            test_x, _ = D.load_split("test", subset=c.data.test_subset)
+            x = D.to_model_range(test_x).to(next(vae.parameters()).device)
+            with torch.no_grad():
+                mean, logvar = vae.encode_dist(x)
+                kl_dim = float(kl_divergence(mean, logvar).mean()) / mean[0].numel()
+            m = evaluate_vae(vae, x)
+            row = {"beta": beta, "psnr": m["psnr"], "ssim": m["ssim"], "kl_per_dim": kl_dim,
+                   "latent_std": 1.0 / float(vae.latent_scale), "seconds": time.perf_counter() - t0}
+            log(f"β={beta:g}: PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}, KL/dim {kl_dim:.3f}, "
+                f"raw latent std {row['latent_std']:.3f} ({row['seconds']:.0f} s)")
+            rows.append(row)
+    return rows
+
+
+def _with(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+def load_history(run_dir: str | Path, name: str = "vae") -> tuple[list[dict], list[dict]]:
+    """``(per-step losses, per-epoch metrics)`` of a run, from its state file."""
+    path = Path(run_dir) / f"{name}_state.pt"
+    if not path.is_file():
+        raise CheckpointError(f"no training history at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state["history"]["steps"], state["history"]["epochs"]

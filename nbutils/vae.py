@@ -243,3 +243,38 @@ def latent_stats(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, f
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def describe(vae: VAE, batch: int = 1) -> str:
+    """A printed summary: every stage of the encoder and decoder with its output shape and parameters."""
+    rows: list[tuple[str, str, int]] = []
+
+    def hook(name):
+        def fn(module, inputs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            rows.append((name, "×".join(map(str, out.shape[1:])), sum(p.numel() for p in module.parameters())))
+        return fn
+
+    handles = []
+    for part in (vae.encoder, vae.decoder):
+        prefix = "encoder" if part is vae.encoder else "decoder"
+        for name, module in part.named_children():
+            if isinstance(module, nn.Sequential):
+                for i, block in enumerate(module):
+                    handles.append(block.register_forward_hook(hook(f"{prefix}.{name}.{i} {type(block).__name__}")))
+            else:
+                handles.append(module.register_forward_hook(hook(f"{prefix}.{name} {type(module).__name__}")))
+    try:
+        with torch.no_grad():
+            mean, _ = vae.encoder(torch.zeros(batch, vae.cfg.in_channels, 28, 28))
+            vae.decoder(mean)
+    finally:
+        for h in handles:
+            h.remove()
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'stage':<{width}}  {'output':>10}  {'params':>9}"]
+    lines += [f"{name:<{width}}  {shape:>10}  {n:>9,}" for name, shape, n in rows]
+    attn = sum(p.numel() for m in vae.modules() if isinstance(m, ChannelAttention) for p in m.parameters())
+    lines.append(f"total: encoder {count_parameters(vae.encoder):,} + decoder {count_parameters(vae.decoder):,} "
+                 f"= {count_parameters(vae):,} parameters ({attn:,} in ChannelAttention)")
+    return "\n".join(lines)

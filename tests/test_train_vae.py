@@ -1,0 +1,110 @@
+"""The VAE training loop on the smoke preset (a few hundred real images, seconds)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nbutils import cli
+from nbutils import train as T
+from nbutils.config import get_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("vae_run")
+    cfg = get_config("smoke")
+    vae = T.train_vae(cfg, run_dir=run, epochs=2, device="cpu", progress=False, log=lambda m: None)
+    return cfg, run, vae
+
+
+def test_run_writes_checkpoint_state_cache_and_pictures(smoke_run):
+    cfg, run, vae = smoke_run
+    names = {p.name for p in run.iterdir()}
+    assert {"vae.safetensors", "vae.json", "vae_state.pt", "latents.safetensors", "vae_history.json",
+            "vae_recon_epoch001.png", "vae_recon_epoch002.png"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    meta = json.loads((run / "vae.json").read_text())
+    assert meta["kind"] == "vae" and meta["extra"]["epoch"] == 2 and meta["extra"]["latent_stats"] is True
+    steps, epochs = T.load_history(run)
+    assert len(steps) == 2 * math.ceil(512 / cfg.train_vae.batch_size)
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert {"test_psnr", "test_ssim", "test_mse"} <= set(epochs[0])
+
+
+def test_latents_are_standardised(smoke_run):
+    _, run, vae = smoke_run
+    from nbutils.data import load_latent_cache
+
+    cache = load_latent_cache(run / "latents.safetensors", run / "vae.safetensors")
+    assert cache["mean"].shape == (512, 4, 7, 7) and cache["labels"].shape == (512,)
+    g = torch.Generator().manual_seed(0)
+    z = vae.standardize(cache["mean"] + cache["std"] * torch.randn(cache["mean"].shape, generator=g))
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 0.1
+    assert abs(z.std().item() - 1) < 0.05
+
+
+def test_loaded_checkpoint_matches_returned_model(smoke_run):
+    _, run, vae = smoke_run
+    loaded, _ = T.load_vae(run, device="cpu")
+    x = torch.rand(5, 1, 28, 28) * 2 - 1
+    assert torch.equal(loaded.encode(x), vae.encode(x))
+
+
+def test_resume_equals_uninterrupted(tmp_path, smoke_run):
+    cfg, run2, _ = smoke_run
+    run = tmp_path / "split"
+    T.train_vae(cfg, run_dir=run, epochs=1, device="cpu", progress=False, log=lambda m: None)
+    T.train_vae(cfg, run_dir=run, epochs=2, resume=True, device="cpu", progress=False, log=lambda m: None)
+    a = torch.load(run / "vae_state.pt", weights_only=False)
+    b = torch.load(run2 / "vae_state.pt", weights_only=False)
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 2
+    for key in ("model",):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), name
+    for name in a["ema"]["model"]:
+        assert torch.equal(a["ema"]["model"][name], b["ema"]["model"][name]), name
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(T.CheckpointError, match="cannot resume: .* does not exist"):
+        T.train_vae(get_config("smoke"), run_dir=tmp_path, resume=True, device="cpu", progress=False)
+
+
+def test_nan_loss_stops_with_step_and_parts(tmp_path, monkeypatch):
+    real = T.vae_loss
+
+    def poisoned(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        return loss * float("nan"), dict(parts, loss=float("nan"))
+
+    monkeypatch.setattr(T, "vae_loss", poisoned)
+    with pytest.raises(T.NonFiniteLossError, match=r"non-finite VAE loss at step 0 \(epoch 1\).*'mse'"):
+        T.train_vae(get_config("smoke"), run_dir=tmp_path, device="cpu", progress=False, log=lambda m: None)
+
+
+def test_reconstruct_cli_writes_documented_npz(smoke_run, tmp_path, capsys):
+    _, run, _ = smoke_run
+    out = tmp_path / "rec.npz"
+    assert cli.main(["reconstruct", "--n", "7", "--checkpoint", str(run), "--out", str(out), "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 7 and 0 < report["ssim"] <= 1
+    with np.load(out) as f:
+        assert set(f.files) == {"images", "originals", "labels"}
+        assert f["images"].dtype == np.uint8 and f["images"].shape == (7, 28, 28)
+        assert f["originals"].dtype == np.uint8 and f["originals"].shape == (7, 28, 28)
+        assert f["labels"].dtype == np.int64 and f["labels"].shape == (7,)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "x.txt"], "must end in .npz or .png"),
+    (["--out", "/no/such/dir/x.npz"], "does not exist"),
+    (["--out", "x.npz", "--checkpoint", "/no/such/ckpt"], "no checkpoint at /no/such/ckpt"),
+])
+def test_reconstruct_cli_errors(args, message, capsys):
+    assert cli.main(["reconstruct", *args]) == 1
+    assert message in capsys.readouterr().err
