@@ -65,7 +65,8 @@ class UNetConfig:
     attention_levels: tuple[bool, ...] = (False, True)
     num_heads: int = 4
     cross_attention_dim: int = 128
-    num_classes: int = 10  # context tokens: one per class + one null token
+    context_tokens: int = 4  # learned context tokens per class (and for the null class)
+    num_classes: int = 10  # class index num_classes = the null class (classifier-free guidance)
     norm_num_groups: int = 8
     dropout: float = 0.1
 
