@@ -150,6 +150,20 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_unet(args: argparse.Namespace) -> int:
+    from .train import train_unet
+
+    cfg = _preset_config(args)
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    t0 = time.perf_counter()
+    train_unet(cfg, run_dir=run_dir, epochs=args.epochs, resume=args.resume, vae_checkpoint=args.vae,
+               device=args.device, progress=not args.no_progress, data_root=args.data_root,
+               log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps({"run_dir": str(run_dir or (project_root() / "runs" / cfg.preset)),
+                      "seconds": round(time.perf_counter() - t0, 1)}))
+    return 0
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -240,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-vae", help="train the VAE (checkpoint every epoch; --resume continues)")
     _training_args(p)
     p.set_defaults(func=cmd_train_vae)
+
+    p = sub.add_parser("train-unet", help="train the latent UNet on a VAE's cached latents (--resume continues)")
+    _training_args(p)
+    p.add_argument("--vae", help="VAE file or run folder when --run-dir has none (default: latest run, else shipped)")
+    p.set_defaults(func=cmd_train_unet)
 
     p = sub.add_parser("reconstruct", help="encode+decode test images with a VAE; write .npz (or a .png grid)")
     p.add_argument("--n", type=_positive_int, default=1000, help="number of test images (first N)")

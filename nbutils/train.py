@@ -119,6 +119,48 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
+def _resume(state_path: Path, cfg: Config, sections: tuple[str, ...], model: nn.Module, ema: EMA,
+            opt: torch.optim.Optimizer, gens: dict[str, torch.Generator], log: Callable[[str], None]
+            ) -> tuple[int, int, History]:
+    """Load a training state saved by :func:`_save_state`; returns ``(step, epoch, history)``.
+
+    The config sections that shape the run (``sections``) must match; only ``epochs`` may change.
+    """
+    if not state_path.is_file():
+        raise CheckpointError(f"cannot resume: {state_path} does not exist (train without --resume first)")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"cannot resume: {state_path} is unreadable ({exc})") from exc
+    saved, now = state["config"], cfg.to_dict()
+    diffs = [d for sec in sections for d in config_differences(saved.get(sec, {}), now[sec], f"{sec}.")]
+    diffs = [d for d in diffs if not d.split(":")[0].endswith(".epochs")]
+    if diffs:
+        raise CheckpointError(f"cannot resume {state_path.parent}: its config differs: " + "; ".join(diffs))
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"], gens)
+    log(f"resuming {state_path.parent} at epoch {state['epoch']}, step {state['step']}")
+    return state["step"], state["epoch"], History(**state["history"])
+
+
+def _save_state(path: Path, cfg: Config, model, ema, opt, gens, step: int, epoch: int, history: History) -> None:
+    atomic_torch_save(
+        {
+            "config": cfg.to_dict(),
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(),
+            "rng": _rng_state(gens),
+            "step": step,
+            "epoch": epoch,
+            "history": {"steps": history.steps, "epochs": history.epochs},
+        },
+        path,
+    )
+
+
 @dataclass
 class History:
     """Per-step losses and per-epoch metrics of a training run (kept in the state file)."""
@@ -192,20 +234,7 @@ def train_vae(
 
     ckpt_path, state_path = run_dir / VAE_FILE, run_dir / VAE_STATE_FILE
     if resume:
-        if not state_path.is_file():
-            raise CheckpointError(f"cannot resume: {state_path} does not exist (train without --resume first)")
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        diffs = config_differences(state["config"], cfg.to_dict())
-        diffs = [d for d in diffs if not d.startswith("train_vae.epochs")]
-        if diffs:
-            raise CheckpointError(f"cannot resume {run_dir}: its config differs: " + "; ".join(diffs))
-        vae.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"], gens)
-        step, start_epoch = state["step"], state["epoch"]
-        history = History(**state["history"])
-        log(f"resuming {run_dir} at epoch {start_epoch}, step {step}")
+        step, start_epoch, history = _resume(state_path, cfg, ("data", "vae", "train_vae"), vae, ema, opt, gens, log)
         if start_epoch >= epochs:
             log(f"already trained {start_epoch} epochs (asked for {epochs}); nothing to do")
     elif ckpt_path.exists():
@@ -261,19 +290,7 @@ def train_vae(
 def _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch, history) -> None:
     extra = {"epoch": epoch, "step": step, "latent_stats": False, "metrics": history.epochs[-1]}
     save_model(run_dir / VAE_FILE, "vae", ema.model.state_dict(), cfg, extra)
-    atomic_torch_save(
-        {
-            "config": cfg.to_dict(),
-            "model": vae.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": opt.state_dict(),
-            "rng": _rng_state(gens),
-            "step": step,
-            "epoch": epoch,
-            "history": {"steps": history.steps, "epochs": history.epochs},
-        },
-        run_dir / VAE_STATE_FILE,
-    )
+    _save_state(run_dir / VAE_STATE_FILE, cfg, vae, ema, opt, gens, step, epoch, history)
     atomic_write_bytes(run_dir / "vae_history.json", json.dumps(history.epochs, indent=1).encode())
 
 
@@ -422,3 +439,125 @@ def load_history(run_dir: str | Path, name: str = "vae") -> tuple[list[dict], li
         raise CheckpointError(f"no training history at {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
     return state["history"]["steps"], state["history"]["epochs"]
+
+
+# --------------------------------------------------------------------------------------------
+# UNet
+# --------------------------------------------------------------------------------------------
+
+UNET_FILE = "unet.safetensors"
+UNET_STATE_FILE = "unet_state.pt"
+
+
+def train_unet(
+    cfg: Config,
+    run_dir: str | Path | None = None,
+    epochs: int | None = None,
+    resume: bool = False,
+    vae_checkpoint: str | Path | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    data_root: str | None = None,
+):
+    """Train the latent UNet of ``cfg`` on the cached latents of a VAE; returns the EMA UNet.
+
+    The VAE is ``run_dir``'s own when it has one, else ``vae_checkpoint`` (default: latest run, else
+    shipped). Every epoch draws fresh posterior samples z = μ + σ·ε from the cache (never re-encoding
+    images), standardises them with the VAE's shift and scale, and trains on random timesteps with the
+    class dropped to the null token with probability ``cfg.diffusion.cond_drop_prob``.
+    """
+    from .diffusion import GaussianDiffusion
+    from .unet import UNet
+
+    tc = cfg.train_unet
+    epochs = tc.epochs if epochs is None else epochs
+    if epochs < 1:
+        raise ValueError(f"epochs must be ≥ 1, got {epochs}")
+    run_dir = Path(run_dir) if run_dir is not None else runs_dir() / cfg.preset
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device) if device is not None else pick_device()
+
+    own_vae = run_dir / VAE_FILE
+    vae, vae_meta = load_vae(own_vae if own_vae.is_file() else vae_checkpoint, device=device)
+    if not vae._stats_set:
+        raise CheckpointError(f"{vae_meta['path']} has no latent statistics; run finalize_vae on its run first")
+    if vae.cfg.latent_channels != cfg.unet.latent_channels:
+        raise CheckpointError(f"VAE {vae_meta['path']} has {vae.cfg.latent_channels} latent channels, "
+                              f"the UNet config expects {cfg.unet.latent_channels}")
+    cache = D.latent_dataset(vae, vae_meta["path"], subset=cfg.data.train_subset, root=data_root, progress=progress)
+    shift = vae.latent_shift.cpu()[:, None, None]
+    scale = float(vae.latent_scale)
+
+    torch.manual_seed(tc.seed)
+    unet = UNet(cfg.unet).to(device)
+    ema = EMA(unet, tc.ema_decay, tc.ema_warmup_steps)
+    opt = torch.optim.Adam(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    diffusion = GaussianDiffusion(cfg.diffusion, cfg.unet.num_classes)
+    shuffle_gen = torch.Generator().manual_seed(tc.seed)
+    latent_gen = torch.Generator().manual_seed(tc.seed + 2)
+    noise_gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
+    gens = {"shuffle": shuffle_gen, "latent": latent_gen, "noise": noise_gen}
+    history = History()
+    step, start_epoch = 0, 0
+    state_path = run_dir / UNET_STATE_FILE
+    if resume:
+        step, start_epoch, history = _resume(state_path, cfg, ("data", "unet", "diffusion", "train_unet"),
+                                             unet, ema, opt, gens, log)
+    elif (run_dir / UNET_FILE).exists():
+        log(f"note: overwriting the UNet checkpoint in {run_dir} (pass resume=True / --resume to continue it)")
+
+    n = len(cache["labels"])
+    steps_per_epoch = -(-n // tc.batch_size)
+    log(f"UNet: {sum(p.numel() for p in unet.parameters()):,} parameters, {n:,} latents from {vae_meta['path']}, "
+        f"batch {tc.batch_size}, {steps_per_epoch} steps/epoch, device {device}, run dir {run_dir}")
+
+    for epoch in range(start_epoch, epochs):
+        unet.train()
+        t0 = time.perf_counter()
+        z = cache["mean"] + cache["std"] * torch.randn(cache["mean"].shape, generator=latent_gen)
+        z = (z - shift) * scale
+        loader = D.TensorLoader((z, cache["labels"]), batch_size=tc.batch_size, shuffle=True, generator=shuffle_gen)
+        running = 0.0
+        bar = _progress(loader, len(loader), f"UNet epoch {epoch + 1}/{epochs}", progress)
+        for x0, labels in bar:
+            x0, labels = x0.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, tc, tc.lr_warmup_steps)
+            loss, parts = diffusion.loss(unet, x0, labels, generator=noise_gen)
+            if not math.isfinite(parts["loss"]):
+                raise NonFiniteLossError(
+                    f"non-finite UNet loss at step {step} (epoch {epoch + 1}): {parts}; last good checkpoint: "
+                    f"{run_dir / UNET_FILE if (run_dir / UNET_FILE).exists() else 'none'}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                nn.utils.clip_grad_norm_(unet.parameters(), tc.grad_clip)
+            opt.step()
+            ema.update(unet)
+            step += 1
+            running = parts["loss"] if running == 0 else 0.98 * running + 0.02 * parts["loss"]
+            history.steps.append({"step": step, **parts})
+            bar.set_postfix(loss=f"{running:.4f}")
+        bar.close()
+        record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0, "train_loss": running}
+        history.epochs.append(record)
+        log(f"epoch {epoch + 1}/{epochs}: train loss {running:.4f} ({record['seconds']:.0f} s)")
+        extra = {"epoch": epoch + 1, "step": step, "vae": vae_meta["path"], "metrics": record}
+        save_model(run_dir / UNET_FILE, "unet", ema.model.state_dict(), cfg, extra)
+        _save_state(state_path, cfg, unet, ema, opt, gens, step, epoch + 1, history)
+    return ema.model
+
+
+def load_unet(checkpoint: str | Path | None = None, device: str | torch.device | None = None):
+    """``(unet, metadata)`` from a checkpoint file or folder (default: latest run, else shipped)."""
+    from .unet import UNet
+
+    path = resolve_checkpoint(UNET_FILE, checkpoint)
+    tensors, meta = read_model(path, "unet")
+    cfg = Config.from_dict(meta["config"])
+    unet = UNet(cfg.unet)
+    load_state_strict(unet, tensors, path)
+    device = torch.device(device) if device is not None else pick_device()
+    meta["path"] = str(path)
+    return unet.to(device).eval(), meta

@@ -108,3 +108,39 @@ def test_reconstruct_cli_writes_documented_npz(smoke_run, tmp_path, capsys):
 def test_reconstruct_cli_errors(args, message, capsys):
     assert cli.main(["reconstruct", *args]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_unet_resume_equals_uninterrupted(smoke_run, tmp_path):
+    import shutil
+
+    cfg, vae_run, _ = smoke_run
+    runs = []
+    for name in ("whole", "split"):
+        run = tmp_path / name
+        run.mkdir()
+        for f in ("vae.safetensors", "vae.json", "latents.safetensors"):
+            shutil.copy(vae_run / f, run / f)
+        runs.append(run)
+    T.train_unet(cfg, run_dir=runs[0], epochs=2, device="cpu", progress=False, log=lambda m: None)
+    T.train_unet(cfg, run_dir=runs[1], epochs=1, device="cpu", progress=False, log=lambda m: None)
+    T.train_unet(cfg, run_dir=runs[1], epochs=2, resume=True, device="cpu", progress=False, log=lambda m: None)
+    a, b = (torch.load(r / "unet_state.pt", weights_only=False) for r in runs)
+    assert a["step"] == b["step"] == 2 * 8
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for name in a["ema"]["model"]:
+        assert torch.equal(a["ema"]["model"][name], b["ema"]["model"][name]), name
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    unet, meta = T.load_unet(runs[0], device="cpu")
+    assert meta["extra"]["epoch"] == 2
+    x = torch.randn(2, 4, 7, 7)
+    assert unet(x, torch.tensor([5, 500]), torch.tensor([1, 10])).shape == x.shape
+
+
+def test_train_unet_cli_help_and_bad_epochs(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train-unet", "--help"])
+    assert exc.value.code == 0 and "--vae" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train-unet", "--epochs", "0"])
+    assert exc.value.code == 2 and "must be ≥ 1" in capsys.readouterr().err
