@@ -558,6 +558,7 @@ def load_unet(checkpoint: str | Path | None = None, device: str | torch.device |
     cfg = Config.from_dict(meta["config"])
     unet = UNet(cfg.unet)
     load_state_strict(unet, tensors, path)
+    unet.diffusion_cfg = cfg.diffusion  # what the samplers need to know (schedule, prediction type)
     device = torch.device(device) if device is not None else pick_device()
     meta["path"] = str(path)
     return unet.to(device).eval(), meta

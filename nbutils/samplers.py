@@ -1,0 +1,296 @@
+"""Samplers: turning N(0, I) noise into latents, then (with the VAE) into clothes.
+
+Every sampler follows the scheduler contract of Hugging Face ``diffusers``, so the two can be compared
+step by step::
+
+    sampler.set_timesteps(n)
+    for t in sampler.timesteps:
+        model_output = model(x, t, labels)            # ε or v, as the model was trained
+        x = sampler.step(model_output, t, x, generator=g)
+
+* :class:`DDPMSampler` — ancestral sampling (Ho et al. 2020, eq. 6–7). With n < T steps it uses the
+  *respaced* betas β'_t = 1 − ᾱ_t / ᾱ_prev between the visited timesteps (Nichol & Dhariwal 2021).
+* :class:`DDIMSampler` — Song et al. (2021): x_prev = √ᾱ_prev·x̂_0 + √(1−ᾱ_prev−σ²)·ε̂ + σ·z with
+  σ = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev); η = 0 is deterministic, η = 1 is DDPM-like.
+* :class:`DPMSolverSampler` — DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): a
+  second-order multistep solver of the probability-flow ODE in data-prediction form, in λ = log(α/σ).
+  First step first order, last step first order down to σ = 0 ("lower_order_final").
+
+``timestep_spacing`` (diffusers' names), for T = 1000 and n steps:
+
+* ``leading``  — 0, T/n, 2T/n, … reversed: for n = 10: 900, 800, …, 0;
+* ``trailing`` — T−1, T−1−T/n, …: for n = 10: 999, 899, …, 99 (starts at the noisiest step, which
+  matters for few steps: with ``leading`` the first step is taken from t = 900, not pure noise);
+* ``linspace`` — evenly from T−1 to 0 inclusive: for n = 10: 999, 888, …, 111, 0.
+
+The step from t goes to the *next listed* timestep (and after the last one to ᾱ = 1, clean data). For
+``leading`` and ``trailing`` with n dividing T this is exactly diffusers' ``t − T/n``.
+
+:func:`sample` runs a sampler with classifier-free guidance (Ho & Salimans 2022):
+ε̂ = ε̂_uncond + w·(ε̂_cond − ε̂_uncond), both halves in one batched forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .diffusion import PREDICTION_TYPES, to_epsilon, to_x0
+from .schedules import NoiseSchedule
+
+SPACINGS = ("leading", "trailing", "linspace")
+SAMPLERS = ("ddpm", "ddim", "dpm")
+
+
+def spaced_timesteps(num_train_timesteps: int, n: int, spacing: str = "trailing") -> torch.Tensor:
+    """The ``n`` timesteps a sampler visits, noisiest first (int64). See the module docstring."""
+    T = int(num_train_timesteps)
+    if not 1 <= n <= T:
+        raise ValueError(f"number of steps must be between 1 and {T}, got {n}")
+    if spacing == "leading":
+        ts = torch.arange(n) * (T // n)
+    elif spacing == "trailing":
+        ts = torch.round(torch.arange(T, 0, -T / n, dtype=torch.float64)).long() - 1
+        return ts[:n]
+    elif spacing == "linspace":
+        ts = torch.linspace(0, T - 1, n, dtype=torch.float64).round().long()
+    else:
+        raise ValueError(f"unknown timestep_spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+    return ts.flip(0).long()
+
+
+class _Sampler:
+    """Shared bookkeeping: the schedule, the visited timesteps, and ᾱ of the step after each one."""
+
+    default_spacing = "trailing"
+
+    def __init__(self, schedule: NoiseSchedule, prediction_type: str = "epsilon", timestep_spacing: str | None = None):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
+        self.schedule = schedule
+        self.alphas_cumprod = schedule.alphas_cumprod  # float64
+        self.prediction_type = prediction_type
+        self.timestep_spacing = timestep_spacing or self.default_spacing
+        self.num_train_timesteps = schedule.num_train_timesteps
+        self.set_timesteps(self.num_train_timesteps)
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        self.num_inference_steps = int(num_inference_steps)
+        self.timesteps = spaced_timesteps(self.num_train_timesteps, self.num_inference_steps, self.timestep_spacing)
+        self._index = {int(t): i for i, t in enumerate(self.timesteps)}
+        self._reset()
+
+    def _reset(self) -> None:
+        pass
+
+    def _alphas(self, t: int | torch.Tensor) -> tuple[float, float, int]:
+        """(ᾱ_t, ᾱ_prev, index of t) where prev is the next listed timestep, or ᾱ = 1 after the last."""
+        t = int(t)
+        if t not in self._index:
+            raise ValueError(f"timestep {t} is not one of this sampler's timesteps; call set_timesteps first")
+        i = self._index[t]
+        a_t = float(self.alphas_cumprod[t])
+        a_prev = float(self.alphas_cumprod[int(self.timesteps[i + 1])]) if i + 1 < len(self.timesteps) else 1.0
+        return a_t, a_prev, i
+
+    def _x0_eps(self, model_output, t, sample):
+        tt = torch.full((sample.shape[0],), int(t), dtype=torch.long)
+        x0 = to_x0(model_output, sample, tt, self.alphas_cumprod, self.prediction_type)
+        eps = to_epsilon(model_output, sample, tt, self.alphas_cumprod, self.prediction_type)
+        return x0, eps
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device, then moved (same seed → same noise on any device)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device, x.dtype)
+
+
+class DDPMSampler(_Sampler):
+    """Ancestral DDPM sampling with the posterior variance β̃ ("fixed_small")."""
+
+    default_spacing = "leading"
+
+    def step(self, model_output: torch.Tensor, t, sample: torch.Tensor, generator: torch.Generator | None = None
+             ) -> torch.Tensor:
+        a_t, a_prev, _ = self._alphas(t)
+        alpha = a_t / a_prev  # α_t of the (possibly respaced) step
+        beta = 1 - alpha
+        x0, _ = self._x0_eps(model_output, t, sample)
+        # posterior mean μ̃(x_t, x̂_0), Ho et al. 2020 eq. 7
+        mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(alpha) * (1 - a_prev) / (1 - a_t)) * sample
+        if a_prev >= 1.0:  # the last step returns the mean
+            return mean
+        variance = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)
+        return mean + math.sqrt(variance) * _noise_like(sample, generator)
+
+
+class DDIMSampler(_Sampler):
+    """DDIM with stochasticity η (0 = deterministic)."""
+
+    def __init__(self, schedule: NoiseSchedule, prediction_type: str = "epsilon", timestep_spacing: str | None = None,
+                 eta: float = 0.0):
+        if eta < 0:
+            raise ValueError(f"eta must be ≥ 0, got {eta}")
+        self.eta = eta
+        super().__init__(schedule, prediction_type, timestep_spacing)
+
+    def step(self, model_output: torch.Tensor, t, sample: torch.Tensor, generator: torch.Generator | None = None
+             ) -> torch.Tensor:
+        a_t, a_prev, _ = self._alphas(t)
+        x0, eps = self._x0_eps(model_output, t, sample)
+        sigma = self.eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(max(1 - a_t / a_prev, 0.0))
+        direction = math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+        prev = math.sqrt(a_prev) * x0 + direction
+        if sigma > 0:
+            prev = prev + sigma * _noise_like(sample, generator)
+        return prev
+
+
+class DPMSolverSampler(_Sampler):
+    """DPM-Solver++(2M): multistep, second order, data prediction (deterministic)."""
+
+    def _reset(self) -> None:
+        self._prev_x0: torch.Tensor | None = None
+        self._prev_lambda: float | None = None
+
+    def step(self, model_output: torch.Tensor, t, sample: torch.Tensor, generator: torch.Generator | None = None
+             ) -> torch.Tensor:
+        a_t, a_prev, i = self._alphas(t)
+        x0, _ = self._x0_eps(model_output, t, sample)
+        alpha_s, sigma_s = math.sqrt(a_t), math.sqrt(1 - a_t)
+        lam_s = math.log(alpha_s / sigma_s)
+        if a_prev >= 1.0:  # last step: to σ = 0, where the first-order update is exactly x̂_0
+            self._reset()
+            return x0
+        alpha_t, sigma_t = math.sqrt(a_prev), math.sqrt(1 - a_prev)
+        lam_t = math.log(alpha_t / sigma_t)
+        h = lam_t - lam_s
+        d = x0
+        if self._prev_x0 is not None:  # second order: D = x̂0_s + (1/2r)(x̂0_s − x̂0_prev), r = h_prev / h
+            r = (lam_s - self._prev_lambda) / h
+            d = x0 + (x0 - self._prev_x0) / (2 * r)
+        self._prev_x0, self._prev_lambda = x0, lam_s
+        return (sigma_t / sigma_s) * sample - alpha_t * math.expm1(-h) * d
+
+
+def make_sampler(name: str, schedule: NoiseSchedule, prediction_type: str = "epsilon", steps: int | None = None,
+                 timestep_spacing: str | None = None, eta: float = 0.0) -> _Sampler:
+    """``ddpm`` | ``ddim`` | ``dpm`` with ``set_timesteps(steps)`` already called (default: T for ddpm,
+    50 for ddim, 20 for dpm)."""
+    if name == "ddpm":
+        s = DDPMSampler(schedule, prediction_type, timestep_spacing)
+    elif name == "ddim":
+        s = DDIMSampler(schedule, prediction_type, timestep_spacing, eta=eta)
+    elif name == "dpm":
+        s = DPMSolverSampler(schedule, prediction_type, timestep_spacing)
+    else:
+        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+    default = {"ddpm": schedule.num_train_timesteps, "ddim": 50, "dpm": 20}[name]
+    s.set_timesteps(default if steps is None else steps)
+    return s
+
+
+def guided_output(model, x: torch.Tensor, t, labels: torch.Tensor, guidance: float, null_label: int) -> torch.Tensor:
+    """Classifier-free guidance: out_u + w·(out_c − out_u), one forward pass over [cond; uncond].
+
+    w = 1 is the plain conditional model, w = 0 the unconditional one. Examples whose label already is
+    the null label are unconditional whatever w is. Linear in the output, so valid for ε and v alike.
+    """
+    b = x.shape[0]
+    tt = torch.full((b,), int(t), dtype=torch.long, device=x.device)
+    if guidance == 1.0:
+        return model(x, tt, labels)
+    null = torch.full_like(labels, null_label)
+    if guidance == 0.0:
+        return model(x, tt, null)
+    out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
+    cond, uncond = out[:b], out[b:]
+    return uncond + guidance * (cond - uncond)
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor  # (N, 1, 28, 28) in [-1, 1] (decoded)
+    latents: torch.Tensor  # (N, C_z, 7, 7), standardised
+    labels: torch.Tensor  # (N,), −1 = unconditional
+    trajectory: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (t, decoded x̂_0) pairs
+
+
+@torch.no_grad()
+def sample(
+    unet,
+    vae,
+    n: int,
+    classes: int | Sequence[int] | torch.Tensor | None = None,
+    guidance: float = 3.0,
+    sampler: str = "dpm",
+    steps: int | None = None,
+    generator: torch.Generator | None = None,
+    diffusion_cfg=None,
+    eta: float = 0.0,
+    timestep_spacing: str | None = None,
+    batch_size: int = 500,
+    return_trajectory: bool = False,
+    trajectory_points: int = 8,
+    progress: bool = False,
+) -> SampleResult:
+    """Generate ``n`` images. ``classes``: one int for all, a sequence of n ints, or None/−1 for
+    unconditional samples. Noise comes from ``generator`` (CPU generators reproduce across devices).
+
+    ``diffusion_cfg`` is the :class:`~nbutils.config.DiffusionConfig` the UNet was trained with
+    (default: the UNet's ``diffusion_cfg`` attribute set by ``load_unet``, else the defaults).
+    """
+    from .config import DiffusionConfig
+
+    if n < 1:
+        raise ValueError(f"n must be ≥ 1, got {n}")
+    if guidance < 0:
+        raise ValueError(f"guidance must be ≥ 0, got {guidance}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be ≥ 1, got {steps}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    dcfg = diffusion_cfg or getattr(unet, "diffusion_cfg", None) or DiffusionConfig()
+    schedule = NoiseSchedule.from_config(dcfg)
+    null = unet.null_label
+    if classes is None:
+        labels = torch.full((n,), -1, dtype=torch.long)
+    elif isinstance(classes, int):
+        labels = torch.full((n,), classes, dtype=torch.long)
+    else:
+        labels = torch.as_tensor(list(classes) if not isinstance(classes, torch.Tensor) else classes).long()
+        if labels.shape != (n,):
+            raise ValueError(f"classes must be one label or {n} labels, got shape {tuple(labels.shape)}")
+    if ((labels < -1) | (labels >= null)).any():
+        raise ValueError(f"class labels must be in 0..{null - 1} (or −1 for unconditional)")
+    device = next(unet.parameters()).device
+    images, latents, trajectory = [], [], []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, desc=f"{sampler} {steps or ''}".strip(), disable=not progress, leave=False)
+    for start in range(0, n, batch_size):
+        lab = labels[start : start + batch_size]
+        model_labels = torch.where(lab < 0, torch.full_like(lab, null), lab).to(device)
+        s = make_sampler(sampler, schedule, dcfg.prediction_type, steps, timestep_spacing, eta)
+        shape = (len(lab), unet.cfg.latent_channels, 7, 7)
+        x = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu").to(device)
+        record = set()
+        if return_trajectory and start == 0:
+            idx = torch.linspace(0, len(s.timesteps) - 1, trajectory_points).round().long().tolist()
+            record = {int(s.timesteps[i]) for i in idx}
+        for t in s.timesteps:
+            out = guided_output(unet, x, t, model_labels, guidance, null)
+            if int(t) in record:
+                tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
+                x0 = to_x0(out, x, tt, s.alphas_cumprod, dcfg.prediction_type)
+                trajectory.append((int(t), vae.decode(x0).cpu()))
+            x = s.step(out, t, x, generator=generator)
+        latents.append(x.cpu())
+        images.append(vae.decode(x).cpu())
+        bar.update(len(lab))
+    bar.close()
+    return SampleResult(torch.cat(images), torch.cat(latents), labels, trajectory)

@@ -1,0 +1,194 @@
+"""Samplers against closed forms: for Gaussian data the optimal denoiser is known exactly.
+
+If x_0 ~ N(μ, s²) (independently per dimension), then q(x_t) = N(√ᾱ·μ, ᾱ·s² + 1 − ᾱ) and the
+optimal noise prediction is E[ε | x_t] = √(1−ᾱ)·(x_t − √ᾱ·μ) / (ᾱ·s² + 1 − ᾱ). A correct sampler
+driven by this oracle must turn N(0, 1) noise into samples with mean μ and variance s².
+"""
+
+import math
+
+import pytest
+import torch
+
+from nbutils import samplers as Sm
+from nbutils.schedules import NoiseSchedule
+
+MU, S = 1.5, 0.5
+
+
+class GaussianOracle(torch.nn.Module):
+    def __init__(self, schedule, prediction_type="epsilon", mu=MU, s=S):
+        super().__init__()
+        self.abar = schedule.alphas_cumprod
+        self.prediction_type, self.mu, self.s = prediction_type, mu, s
+        self.null_label = 10
+
+    def forward(self, x, t, labels):
+        a = self.abar[t].reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
+        eps = (1 - a).sqrt() * (x - a.sqrt() * self.mu) / (a * self.s**2 + 1 - a)
+        if self.prediction_type == "epsilon":
+            return eps
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+def run(sampler, model, n=40_000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 1, 1, generator=g, dtype=torch.float64)
+    x = (x - x.mean()) / x.std()  # exactly standard: only the sampler's error remains
+    labels = torch.zeros(n, dtype=torch.long)
+    for t in sampler.timesteps:
+        out = model(x, torch.full((n,), int(t)), labels)
+        x = sampler.step(out, t, x, generator=g)
+    return x.flatten()
+
+
+@pytest.mark.parametrize("name, steps, spacing", [
+    ("ddpm", 1000, "leading"),  # ancestral: stochastic, needs many steps
+    ("ddim", 250, "trailing"),  # first-order ODE solver
+    ("dpm", 30, "trailing"),  # second-order: 30 steps reach what DDIM needs 250 for
+])
+@pytest.mark.parametrize("schedule", ["linear", "squaredcos_cap_v2"])
+def test_samplers_recover_gaussian_data(name, steps, spacing, schedule):
+    sch = NoiseSchedule(schedule)
+    model = GaussianOracle(sch)
+    s = Sm.make_sampler(name, sch, "epsilon", steps, spacing)
+    x = run(s, model)
+    assert x.mean().item() == pytest.approx(MU, abs=0.01)
+    assert x.var().item() == pytest.approx(S**2, rel=0.04)
+
+
+def test_few_step_ddim_is_exactly_its_affine_map():
+    """With the Gaussian oracle, x̂_0 and ε̂ are affine in x_t, so n DDIM steps are an affine map
+    x_0 = a·x_T + b. Track (a, b) with scalar closed forms and compare with the sampler, tightly."""
+    sch = NoiseSchedule()
+    abar = sch.alphas_cumprod.tolist()
+    ts = Sm.spaced_timesteps(1000, 7, "linspace").tolist()
+    a, b = 1.0, 0.0
+    for i, t in enumerate(ts):
+        at = abar[t]
+        ap = abar[ts[i + 1]] if i + 1 < len(ts) else 1.0
+        den = at * S**2 + 1 - at
+        e_slope, e_off = math.sqrt(1 - at) / den, -math.sqrt(1 - at) * math.sqrt(at) * MU / den  # ε̂ = e_slope·x + e_off
+        x0_slope = (1 - math.sqrt(1 - at) * e_slope) / math.sqrt(at)  # x̂0 = (x − √(1−ᾱ) ε̂)/√ᾱ
+        x0_off = -math.sqrt(1 - at) * e_off / math.sqrt(at)
+        slope = math.sqrt(ap) * x0_slope + math.sqrt(1 - ap) * e_slope
+        off = math.sqrt(ap) * x0_off + math.sqrt(1 - ap) * e_off
+        a, b = slope * a, slope * b + off
+    xT = torch.linspace(-3, 3, 13, dtype=torch.float64).reshape(-1, 1, 1, 1)
+    s = Sm.DDIMSampler(sch, timestep_spacing="linspace")
+    s.set_timesteps(7)
+    x = xT.clone()
+    model = GaussianOracle(sch)
+    for t in s.timesteps:
+        x = s.step(model(x, torch.full((13,), int(t)), None), t, x)
+    assert torch.allclose(x, a * xT + b, atol=1e-10)
+
+
+def test_number_for_number_with_diffusers():
+    """Same schedule, spacing and model output as diffusers' schedulers → the same samples."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is in the optional 'bench' extra")
+    kw = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    sch = NoiseSchedule()
+    model = GaussianOracle(sch)
+    theirs = {
+        "ddim": diffusers.DDIMScheduler(**kw, timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False),
+        "dpm": diffusers.DPMSolverMultistepScheduler(**kw, timestep_spacing="trailing", final_sigmas_type="zero"),
+    }
+    for name, hf in theirs.items():
+        hf.set_timesteps(20)
+        ours = Sm.make_sampler(name, sch, "epsilon", 20, "trailing")
+        assert ours.timesteps.tolist() == hf.timesteps.tolist()
+        g = torch.Generator().manual_seed(0)
+        x = y = torch.randn(500, 1, 1, 1, generator=g, dtype=torch.float64)
+        for t in ours.timesteps:
+            tt = torch.full((500,), int(t))
+            x = ours.step(model(x, tt, None), t, x)
+            y = hf.step(model(y, tt, None), t, y).prev_sample
+        assert (x - y).abs().max().item() < 1e-5, name
+
+
+@pytest.mark.parametrize("name", Sm.SAMPLERS)
+def test_v_prediction_gives_the_same_samples(name):
+    sch = NoiseSchedule()
+    steps = 100 if name == "ddpm" else 20
+    a = run(Sm.make_sampler(name, sch, "epsilon", steps), GaussianOracle(sch, "epsilon"), n=2000)
+    b = run(Sm.make_sampler(name, sch, "v_prediction", steps), GaussianOracle(sch, "v_prediction"), n=2000)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_ddim_eta0_is_deterministic_and_dpm_agrees_with_ddim_many_steps():
+    sch = NoiseSchedule()
+    model = GaussianOracle(sch)
+    x1 = run(Sm.make_sampler("ddim", sch, steps=25), model, n=1000, seed=3)
+    x2 = run(Sm.make_sampler("ddim", sch, steps=25), model, n=1000, seed=3)
+    assert torch.equal(x1, x2)
+    # the exact probability-flow ODE map of Gaussian data is linear: x_0 = μ + s·x_T (per sample);
+    # deterministic samplers must approach it
+    g = torch.Generator().manual_seed(3)
+    xT = torch.randn(1000, 1, 1, 1, generator=g, dtype=torch.float64).flatten()
+    xT = (xT - xT.mean()) / xT.std()
+    aT = sch.alphas_cumprod[999].item()
+    exact = MU + S * (xT - math.sqrt(aT) * MU) / math.sqrt(aT * S**2 + 1 - aT)
+    for name, steps, tol in (("ddim", 250, 0.03), ("dpm", 30, 0.02)):  # ≈ 1-2% of the range of x_0
+        x = run(Sm.make_sampler(name, sch, steps=steps), model, n=1000, seed=3)
+        assert (x - exact).abs().max().item() < tol, name
+
+
+def test_ddim_eta1_is_stochastic_but_correct():
+    sch = NoiseSchedule()
+    s = Sm.DDIMSampler(sch, eta=1.0)
+    s.set_timesteps(1000)
+    x = run(s, GaussianOracle(sch), n=10_000)
+    assert x.mean().item() == pytest.approx(MU, abs=0.01) and x.var().item() == pytest.approx(S**2, rel=0.04)
+    assert not torch.equal(run(s, GaussianOracle(sch), n=100, seed=1), run(s, GaussianOracle(sch), n=100, seed=2))
+
+
+def test_documented_timestep_spacings():
+    assert Sm.spaced_timesteps(1000, 10, "leading").tolist() == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    assert Sm.spaced_timesteps(1000, 10, "trailing").tolist() == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    assert Sm.spaced_timesteps(1000, 10, "linspace").tolist() == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    assert Sm.spaced_timesteps(1000, 1000, "leading").tolist() == list(range(999, -1, -1))
+    for spacing in Sm.SPACINGS:
+        ts = Sm.spaced_timesteps(1000, 37, spacing)
+        assert len(ts) == 37 and (ts[1:] < ts[:-1]).all() and ts.min() >= 0 and ts.max() <= 999
+    with pytest.raises(ValueError, match="between 1 and 1000"):
+        Sm.spaced_timesteps(1000, 0)
+    with pytest.raises(ValueError, match="unknown timestep_spacing 'uniform'"):
+        Sm.spaced_timesteps(1000, 10, "uniform")
+
+
+def test_respaced_ddpm_uses_respaced_betas():
+    sch = NoiseSchedule()
+    s = Sm.DDPMSampler(sch)
+    s.set_timesteps(10)
+    a_t, a_prev, _ = s._alphas(500)
+    assert a_t == pytest.approx(sch.alphas_cumprod[500].item())
+    assert a_prev == pytest.approx(sch.alphas_cumprod[400].item())
+    # the mean of the last step is x̂_0 itself (ᾱ_prev = 1)
+    x = torch.randn(4, 1, 1, 1, dtype=torch.float64)
+    eps = torch.randn(4, 1, 1, 1, dtype=torch.float64)
+    a0 = sch.alphas_cumprod[0].item()
+    assert torch.allclose(s.step(eps, 0, x), (x - math.sqrt(1 - a0) * eps) / math.sqrt(a0))
+    with pytest.raises(ValueError, match="not one of this sampler's timesteps"):
+        s.step(eps, 555, x)
+
+
+def test_guidance_endpoints():
+    class Linear(torch.nn.Module):
+        def forward(self, x, t, labels):
+            return x * 0 + labels.reshape(-1, 1, 1, 1).float()
+
+    m = Linear()
+    x = torch.zeros(3, 4, 7, 7)
+    labels = torch.tensor([1, 2, 3])
+    assert torch.equal(Sm.guided_output(m, x, 5, labels, 1.0, 10), m(x, None, labels))
+    assert torch.equal(Sm.guided_output(m, x, 5, labels, 0.0, 10), torch.full_like(x, 10.0))
+    w = 3.0
+    assert torch.allclose(Sm.guided_output(m, x, 5, labels, w, 10),
+                          10 + w * (labels.reshape(-1, 1, 1, 1).float() - 10) + x)
+
+
+def test_unknown_sampler():
+    with pytest.raises(ValueError, match="unknown sampler 'euler'; valid: ddpm, ddim, dpm"):
+        Sm.make_sampler("euler", NoiseSchedule())
