@@ -198,6 +198,54 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_classes(text: str, n: int) -> list[int]:
+    """``all`` (cycle 0..9), ``none``/``uncond`` (−1), a name or index, or a comma list of them."""
+    from .data import NUM_CLASSES, class_index
+
+    key = text.strip().lower()
+    if key == "all":
+        return [i % NUM_CLASSES for i in range(n)]
+    if key in ("none", "uncond", "unconditional", "-1"):
+        return [-1] * n
+    parts = [class_index(p) for p in text.split(",") if p.strip()]
+    if not parts:
+        raise CLIError(f"--class {text!r} names no class")
+    return [parts[i % len(parts)] for i in range(n)]
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .config import make_generator
+    from .data import to_uint8
+    from .samplers import sample
+    from .train import load_models
+
+    if args.guidance < 0:
+        raise CLIError(f"--guidance must be ≥ 0, got {args.guidance}")
+    out = _output_path(args.out, (".npz", ".png"))
+    labels = _parse_classes(args.class_, args.n)
+    t0 = time.perf_counter()
+    unet, vae, meta = load_models(args.checkpoint, device=args.device)
+    result = sample(unet, vae, args.n, labels, guidance=args.guidance, sampler=args.sampler, steps=args.steps,
+                    generator=make_generator(args.seed), eta=args.eta, batch_size=args.batch_size,
+                    progress=not args.no_progress)
+    images = to_uint8(result.images).numpy()
+    if out.suffix == ".png":
+        from .plotting import save_grid
+
+        nrow = 10 if args.class_.strip().lower() == "all" and args.n % 10 == 0 else None
+        order = np.argsort(np.array(labels), kind="stable") if nrow else np.arange(args.n)
+        save_grid(images[order], out, nrow=nrow)
+    else:
+        np.savez_compressed(out, images=images, labels=np.asarray(labels, dtype=np.int64))
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"out": str(out), "n": args.n, "sampler": args.sampler, "steps": args.steps,
+                      "guidance": args.guidance, "seed": args.seed, "checkpoint": meta["path"],
+                      "seconds": round(seconds, 2)}))
+    return 0
+
+
 def cmd_notebooks(args: argparse.Namespace) -> int:
     """Check (or with --fix, rewrite) every notebook's Colab badge and setup cell."""
     from .nbtools import fix_notebook, notebook_paths, notebook_problems
@@ -267,6 +315,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, mps (default: auto)")
     p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files")
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("sample", help="generate images: .npz (images uint8 N×28×28, labels) or a .png grid")
+    p.add_argument("--n", type=_positive_int, default=100, help="number of images")
+    p.add_argument("--class", dest="class_", default="all",
+                   help="class name or index, a comma list, 'all' (cycle through the 10), or 'none' (unconditional)")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale w (0 = unconditional)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm"), default="dpm")
+    p.add_argument("--steps", type=_positive_int, help="sampling steps (default: ddpm 1000, ddim 50, dpm 20)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 = deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=500)
+    p.add_argument("--checkpoint", help="run folder or unet.safetensors (default: latest run, else shipped)")
+    p.add_argument("--out", required=True, help="output .npz or .png")
+    p.add_argument("--device", help="cpu, cuda, mps (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("notebooks", help="check every notebook's Colab badge and setup cell (--fix rewrites)")
     p.add_argument("--fix", action="store_true", help="rewrite badges and setup cells from pyproject.toml")

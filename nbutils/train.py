@@ -33,6 +33,7 @@ from .checkpoints import (
     atomic_torch_save,
     atomic_write_bytes,
     config_differences,
+    file_digest,
     load_state_strict,
     read_model,
     resolve_checkpoint,
@@ -479,7 +480,15 @@ def train_unet(
     device = torch.device(device) if device is not None else pick_device()
 
     own_vae = run_dir / VAE_FILE
-    vae, vae_meta = load_vae(own_vae if own_vae.is_file() else vae_checkpoint, device=device)
+    if not own_vae.is_file():  # make the run self-contained: sampling needs the exact VAE it was trained on
+        import shutil
+
+        source = resolve_checkpoint(VAE_FILE, vae_checkpoint)
+        shutil.copyfile(source, own_vae)
+        if source.with_suffix(".json").is_file():
+            shutil.copyfile(source.with_suffix(".json"), own_vae.with_suffix(".json"))
+        log(f"using the VAE {source} (copied into {run_dir})")
+    vae, vae_meta = load_vae(own_vae, device=device)
     if not vae._stats_set:
         raise CheckpointError(f"{vae_meta['path']} has no latent statistics; run finalize_vae on its run first")
     if vae.cfg.latent_channels != cfg.unet.latent_channels:
@@ -543,7 +552,7 @@ def train_unet(
         record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0, "train_loss": running}
         history.epochs.append(record)
         log(f"epoch {epoch + 1}/{epochs}: train loss {running:.4f} ({record['seconds']:.0f} s)")
-        extra = {"epoch": epoch + 1, "step": step, "vae": vae_meta["path"], "metrics": record}
+        extra = {"epoch": epoch + 1, "step": step, "vae_digest": file_digest(own_vae), "metrics": record}
         save_model(run_dir / UNET_FILE, "unet", ema.model.state_dict(), cfg, extra)
         _save_state(state_path, cfg, unet, ema, opt, gens, step, epoch + 1, history)
     return ema.model
@@ -562,3 +571,20 @@ def load_unet(checkpoint: str | Path | None = None, device: str | torch.device |
     device = torch.device(device) if device is not None else pick_device()
     meta["path"] = str(path)
     return unet.to(device).eval(), meta
+
+
+def load_models(checkpoint: str | Path | None = None, device: str | torch.device | None = None):
+    """``(unet, vae, unet_metadata)``: a UNet and the VAE it was trained with, from one folder.
+
+    ``checkpoint``: a run folder or ``unet.safetensors`` file (default: latest run, else shipped). The VAE
+    is the ``vae.safetensors`` beside it; its SHA-256 must match the one recorded by the UNet.
+    """
+    unet, meta = load_unet(checkpoint, device=device)
+    vae_path = Path(meta["path"]).parent / VAE_FILE
+    if not vae_path.is_file():
+        raise CheckpointError(f"no {VAE_FILE} beside {meta['path']}: the UNet needs the VAE it was trained with")
+    recorded = meta["extra"].get("vae_digest")
+    if recorded and recorded != file_digest(vae_path):
+        raise CheckpointError(f"{vae_path} is not the VAE {meta['path']} was trained with (SHA-256 differs)")
+    vae, _ = load_vae(vae_path, device=device)
+    return unet, vae, meta

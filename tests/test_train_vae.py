@@ -144,3 +144,40 @@ def test_train_unet_cli_help_and_bad_epochs(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["train-unet", "--epochs", "0"])
     assert exc.value.code == 2 and "must be ≥ 1" in capsys.readouterr().err
+
+
+def test_sample_cli_npz_png_and_determinism(smoke_run, tmp_path, capsys):
+    import shutil
+
+    cfg, vae_run, _ = smoke_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in ("vae.safetensors", "vae.json", "latents.safetensors"):
+        shutil.copy(vae_run / f, run / f)
+    T.train_unet(cfg, run_dir=run, epochs=1, device="cpu", progress=False, log=lambda m: None)
+    common = ["sample", "--checkpoint", str(run), "--device", "cpu", "--steps", "3", "--no-progress"]
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    assert cli.main([*common, "--n", "12", "--out", str(a), "--seed", "5"]) == 0
+    assert cli.main([*common, "--n", "12", "--out", str(b), "--seed", "5"]) == 0
+    with np.load(a) as fa, np.load(b) as fb:
+        assert fa["images"].dtype == np.uint8 and fa["images"].shape == (12, 28, 28)
+        assert fa["labels"].dtype == np.int64 and fa["labels"].tolist() == [i % 10 for i in range(12)]
+        assert np.array_equal(fa["images"], fb["images"])  # same seed, same output
+    c = tmp_path / "c.npz"
+    assert cli.main([*common, "--n", "3", "--class", "sneaker", "--sampler", "ddim", "--out", str(c)]) == 0
+    with np.load(c) as fc:
+        assert fc["labels"].tolist() == [7, 7, 7]
+    assert cli.main([*common, "--n", "2", "--class", "none", "--sampler", "ddpm", "--out", str(c)]) == 0
+    with np.load(c) as fc:
+        assert fc["labels"].tolist() == [-1, -1]
+    png = tmp_path / "grid.png"
+    assert cli.main([*common, "--n", "10", "--out", str(png)]) == 0 and png.stat().st_size > 0
+    capsys.readouterr()
+    assert cli.main([*common, "--n", "2", "--class", "sock", "--out", str(c)]) == 1
+    assert "unknown class 'sock'" in capsys.readouterr().err
+    assert cli.main([*common, "--n", "2", "--guidance", "-1", "--out", str(c)]) == 1
+    assert "--guidance must be ≥ 0" in capsys.readouterr().err
+    for bad in (["--steps", "0"], ["--n", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([*common[:-2], *bad, "--out", str(c)])
+        assert exc.value.code == 2
