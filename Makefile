@@ -28,9 +28,10 @@ demo: $(STAMP) data
 	@mkdir -p runs/demo
 	$(BIN)/python -m nbutils info
 	$(BIN)/python -m nbutils data --out runs/demo/real_grid.png
+	$(BIN)/python -m nbutils reconstruct --n 100 --out runs/demo/vae_reconstructions.png
 	$(BIN)/jupyter nbconvert --to notebook --execute notebooks/00_fashion_mnist.ipynb \
 	  --output-dir runs/demo --ExecutePreprocessor.timeout=1800
-	@echo "demo done: runs/demo/real_grid.png, runs/demo/00_fashion_mnist.ipynb"
+	@echo "demo done: runs/demo/real_grid.png, runs/demo/vae_reconstructions.png, runs/demo/00_fashion_mnist.ipynb"
 
 # The test command of README.md. Unit tests + every notebook through nbval, smoke preset.
 test: $(STAMP)

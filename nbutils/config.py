@@ -191,7 +191,7 @@ def cpu_config() -> Config:
         vae=VAEConfig(block_out_channels=(16, 64, 128), kl_weight=1e-6),
         unet=UNetConfig(block_out_channels=(64, 128), layers_per_block=2, cross_attention_dim=128),
         diffusion=DiffusionConfig(),
-        train_vae=TrainConfig(epochs=2, batch_size=32, lr=2e-3, ema_decay=0.999),
+        train_vae=TrainConfig(epochs=1, batch_size=32, lr=2e-3, ema_decay=0.999),
         train_unet=TrainConfig(epochs=10, batch_size=128, lr=1e-3, ema_decay=0.999),
     )
 
