@@ -104,6 +104,27 @@ def lr_at(step: int, tc: TrainConfig, warmup: int = 200) -> float:
     return tc.lr * min(1.0, (step + 1) / warmup)
 
 
+def _optimize(what: str, loss: torch.Tensor, parts: dict[str, float], model: nn.Module, ema: EMA,
+              opt: torch.optim.Optimizer, tc: TrainConfig, step: int, epoch: int, last_checkpoint: Path) -> None:
+    """One optimizer step: NaN/inf guard, backward, gradient clipping, Adam, EMA update."""
+    if not math.isfinite(parts["loss"]):
+        raise NonFiniteLossError(
+            f"non-finite {what} loss at step {step} (epoch {epoch + 1}): {parts}; last good checkpoint: "
+            f"{last_checkpoint if last_checkpoint.exists() else 'none'}"
+        )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if tc.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    opt.step()
+    ema.update(model)
+
+
+def _smooth(running: float, value: float, beta: float = 0.98) -> float:
+    """Exponential running mean for the progress bar (starts at the first value)."""
+    return value if running == 0 else beta * running + (1 - beta) * value
+
+
 def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in generators.items()}}
 
@@ -256,19 +277,9 @@ def train_vae(
                 group["lr"] = lr_at(step, tc, tc.lr_warmup_steps)
             recon, mean, logvar = vae(x, generator=noise_gen)
             loss, parts = vae_loss(x, recon, mean, logvar, cfg.vae.kl_weight)
-            if not math.isfinite(parts["loss"]):
-                raise NonFiniteLossError(
-                    f"non-finite VAE loss at step {step} (epoch {epoch + 1}): {parts}; "
-                    f"last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none'}"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip:
-                nn.utils.clip_grad_norm_(vae.parameters(), tc.grad_clip)
-            opt.step()
-            ema.update(vae)
+            _optimize("VAE", loss, parts, vae, ema, opt, tc, step, epoch, ckpt_path)
             step += 1
-            running = parts["loss"] if running == 0 else 0.98 * running + 0.02 * parts["loss"]
+            running = _smooth(running, parts["loss"])
             history.steps.append({"step": step, **parts})
             bar.set_postfix(loss=f"{running:.4f}", psnr=f"{10 * math.log10(4 / max(parts['mse'], 1e-12)):.1f}dB")
         bar.close()
@@ -534,18 +545,9 @@ def train_unet(
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, tc, tc.lr_warmup_steps)
             loss, parts = diffusion.loss(unet, x0, labels, generator=noise_gen)
-            if not math.isfinite(parts["loss"]):
-                raise NonFiniteLossError(
-                    f"non-finite UNet loss at step {step} (epoch {epoch + 1}): {parts}; last good checkpoint: "
-                    f"{run_dir / UNET_FILE if (run_dir / UNET_FILE).exists() else 'none'}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip:
-                nn.utils.clip_grad_norm_(unet.parameters(), tc.grad_clip)
-            opt.step()
-            ema.update(unet)
+            _optimize("UNet", loss, parts, unet, ema, opt, tc, step, epoch, run_dir / UNET_FILE)
             step += 1
-            running = parts["loss"] if running == 0 else 0.98 * running + 0.02 * parts["loss"]
+            running = _smooth(running, parts["loss"])
             history.steps.append({"step": step, **parts})
             bar.set_postfix(loss=f"{running:.4f}")
         bar.close()
