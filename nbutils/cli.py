@@ -83,7 +83,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     }
     from .checkpoints import CheckpointError, read_model, resolve_checkpoint
 
-    for kind in ("vae",):
+    for kind in ("vae", "unet"):
         try:
             path = resolve_checkpoint(f"{kind}.safetensors", None)
             tensors, meta = read_model(path, kind)
