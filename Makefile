@@ -29,9 +29,11 @@ demo: $(STAMP) data
 	$(BIN)/python -m nbutils info
 	$(BIN)/python -m nbutils data --out runs/demo/real_grid.png
 	$(BIN)/python -m nbutils reconstruct --n 100 --out runs/demo/vae_reconstructions.png
+	$(BIN)/python -m nbutils sample --n 100 --class all --guidance 3 --sampler dpm --steps 20 --out runs/demo/samples.png
 	$(BIN)/jupyter nbconvert --to notebook --execute notebooks/00_fashion_mnist.ipynb \
 	  --output-dir runs/demo --ExecutePreprocessor.timeout=1800
-	@echo "demo done: runs/demo/real_grid.png, runs/demo/vae_reconstructions.png, runs/demo/00_fashion_mnist.ipynb"
+	@echo "demo done: runs/demo/samples.png (new clothes, one row per class), runs/demo/real_grid.png,"
+	@echo "           runs/demo/vae_reconstructions.png, runs/demo/00_fashion_mnist.ipynb"
 
 # The test command of README.md. Unit tests + every notebook through nbval, smoke preset.
 test: $(STAMP)

@@ -240,3 +240,11 @@ def resolve_checkpoint(filename: str, checkpoint: str | os.PathLike | None = Non
         f"no {filename} found in {runs_dir()}/*/ nor in {checkpoints_dir()}; train one first "
         f"(python -m nbutils train-{filename.split('.')[0]})"
     )
+
+
+def export_model(src: str | os.PathLike, dst: str | os.PathLike, kind: str, dtype: torch.dtype | None = None) -> Path:
+    """Copy a model checkpoint (weights + metadata), optionally storing floats as ``dtype`` (e.g.
+    ``torch.float16`` for shipped weights; loading converts back to float32)."""
+    tensors, meta = read_model(src, kind)
+    extra = dict(meta["extra"], exported_from=str(src), stored_dtype=str(dtype or "as trained"))
+    return save_model(dst, kind, tensors, Config.from_dict(meta["config"]), extra, dtype=dtype)

@@ -192,3 +192,18 @@ def test_guidance_endpoints():
 def test_unknown_sampler():
     with pytest.raises(ValueError, match="unknown sampler 'euler'; valid: ddpm, ddim, dpm"):
         Sm.make_sampler("euler", NoiseSchedule())
+
+
+def test_shipped_models_sample_deterministically():
+    """The shipped UNet + VAE load together (digest checked) and a seed fixes the output."""
+    from nbutils.config import checkpoints_dir, make_generator
+    from nbutils.train import load_models
+
+    unet, vae, meta = load_models(checkpoints_dir(), device="cpu")
+    assert meta["extra"]["stored_dtype"] == "torch.float16"
+    runs = [Sm.sample(unet, vae, 4, [7, 7, 0, 9], guidance=3.0, sampler="dpm", steps=4,
+                      generator=make_generator(1)) for _ in range(2)]
+    assert runs[0].images.shape == (4, 1, 28, 28) and runs[0].labels.tolist() == [7, 7, 0, 9]
+    assert torch.equal(runs[0].images, runs[1].images)
+    other = Sm.sample(unet, vae, 4, [7, 7, 0, 9], guidance=3.0, sampler="dpm", steps=4, generator=make_generator(2))
+    assert not torch.equal(runs[0].images, other.images)
