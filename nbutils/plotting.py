@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import CLASS_NAMES, NUM_CLASSES
+from .data import CLASS_NAMES, NUM_CLASSES, to_uint8
 
 
 def as_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -28,7 +28,7 @@ def as_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
     if x.ndim != 3:
         raise ValueError(f"expected images (N, H, W) or (N, 1, H, W), got shape {tuple(x.shape)}")
     if x.dtype != torch.uint8:
-        x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        x = to_uint8(x)
     return x.cpu().numpy()
 
 

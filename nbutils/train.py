@@ -293,10 +293,8 @@ def train_vae(
         if tc.sample_every and (epoch + 1) % tc.sample_every == 0:
             _save_recon_grid(ema.model, test_x, test_y, run_dir / f"vae_recon_epoch{epoch + 1:03d}.png")
 
-    model = ema.model
-    if not getattr(model, "_stats_set", False):
-        model = finalize_vae(run_dir, cfg, data_root=data_root, log=log, device=device, progress=progress)
-    return model
+    # the scale factor and the latent cache come from the final weights
+    return finalize_vae(run_dir, cfg, data_root=data_root, log=log, device=device, progress=progress)
 
 
 def _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch, history) -> None:
