@@ -246,6 +246,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from .classifier import ClassifierConfig, train_classifier
+
+    cfg = ClassifierConfig()
+    if args.epochs:
+        cfg.epochs = args.epochs
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out = _output_path(args.out, (".safetensors",))
+    _, info = train_classifier(cfg, out, device=args.device, progress=not args.no_progress,
+                               data_root=args.data_root)
+    print(json.dumps({"out": info["path"], "test_accuracy": info["test_accuracy"],
+                      "seconds": round(sum(r["seconds"] for r in info["history"]), 1)}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .metrics import Evaluator, evaluate_file, to_json
+
+    if args.n_ref is not None and args.n_ref < 2:
+        raise CLIError(f"--n-ref must be ≥ 2, got {args.n_ref}")
+    from .metrics import load_sample_file
+
+    load_sample_file(args.file)  # fail on a malformed file before loading anything else
+    evaluator = Evaluator(classifier_path=args.classifier, data_root=args.data_root)
+    result = evaluate_file(args.file, n_ref=args.n_ref, evaluator=evaluator, with_novelty=not args.no_novelty)
+    print(to_json(result))
+    return 0
+
+
 def cmd_notebooks(args: argparse.Namespace) -> int:
     """Check (or with --fix, rewrite) every notebook's Colab badge and setup cell."""
     from .nbtools import fix_notebook, notebook_paths, notebook_problems
@@ -332,6 +362,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("train-classifier", help="train the FashionMNIST classifier used by the metrics")
+    p.add_argument("--epochs", type=_positive_int, help="epochs (default: 15)")
+    p.add_argument("--out", help="output .safetensors (default: runs/classifier/classifier.safetensors)")
+    p.add_argument("--device", help="cpu, cuda, mps (default: auto)")
+    p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train_classifier)
+
+    p = sub.add_parser("evaluate", help="FID, KID, conditional accuracy, novelty and the real-data floor of a "
+                                        "sample .npz, as one JSON object")
+    p.add_argument("file", help="a sample file (images uint8 N×28×28, labels int64 N; see `sample --out`)")
+    p.add_argument("--n-ref", type=int, help="number of test images in the reference set (default: all 10,000)")
+    p.add_argument("--classifier", help="classifier checkpoint (default: runs/classifier, else shipped)")
+    p.add_argument("--no-novelty", action="store_true", help="skip the nearest-training-image check")
+    p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files")
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("notebooks", help="check every notebook's Colab badge and setup cell (--fix rewrites)")
     p.add_argument("--fix", action="store_true", help="rewrite badges and setup cells from pyproject.toml")
     p.set_defaults(func=cmd_notebooks)
@@ -353,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        from .train import TrainingInterrupted
+
+        if isinstance(exc, TrainingInterrupted):
+            print(f"error: {exc}", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         return 130

@@ -97,8 +97,10 @@ def fix_notebook(path: Path, repo: str | None = None) -> bool:
     if len(cells) > 1 and SETUP_MARKER in _source(cells[1]):
         cells[1]["source"] = setup
     else:
-        cells.insert(1, {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
-                         "source": setup})
+        cell = {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": setup}
+        if (nb.get("nbformat"), nb.get("nbformat_minor", 0)) >= (4, 5):
+            cell["id"] = "colab-setup"  # cell ids are required from nbformat 4.5 on
+        cells.insert(1, cell)
     new = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
     if new != text:
         path.write_text(new, encoding="utf-8")

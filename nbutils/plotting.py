@@ -157,3 +157,38 @@ def plot_training_history(steps: list[dict], epochs: list[dict], metric: str = "
     ax2.set(xlabel="epoch", ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')} after each epoch")
     fig.tight_layout()
     return fig
+
+
+def plot_schedules(schedules: dict, axes=None):
+    """ᾱ_t (signal kept) and log SNR(t) of several :class:`~nbutils.schedules.NoiseSchedule` s, side by side."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    for i, (name, s) in enumerate(schedules.items()):
+        t = np.arange(len(s))
+        abar = s.alphas_cumprod.numpy()
+        axes[0].plot(t, s.betas.numpy(), label=name, color=f"C{i}")
+        axes[1].plot(t, abar, label=name, color=f"C{i}")
+        axes[2].plot(t, s.log_snr().numpy(), label=name, color=f"C{i}")
+    axes[0].set(title="β_t (noise added per step)", xlabel="t", yscale="log")
+    axes[1].set(title="ᾱ_t (fraction of signal power left)", xlabel="t")
+    axes[2].axhline(0, color="k", lw=0.8, ls=":")
+    axes[2].set(title="log SNR(t) = log ᾱ/(1 − ᾱ)", xlabel="t")
+    axes[1].legend()
+    plt.tight_layout()
+    return axes
+
+
+def show_trajectory(trajectory: Sequence[tuple[int, torch.Tensor]], rows: int = 4, row_labels=None, title=None):
+    """The decoded x̂_0 estimates of a sampler at its recorded timesteps: one column per t, one row per image."""
+    import matplotlib.pyplot as plt
+
+    ts = [t for t, _ in trajectory]
+    imgs = torch.stack([x[:rows] for _, x in trajectory], dim=1).flatten(0, 1)  # (rows·steps, 1, 28, 28)
+    ax = show_grid(imgs, nrow=len(ts), title=title, row_labels=row_labels, size=0.9)
+    h = 28
+    ax.set_xticks([2 + (h + 2) * i + h / 2 for i in range(len(ts))])
+    ax.set_xticklabels([f"t={t}" for t in ts], fontsize=8)
+    plt.tight_layout()
+    return ax

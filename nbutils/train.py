@@ -1,4 +1,4 @@
-"""Training loops: the VAE (this file) and, with the diffusion issue, the UNet.
+"""Training loops: the VAE and the latent UNet.
 
 What every loop here does:
 
@@ -10,7 +10,11 @@ What every loop here does:
   (``RUN_DIR/vae.safetensors`` = EMA weights + config, ``RUN_DIR/vae_state.pt`` = optimizer, step,
   RNG states, history), written atomically;
 * ``resume=True`` continues from ``RUN_DIR``'s checkpoint to ``epochs`` total epochs;
-* a non-finite loss stops training at once with the step and the loss parts.
+* a non-finite loss stops training at once with the step and the loss parts;
+* Ctrl-C / SIGINT / SIGTERM (a notebook's "interrupt kernel" included) finishes the current step,
+  writes a checkpoint *including the position inside the epoch*, says how to resume and raises
+  :class:`TrainingInterrupted`; resuming then continues exactly where the run stopped (a second Ctrl-C
+  stops at once, without a checkpoint).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +55,64 @@ VAE_STATE_FILE = "vae_state.pt"
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was asked to stop (Ctrl-C, SIGTERM) and saved a resumable checkpoint first."""
+
+
+class _StopRequest:
+    """While active, SIGINT and SIGTERM only *request* a stop, checked by the loop after each step.
+
+    A second signal raises ``KeyboardInterrupt`` at once. Signal handlers can only be installed from
+    the main thread; elsewhere (e.g. a training thread) the default behaviour stays.
+    """
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _epoch_start(partial: dict | None, epoch_gens: dict[str, torch.Generator]) -> tuple[dict, int, float]:
+    """``(generator states at the epoch's start, batches to skip, running loss)`` for the next epoch.
+
+    Normally: the current states, 0, 0.0. When resuming a run interrupted inside an epoch, the generators
+    that the epoch's shuffling (and latent draw) consume are put back to where that epoch began, so the
+    same permutation is drawn again and the batches already done can be skipped.
+    """
+    if partial is None:
+        return {k: g.get_state() for k, g in epoch_gens.items()}, 0, 0.0
+    for k, g in epoch_gens.items():
+        g.set_state(partial["epoch_rng"][k])
+    return partial["epoch_rng"], int(partial["batch"]), float(partial["running"])
+
+
+def _interrupted(what: str, signame: str, step: int, epoch: int, batch: int, batches: int, run_dir: Path,
+                 epochs: int, log: Callable[[str], None]) -> None:
+    msg = (f"{signame} received: stopped after step {step} (batch {batch}/{batches} of epoch {epoch + 1}); "
+           f"checkpoint written to {run_dir}. " + _resume_hint(what, run_dir, epochs))
+    log(msg)
+    raise TrainingInterrupted(msg)
+
+
+def _resume_hint(what: str, run_dir: Path, epochs: int) -> str:
+    return (f"resume with: python -m nbutils train-{what} --run-dir {run_dir} --epochs {epochs} --resume "
+            f"(in Python: train_{what}(cfg, run_dir={str(run_dir)!r}, epochs={epochs}, resume=True))")
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,9 +207,11 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 
 def _resume(state_path: Path, cfg: Config, sections: tuple[str, ...], model: nn.Module, ema: EMA,
             opt: torch.optim.Optimizer, gens: dict[str, torch.Generator], log: Callable[[str], None]
-            ) -> tuple[int, int, History]:
-    """Load a training state saved by :func:`_save_state`; returns ``(step, epoch, history)``.
+            ) -> tuple[int, int, History, dict | None]:
+    """Load a training state saved by :func:`_save_state`; returns ``(step, epoch, history, partial)``.
 
+    ``epoch`` counts finished epochs; ``partial`` is None, or for a run interrupted inside an epoch
+    ``{"batch": batches done in it, "epoch_rng": generator states at its start, "running": loss}``.
     The config sections that shape the run (``sections``) must match; only ``epochs`` may change.
     """
     if not state_path.is_file():
@@ -163,11 +229,14 @@ def _resume(state_path: Path, cfg: Config, sections: tuple[str, ...], model: nn.
     ema.load_state_dict(state["ema"])
     opt.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"], gens)
-    log(f"resuming {state_path.parent} at epoch {state['epoch']}, step {state['step']}")
-    return state["step"], state["epoch"], History(**state["history"])
+    partial = state.get("partial")
+    where = f" (batch {partial['batch']} of epoch {state['epoch'] + 1})" if partial else ""
+    log(f"resuming {state_path.parent} after epoch {state['epoch']}{where}, step {state['step']}")
+    return state["step"], state["epoch"], History(**state["history"]), partial
 
 
-def _save_state(path: Path, cfg: Config, model, ema, opt, gens, step: int, epoch: int, history: History) -> None:
+def _save_state(path: Path, cfg: Config, model, ema, opt, gens, step: int, epoch: int, history: History,
+                partial: dict | None = None) -> None:
     atomic_torch_save(
         {
             "config": cfg.to_dict(),
@@ -178,6 +247,7 @@ def _save_state(path: Path, cfg: Config, model, ema, opt, gens, step: int, epoch
             "step": step,
             "epoch": epoch,
             "history": {"steps": history.steps, "epochs": history.epochs},
+            "partial": partial,
         },
         path,
     )
@@ -252,11 +322,12 @@ def train_vae(
     gens = {"shuffle": shuffle_gen, "noise": noise_gen}
     loader = D.TensorLoader((train_x, train_y), batch_size=tc.batch_size, shuffle=True, generator=shuffle_gen)
     history = History()
-    step, start_epoch = 0, 0
+    step, start_epoch, partial = 0, 0, None
 
     ckpt_path, state_path = run_dir / VAE_FILE, run_dir / VAE_STATE_FILE
     if resume:
-        step, start_epoch, history = _resume(state_path, cfg, ("data", "vae", "train_vae"), vae, ema, opt, gens, log)
+        step, start_epoch, history, partial = _resume(state_path, cfg, ("data", "vae", "train_vae"), vae, ema, opt,
+                                                      gens, log)
         if start_epoch >= epochs:
             log(f"already trained {start_epoch} epochs (asked for {epochs}); nothing to do")
     elif ckpt_path.exists():
@@ -266,41 +337,51 @@ def train_vae(
     log(f"VAE: {n_params:,} parameters, {len(train_x):,} training images, batch {tc.batch_size}, "
         f"{len(loader)} steps/epoch, device {device}, run dir {run_dir}")
 
-    for epoch in range(start_epoch, epochs):
-        vae.train()
-        t0 = time.perf_counter()
-        running = 0.0
-        bar = _progress(loader, len(loader), f"VAE epoch {epoch + 1}/{epochs}", progress)
-        for x, _ in bar:
-            x = x.to(device, non_blocking=True)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, tc, tc.lr_warmup_steps)
-            recon, mean, logvar = vae(x, generator=noise_gen)
-            loss, parts = vae_loss(x, recon, mean, logvar, cfg.vae.kl_weight)
-            _optimize("VAE", loss, parts, vae, ema, opt, tc, step, epoch, ckpt_path)
-            step += 1
-            running = _smooth(running, parts["loss"])
-            history.steps.append({"step": step, **parts})
-            bar.set_postfix(loss=f"{running:.4f}", psnr=f"{10 * math.log10(4 / max(parts['mse'], 1e-12)):.1f}dB")
-        bar.close()
-        metrics = evaluate_vae(ema.model, test_x.to(device))
-        record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0,
-                  "train_loss": running, **{f"test_{k}": v for k, v in metrics.items()}}
-        history.epochs.append(record)
-        log(f"epoch {epoch + 1}/{epochs}: train loss {running:.5f}  test PSNR {metrics['psnr']:.2f} dB  "
-            f"SSIM {metrics['ssim']:.4f}  ({record['seconds']:.0f} s)")
-        _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch + 1, history)
-        if tc.sample_every and (epoch + 1) % tc.sample_every == 0:
-            _save_recon_grid(ema.model, test_x, test_y, run_dir / f"vae_recon_epoch{epoch + 1:03d}.png")
+    with _StopRequest() as stop:
+        for epoch in range(start_epoch, epochs):
+            vae.train()
+            t0 = time.perf_counter()
+            epoch_rng, skip, running = _epoch_start(partial, {"shuffle": shuffle_gen})
+            partial = None
+            bar = _progress(loader, len(loader), f"VAE epoch {epoch + 1}/{epochs}", progress)
+            for b, (x, _) in enumerate(bar):
+                if b < skip:  # resuming inside this epoch: these batches were done before the interrupt
+                    continue
+                x = x.to(device, non_blocking=True)
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, tc, tc.lr_warmup_steps)
+                recon, mean, logvar = vae(x, generator=noise_gen)
+                loss, parts = vae_loss(x, recon, mean, logvar, cfg.vae.kl_weight)
+                _optimize("VAE", loss, parts, vae, ema, opt, tc, step, epoch, ckpt_path)
+                step += 1
+                running = _smooth(running, parts["loss"])
+                history.steps.append({"step": step, **parts})
+                bar.set_postfix(loss=f"{running:.4f}", psnr=f"{10 * math.log10(4 / max(parts['mse'], 1e-12)):.1f}dB")
+                if stop.signal:
+                    bar.close()
+                    inside = {"batch": b + 1, "epoch_rng": epoch_rng, "running": running}
+                    _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch, history, inside)
+                    _interrupted("vae", stop.signal, step, epoch, b + 1, len(loader), run_dir, epochs, log)
+            bar.close()
+            metrics = evaluate_vae(ema.model, test_x.to(device))
+            record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0,
+                      "train_loss": running, **{f"test_{k}": v for k, v in metrics.items()}}
+            history.epochs.append(record)
+            log(f"epoch {epoch + 1}/{epochs}: train loss {running:.5f}  test PSNR {metrics['psnr']:.2f} dB  "
+                f"SSIM {metrics['ssim']:.4f}  ({record['seconds']:.0f} s)")
+            _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch + 1, history)
+            if tc.sample_every and (epoch + 1) % tc.sample_every == 0:
+                _save_recon_grid(ema.model, test_x, test_y, run_dir / f"vae_recon_epoch{epoch + 1:03d}.png")
 
     # the scale factor and the latent cache come from the final weights
     return finalize_vae(run_dir, cfg, data_root=data_root, log=log, device=device, progress=progress)
 
 
-def _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch, history) -> None:
-    extra = {"epoch": epoch, "step": step, "latent_stats": False, "metrics": history.epochs[-1]}
+def _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch, history, partial=None) -> None:
+    extra = {"epoch": epoch, "step": step, "latent_stats": False,
+             "metrics": history.epochs[-1] if history.epochs else {}}
     save_model(run_dir / VAE_FILE, "vae", ema.model.state_dict(), cfg, extra)
-    _save_state(run_dir / VAE_STATE_FILE, cfg, vae, ema, opt, gens, step, epoch, history)
+    _save_state(run_dir / VAE_STATE_FILE, cfg, vae, ema, opt, gens, step, epoch, history, partial)
     atomic_write_bytes(run_dir / "vae_history.json", json.dumps(history.epochs, indent=1).encode())
 
 
@@ -469,6 +550,7 @@ def train_unet(
     progress: bool = True,
     log: Callable[[str], None] = print,
     data_root: str | None = None,
+    on_epoch_end: Callable | None = None,
 ):
     """Train the latent UNet of ``cfg`` on the cached latents of a VAE; returns the EMA UNet.
 
@@ -476,6 +558,10 @@ def train_unet(
     shipped). Every epoch draws fresh posterior samples z = μ + σ·ε from the cache (never re-encoding
     images), standardises them with the VAE's shift and scale, and trains on random timesteps with the
     class dropped to the null token with probability ``cfg.diffusion.cond_drop_prob``.
+
+    Every ``sample_every`` epochs a grid of samples (one row per class) goes to
+    ``RUN_DIR/unet_samples_epochNNN.png``; ``on_epoch_end(record, history, ema_unet, grid_path)`` is called
+    after each epoch (notebook 04 draws its live loss curve with it).
     """
     from .diffusion import GaussianDiffusion
     from .unet import UNet
@@ -517,11 +603,13 @@ def train_unet(
     noise_gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
     gens = {"shuffle": shuffle_gen, "latent": latent_gen, "noise": noise_gen}
     history = History()
-    step, start_epoch = 0, 0
+    step, start_epoch, partial = 0, 0, None
     state_path = run_dir / UNET_STATE_FILE
     if resume:
-        step, start_epoch, history = _resume(state_path, cfg, ("data", "unet", "diffusion", "train_unet"),
-                                             unet, ema, opt, gens, log)
+        step, start_epoch, history, partial = _resume(state_path, cfg, ("data", "unet", "diffusion", "train_unet"),
+                                                      unet, ema, opt, gens, log)
+        if start_epoch >= epochs:
+            log(f"already trained {start_epoch} epochs (asked for {epochs}); nothing to do")
     elif (run_dir / UNET_FILE).exists():
         log(f"note: overwriting the UNet checkpoint in {run_dir} (pass resume=True / --resume to continue it)")
 
@@ -529,33 +617,85 @@ def train_unet(
     steps_per_epoch = -(-n // tc.batch_size)
     log(f"UNet: {sum(p.numel() for p in unet.parameters()):,} parameters, {n:,} latents from {vae_meta['path']}, "
         f"batch {tc.batch_size}, {steps_per_epoch} steps/epoch, device {device}, run dir {run_dir}")
+    vae_digest = file_digest(own_vae)
 
-    for epoch in range(start_epoch, epochs):
-        unet.train()
-        t0 = time.perf_counter()
-        z = cache["mean"] + cache["std"] * torch.randn(cache["mean"].shape, generator=latent_gen)
-        z = (z - shift) * scale
-        loader = D.TensorLoader((z, cache["labels"]), batch_size=tc.batch_size, shuffle=True, generator=shuffle_gen)
-        running = 0.0
-        bar = _progress(loader, len(loader), f"UNet epoch {epoch + 1}/{epochs}", progress)
-        for x0, labels in bar:
-            x0, labels = x0.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, tc, tc.lr_warmup_steps)
-            loss, parts = diffusion.loss(unet, x0, labels, generator=noise_gen)
-            _optimize("UNet", loss, parts, unet, ema, opt, tc, step, epoch, run_dir / UNET_FILE)
-            step += 1
-            running = _smooth(running, parts["loss"])
-            history.steps.append({"step": step, **parts})
-            bar.set_postfix(loss=f"{running:.4f}")
-        bar.close()
-        record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0, "train_loss": running}
-        history.epochs.append(record)
-        log(f"epoch {epoch + 1}/{epochs}: train loss {running:.4f} ({record['seconds']:.0f} s)")
-        extra = {"epoch": epoch + 1, "step": step, "vae_digest": file_digest(own_vae), "metrics": record}
+    def save(epochs_done: int, inside: dict | None = None) -> None:
+        extra = {"epoch": epochs_done, "step": step, "vae_digest": vae_digest,
+                 "metrics": history.epochs[-1] if history.epochs else {}}
         save_model(run_dir / UNET_FILE, "unet", ema.model.state_dict(), cfg, extra)
-        _save_state(state_path, cfg, unet, ema, opt, gens, step, epoch + 1, history)
+        _save_state(state_path, cfg, unet, ema, opt, gens, step, epochs_done, history, inside)
+
+    with _StopRequest() as stop:
+        for epoch in range(start_epoch, epochs):
+            unet.train()
+            t0 = time.perf_counter()
+            epoch_rng, skip, running = _epoch_start(partial, {"shuffle": shuffle_gen, "latent": latent_gen})
+            partial = None
+            # a fresh posterior sample z = μ + σ·ε of every training image, standardised
+            z = cache["mean"] + cache["std"] * torch.randn(cache["mean"].shape, generator=latent_gen)
+            z = (z - shift) * scale
+            loader = D.TensorLoader((z, cache["labels"]), batch_size=tc.batch_size, shuffle=True,
+                                    generator=shuffle_gen)
+            bar = _progress(loader, len(loader), f"UNet epoch {epoch + 1}/{epochs}", progress)
+            for b, (x0, labels) in enumerate(bar):
+                if b < skip:  # resuming inside this epoch: these batches were done before the interrupt
+                    continue
+                x0, labels = x0.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, tc, tc.lr_warmup_steps)
+                loss, parts = diffusion.loss(unet, x0, labels, generator=noise_gen)
+                _optimize("UNet", loss, parts, unet, ema, opt, tc, step, epoch, run_dir / UNET_FILE)
+                step += 1
+                running = _smooth(running, parts["loss"])
+                history.steps.append({"step": step, **parts})
+                bar.set_postfix(loss=f"{running:.4f}")
+                if stop.signal:
+                    bar.close()
+                    save(epoch, {"batch": b + 1, "epoch_rng": epoch_rng, "running": running})
+                    _interrupted("unet", stop.signal, step, epoch, b + 1, len(loader), run_dir, epochs, log)
+            bar.close()
+            record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0, "train_loss": running}
+            history.epochs.append(record)
+            log(f"epoch {epoch + 1}/{epochs}: train loss {running:.4f} ({record['seconds']:.0f} s)")
+            save(epoch + 1)
+            grid = None
+            if tc.sample_every and (epoch + 1) % tc.sample_every == 0:
+                grid = run_dir / f"unet_samples_epoch{epoch + 1:03d}.png"
+                save_sample_grid(ema.model, vae, cfg, grid)
+            if on_epoch_end is not None:
+                on_epoch_end(record, history, ema.model, grid)
     return ema.model
+
+
+def save_sample_grid(unet, vae, cfg: Config, path: str | Path, per_class: int = 10, steps: int = 25,
+                     guidance: float = 3.0, seed: int = 0) -> Path:
+    """A class-per-row grid of samples (DDIM, ``steps`` steps, fixed seed: comparable across epochs)."""
+    from .config import make_generator
+    from .plotting import save_grid
+    from .samplers import sample
+
+    unet.eval()
+    n = per_class * cfg.unet.num_classes
+    labels = torch.arange(cfg.unet.num_classes).repeat_interleave(per_class)
+    result = sample(unet, vae, n, labels, guidance=guidance, sampler="ddim", steps=steps,
+                    generator=make_generator(seed), diffusion_cfg=cfg.diffusion)
+    return save_grid(result.images, path, nrow=per_class)
+
+
+def load_raw_unet(run_dir: str | Path, device: str | torch.device | None = None):
+    """The *raw* (not EMA) UNet weights of a run, from its state file (for EMA-vs-raw comparisons)."""
+    from .unet import UNet
+
+    path = Path(run_dir) / UNET_STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no training state at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = Config.from_dict(state["config"])
+    unet = UNet(cfg.unet)
+    unet.load_state_dict(state["model"])
+    unet.diffusion_cfg = cfg.diffusion
+    device = torch.device(device) if device is not None else pick_device()
+    return unet.to(device).eval()
 
 
 def load_unet(checkpoint: str | Path | None = None, device: str | torch.device | None = None):

@@ -181,3 +181,105 @@ def test_sample_cli_npz_png_and_determinism(smoke_run, tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             cli.main([*common[:-2], *bad, "--out", str(c)])
         assert exc.value.code == 2
+
+
+# -- interrupt safety ---------------------------------------------------------------------------
+
+
+def _signal_at_step(monkeypatch, k, sig=None):
+    """Deliver a real signal to this process right after optimizer step ``k`` (counting from 0)."""
+    import os
+    import signal
+
+    real = T._optimize
+    calls = {"n": 0}
+
+    def optimize(*args, **kwargs):
+        real(*args, **kwargs)
+        if calls["n"] == k:
+            os.kill(os.getpid(), sig or signal.SIGINT)
+        calls["n"] += 1
+
+    monkeypatch.setattr(T, "_optimize", optimize)
+
+
+def _assert_same_state(a_path, b_path):
+    a, b = (torch.load(p, weights_only=False) for p in (a_path, b_path))
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"] and a["partial"] is b["partial"] is None
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for name in a["ema"]["model"]:
+        assert torch.equal(a["ema"]["model"][name], b["ema"]["model"][name]), name
+    for i, sa in a["optimizer"]["state"].items():
+        for k, v in sa.items():
+            assert torch.equal(v, b["optimizer"]["state"][i][k]), (i, k)
+    for k in a["rng"]:
+        assert torch.equal(a["rng"][k], b["rng"][k]), k
+    assert a["history"]["steps"] == b["history"]["steps"]
+
+
+def test_vae_interrupt_mid_epoch_then_resume_is_exact(smoke_run, tmp_path, monkeypatch):
+    cfg, whole, _ = smoke_run  # 2 uninterrupted epochs of 8 steps
+    run = tmp_path / "interrupted"
+    logs = []
+    with monkeypatch.context() as m:
+        _signal_at_step(m, 10)  # inside epoch 2
+        with pytest.raises(T.TrainingInterrupted, match=r"SIGINT received: stopped after step 11 \(batch 3/8 of "
+                                                        r"epoch 2\).*--resume"):
+            T.train_vae(cfg, run_dir=run, epochs=2, device="cpu", progress=False, log=logs.append)
+    state = torch.load(run / "vae_state.pt", weights_only=False)
+    assert state["step"] == 11 and state["epoch"] == 1 and state["partial"]["batch"] == 3
+    assert T.load_vae(run, device="cpu")[1]["extra"]["step"] == 11  # the weights file was written too
+    T.train_vae(cfg, run_dir=run, epochs=2, resume=True, device="cpu", progress=False, log=lambda m: None)
+    _assert_same_state(run / "vae_state.pt", whole / "vae_state.pt")
+
+
+def test_unet_sigterm_mid_epoch_then_resume_is_exact(smoke_run, tmp_path, monkeypatch):
+    import shutil
+    import signal
+
+    cfg, vae_run, _ = smoke_run
+    runs = []
+    for name in ("whole", "split"):
+        run = tmp_path / name
+        run.mkdir()
+        for f in ("vae.safetensors", "vae.json", "latents.safetensors"):
+            shutil.copy(vae_run / f, run / f)
+        runs.append(run)
+    T.train_unet(cfg, run_dir=runs[0], epochs=2, device="cpu", progress=False, log=lambda m: None)
+    with monkeypatch.context() as m:
+        _signal_at_step(m, 4, signal.SIGTERM)  # inside epoch 1
+        with pytest.raises(T.TrainingInterrupted, match="SIGTERM received: stopped after step 5"):
+            T.train_unet(cfg, run_dir=runs[1], epochs=2, device="cpu", progress=False, log=lambda m: None)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    T.train_unet(cfg, run_dir=runs[1], epochs=2, resume=True, device="cpu", progress=False, log=lambda m: None)
+    _assert_same_state(runs[1] / "unet_state.pt", runs[0] / "unet_state.pt")
+    assert (runs[0] / "unet_samples_epoch002.png").is_file()
+
+
+def test_cli_sigterm_exits_130_with_resume_command(smoke_run, tmp_path):
+    """A real training process, killed with SIGTERM: it saves, explains and exits 130; resume works."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg, vae_run, _ = smoke_run
+    run = tmp_path / "cli"
+    run.mkdir()
+    for f in ("vae.safetensors", "vae.json", "latents.safetensors"):
+        shutil.copy(vae_run / f, run / f)
+    cmd = [sys.executable, "-m", "nbutils", "train-unet", "--preset", "smoke", "--run-dir", str(run),
+           "--epochs", "200", "--device", "cpu", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "unet_state.pt").exists() and time.time() < deadline:  # wait for the first epoch
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "SIGTERM received" in err and f"--run-dir {run} --epochs 200 --resume" in err
+    state = torch.load(run / "unet_state.pt", weights_only=False)
+    assert 0 < state["step"] < 200 * 8
+    assert not list(run.glob("*.tmp"))
