@@ -1,4 +1,4 @@
-# FashionMNIST Latent Diffusion — `make demo`, `make test`, `make lab`.
+# FashionMNIST Latent Diffusion — `make demo`, `make test`, `make train`, `make lab`.
 # Each target builds .venv on demand (python3 -m venv + pip install -e '.[dev]').
 
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lab venv data lint clean-venv
+.PHONY: demo test train lab venv data lint clean-venv
 
 venv: $(STAMP)
 
@@ -24,16 +24,23 @@ data: $(STAMP)
 	      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) || true; \
 	    fi; }
 
+# The main job: new clothes from the shipped model, one row per class (DPM-Solver++, 20 steps).
 demo: $(STAMP) data
 	@mkdir -p runs/demo
-	$(BIN)/python -m nbutils info
-	$(BIN)/python -m nbutils data --out runs/demo/real_grid.png
+	$(BIN)/python -m nbutils sample --n 100 --class all --guidance 3 --sampler dpm --steps 20 --seed 0 \
+	  --out runs/demo/samples.png
 	$(BIN)/python -m nbutils reconstruct --n 100 --out runs/demo/vae_reconstructions.png
-	$(BIN)/python -m nbutils sample --n 100 --class all --guidance 3 --sampler dpm --steps 20 --out runs/demo/samples.png
-	$(BIN)/jupyter nbconvert --to notebook --execute notebooks/00_fashion_mnist.ipynb \
-	  --output-dir runs/demo --ExecutePreprocessor.timeout=1800
-	@echo "demo done: runs/demo/samples.png (new clothes, one row per class), runs/demo/real_grid.png,"
-	@echo "           runs/demo/vae_reconstructions.png, runs/demo/00_fashion_mnist.ipynb"
+	@echo "demo done: runs/demo/samples.png (10 new garments per class, one row per class)"
+	@echo "           runs/demo/vae_reconstructions.png (test images and their VAE reconstructions)"
+
+# The whole `cpu`-preset pipeline into runs/cpu: VAE, UNet, 100 samples, 1,000 samples scored by `evaluate`.
+train: $(STAMP) data
+	$(BIN)/python -m nbutils train-vae --preset cpu --run-dir runs/cpu
+	$(BIN)/python -m nbutils train-unet --preset cpu --run-dir runs/cpu
+	$(BIN)/python -m nbutils sample --checkpoint runs/cpu --n 100 --class all --out runs/cpu/samples.png
+	$(BIN)/python -m nbutils sample --checkpoint runs/cpu --n 1000 --class all --out runs/cpu/samples_1000.npz
+	$(BIN)/python -m nbutils evaluate runs/cpu/samples_1000.npz > runs/cpu/evaluation.json
+	@echo "train done: runs/cpu/samples.png, runs/cpu/evaluation.json"
 
 # The test command of README.md. Unit tests + every notebook through nbval, smoke preset.
 test: $(STAMP)

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import data as D
 from .checkpoints import CheckpointError, load_state_strict, read_model, save_model
-from .config import checkpoints_dir, pick_device, runs_dir
+from .config import bf16_supported, checkpoints_dir, pick_device, runs_dir
 
 CLASSIFIER_FILE = "classifier.safetensors"
 
@@ -34,7 +34,7 @@ CLASSIFIER_FILE = "classifier.safetensors"
 class ClassifierConfig:
     """Architecture and training of the feature classifier."""
 
-    channels: tuple[int, ...] = (16, 32, 64)  # at 28×28, 14×14, 7×7
+    channels: tuple[int, ...] = (32, 64, 128)  # at 28×28, 14×14, 7×7
     feature_dim: int = 128  # penultimate layer = the FID/KID feature space
     dropout: float = 0.3
     epochs: int = 15
@@ -44,6 +44,7 @@ class ClassifierConfig:
     label_smoothing: float = 0.1
     seed: int = 0
     train_subset: int | None = None
+    bf16: bool = True  # bf16 autocast for training where the hardware supports it (2× faster on a modern CPU)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -182,8 +183,11 @@ def train_classifier(
     loader = D.TensorLoader((x, train_y), batch_size=cfg.batch_size, shuffle=True, generator=gen)
     total = cfg.epochs * len(loader)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
+    amp = cfg.bf16 and bf16_supported(device)
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
     log(f"classifier: {sum(p.numel() for p in model.parameters()):,} parameters, {len(x):,} images, "
-        f"{cfg.epochs} epochs, device {device}")
+        f"{cfg.epochs} epochs, device {device}{', bf16 autocast' if amp else ''}")
     history = []
     for epoch in range(cfg.epochs):
         model.train()
@@ -192,7 +196,10 @@ def train_classifier(
         running = 0.0
         for xb, yb in bar:
             xb, yb = augment(xb, gen).to(device), yb.to(device)
-            loss = F.cross_entropy(model(xb), yb, label_smoothing=cfg.label_smoothing)
+            if amp:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = F.cross_entropy(model(xb), yb, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"classifier loss became {loss.item()} in epoch {epoch + 1}")
             opt.zero_grad(set_to_none=True)

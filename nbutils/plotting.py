@@ -192,3 +192,71 @@ def show_trajectory(trajectory: Sequence[tuple[int, torch.Tensor]], rows: int = 
     ax.set_xticklabels([f"t={t}" for t in ts], fontsize=8)
     plt.tight_layout()
     return ax
+
+
+class TrainingMonitor:
+    """A live training picture for notebooks: smoothed loss curve + the newest sample grid.
+
+    Pass it as ``train_unet(..., on_step=monitor.on_step, on_epoch_end=monitor.on_epoch_end)``; the figure
+    is redrawn in place every ``every`` steps and after each epoch (outside IPython it does nothing).
+    """
+
+    def __init__(self, every: int = 100, smooth: int = 50, title: str = "UNet training"):
+        self.every, self.smooth, self.title = every, smooth, title
+        self.losses: list[float] = []
+        self.epoch_ends: list[int] = []
+        self.grid_path = None
+        self._handle = None
+
+    def on_step(self, step: int, parts: dict) -> None:
+        self.losses.append(parts["loss"])
+        if step % self.every == 0:
+            self.draw()
+
+    def on_epoch_end(self, record: dict, history, model, grid_path) -> None:
+        self.epoch_ends.append(record["step"])
+        self.grid_path = grid_path or self.grid_path
+        self.draw()
+
+    def figure(self):
+        import matplotlib.pyplot as plt
+
+        has_grid = self.grid_path is not None
+        fig, axes = plt.subplots(1, 2 if has_grid else 1, figsize=(12 if has_grid else 6, 4),
+                                 gridspec_kw={"width_ratios": [1.3, 1]} if has_grid else None)
+        ax = axes[0] if has_grid else axes
+        y = np.asarray(self.losses)
+        ax.plot(np.arange(1, len(y) + 1), y, color="C0", alpha=0.25, lw=0.8, label="per step")
+        if len(y) >= self.smooth:
+            k = np.ones(self.smooth) / self.smooth
+            ax.plot(np.arange(self.smooth, len(y) + 1), np.convolve(y, k, mode="valid"), color="C0",
+                    label=f"mean of {self.smooth}")
+        for s in self.epoch_ends:
+            ax.axvline(s, color="k", ls=":", lw=0.8)
+        ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"{self.title}: step {len(y)}")
+        ax.legend(loc="upper right")
+        if has_grid:
+            import matplotlib.image
+
+            axes[1].imshow(matplotlib.image.imread(self.grid_path), cmap="gray")
+            axes[1].set_axis_off()
+            axes[1].set_title(f"samples after epoch {len(self.epoch_ends)} (EMA, DDIM)")
+        fig.tight_layout()
+        return fig
+
+    def draw(self) -> None:
+        try:
+            from IPython import get_ipython
+            from IPython.display import display
+        except ImportError:
+            return
+        if get_ipython() is None:
+            return
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
+        if self._handle is None:
+            self._handle = display(fig, display_id=True)
+        else:
+            self._handle.update(fig)
+        plt.close(fig)

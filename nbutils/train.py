@@ -551,6 +551,7 @@ def train_unet(
     log: Callable[[str], None] = print,
     data_root: str | None = None,
     on_epoch_end: Callable | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
 ):
     """Train the latent UNet of ``cfg`` on the cached latents of a VAE; returns the EMA UNet.
 
@@ -561,7 +562,8 @@ def train_unet(
 
     Every ``sample_every`` epochs a grid of samples (one row per class) goes to
     ``RUN_DIR/unet_samples_epochNNN.png``; ``on_epoch_end(record, history, ema_unet, grid_path)`` is called
-    after each epoch (notebook 04 draws its live loss curve with it).
+    after each epoch and ``on_step(step, loss_parts)`` after each step (notebook 04's live picture,
+    :class:`nbutils.plotting.TrainingMonitor`).
     """
     from .diffusion import GaussianDiffusion
     from .unet import UNet
@@ -649,6 +651,8 @@ def train_unet(
                 running = _smooth(running, parts["loss"])
                 history.steps.append({"step": step, **parts})
                 bar.set_postfix(loss=f"{running:.4f}")
+                if on_step is not None:
+                    on_step(step, parts)
                 if stop.signal:
                     bar.close()
                     save(epoch, {"batch": b + 1, "epoch_rng": epoch_rng, "running": running})

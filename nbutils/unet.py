@@ -265,3 +265,25 @@ class UNet(nn.Module):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def shape_trace(unet: UNet, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor
+                ) -> list[tuple[str, str, tuple, int]]:
+    """Run one forward pass and list ``(name, block type, output shape, parameters)`` for every
+    residual, attention, down- and upsampling block and the in/out convolutions, in execution order."""
+    kinds = (LatentResBlock, AttentionBlock, Downsample, Upsample)
+    rows: list[tuple[str, str, tuple, int]] = []
+    hooks = []
+    for name, module in unet.named_modules():
+        if isinstance(module, kinds) or name in ("conv_in", "conv_out"):
+            def hook(mod, inputs, output, name=name):
+                rows.append((name, type(mod).__name__, tuple(output.shape), count_parameters(mod)))
+
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            unet(x, t, labels)
+    finally:
+        for h in hooks:
+            h.remove()
+    return rows
