@@ -1,8 +1,9 @@
 """An interactive sampler for notebooks: pick a class, guidance, sampler, steps and seed, press Generate.
 
-``sampler_widget(unet, vae)`` shows the controls (ipywidgets) and a first grid with the starting settings. Where ipywidgets is not
-installed, or there is no notebook front end to draw widgets, it says so and falls back to a plain call
-of :func:`show_samples` with the same arguments, so the notebook still runs top to bottom (nbval, scripts).
+``sampler_widget(unet, vae)`` shows the controls (ipywidgets) and a first grid with the starting settings.
+Where ipywidgets is not installed, or there is no notebook front end to draw widgets, it says so and falls
+back to a plain call of :func:`show_samples` with the same arguments, so the notebook still runs top to
+bottom (nbval, scripts).
 """
 
 from __future__ import annotations
