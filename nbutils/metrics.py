@@ -276,6 +276,7 @@ class Evaluator:
 
                 buf = io.BytesIO()
                 np.savez(buf, features=self.test_features.numpy(), logits=self.test_logits.numpy())
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(cache_file, buf.getvalue())
         self.test_accuracy = float((self.test_logits.argmax(1) == self.test_labels).float().mean())
 

@@ -169,3 +169,12 @@ def test_evaluate_cli_prints_one_json_object(tmp_path, capsys, evaluator):
         assert key in out
     assert set(out["per_class_acc"]) == set(CLASS_NAMES)
     assert out["novelty"]["ratio"] == pytest.approx(1.0, abs=0.05)  # real test images are the novelty yardstick
+
+
+def test_reference_features_are_cached_per_classifier(tmp_path, evaluator):
+    first = M.Evaluator(classifier_path="checkpoints", cache_dir=tmp_path)
+    cached = list(tmp_path.glob("test_features_*.npz"))
+    assert len(cached) == 1
+    second = M.Evaluator(classifier_path="checkpoints", cache_dir=tmp_path)  # read back from the cache
+    assert torch.equal(first.test_features, second.test_features)
+    assert torch.allclose(first.test_features, evaluator.test_features, atol=1e-5)
