@@ -95,24 +95,29 @@ def gaussian_stats(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.
     return f.mean(0), np.cov(f, rowvar=False)
 
 
+def _psd_sqrt(a: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric positive semi-definite matrix (eigenvalues clipped at 0)."""
+    from scipy import linalg
+
+    w, v = linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½), the squared 2-Wasserstein distance of two Gaussians.
 
-    ``scipy.linalg.sqrtm`` of the (non-symmetric) product; a tiny ridge is added when the product is
-    singular, and the imaginary round-off it can produce is dropped (an error if it is not round-off).
+    tr((Σ₁Σ₂)^½) is computed as tr((Σ₁^½ Σ₂ Σ₁^½)^½) — the same number, since the two matrices are similar —
+    from symmetric eigendecompositions (``scipy.linalg.eigh``). Unlike the usual ``scipy.linalg.sqrtm`` of the
+    non-symmetric product, this never produces complex round-off and stays exact when the covariances are
+    singular (a ReLU feature that is 0 for every image makes them so).
     """
     from scipy import linalg
 
-    diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        eps = 1e-6 * np.eye(len(mu1))
-        covmean = linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
-    if np.iscomplexobj(covmean):
-        if np.abs(covmean.imag).max() > 1e-3 * max(1.0, np.abs(covmean.real).max()):
-            raise ValueError(f"matrix square root has a large imaginary part ({np.abs(covmean.imag).max():.3g})")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    diff = np.asarray(mu1, dtype=np.float64) - np.asarray(mu2, dtype=np.float64)
+    root1 = _psd_sqrt(np.asarray(sigma1, dtype=np.float64))
+    middle = root1 @ np.asarray(sigma2, dtype=np.float64) @ root1
+    tr_covmean = np.sqrt(np.clip(linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 def fid(features_a, features_b) -> float:

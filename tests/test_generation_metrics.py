@@ -36,6 +36,28 @@ def test_frechet_distance_rotated_covariances():
     assert got == pytest.approx(expected, rel=1e-6)
 
 
+def test_frechet_distance_matches_scipy_sqrtm_on_random_gaussians():
+    from scipy import linalg
+
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
+    s1, s2 = a @ a.T + 0.1 * np.eye(6), b @ b.T + 0.1 * np.eye(6)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    direct = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert M.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(direct, rel=1e-8)
+
+
+def test_frechet_distance_with_singular_covariances_is_exact_and_quiet():
+    import warnings
+
+    # a dead feature (always 0) makes both covariances singular; the distance lives in the other dimensions
+    s1, s2 = np.diag([0.0, 1.0, 4.0]), np.diag([0.0, 9.0, 1.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = M.frechet_distance(np.zeros(3), s1, np.zeros(3), s2)
+    assert got == pytest.approx((1 - 3) ** 2 + (2 - 1) ** 2, rel=1e-9)
+
+
 def test_fid_from_samples_matches_closed_form():
     std1, std2 = np.array([1.0, 0.5, 2.0]), np.array([1.5, 0.5, 1.0])
     a = _gauss(200_000, [0.0, 0.0, 0.0], std1, 1)
