@@ -103,16 +103,16 @@ def _epoch_start(partial: dict | None, epoch_gens: dict[str, torch.Generator]) -
 
 
 def _interrupted(what: str, signame: str, step: int, epoch: int, batch: int, batches: int, run_dir: Path,
-                 epochs: int, log: Callable[[str], None]) -> None:
+                 epochs: int, log: Callable[[str], None], preset: str) -> None:
     msg = (f"{signame} received: stopped after step {step} (batch {batch}/{batches} of epoch {epoch + 1}); "
-           f"checkpoint written to {run_dir}. " + _resume_hint(what, run_dir, epochs))
+           f"checkpoint written to {run_dir}. " + _resume_hint(what, run_dir, epochs, preset))
     log(msg)
     raise TrainingInterrupted(msg)
 
 
-def _resume_hint(what: str, run_dir: Path, epochs: int) -> str:
-    return (f"resume with: python -m nbutils train-{what} --run-dir {run_dir} --epochs {epochs} --resume "
-            f"(in Python: train_{what}(cfg, run_dir={str(run_dir)!r}, epochs={epochs}, resume=True))")
+def _resume_hint(what: str, run_dir: Path, epochs: int, preset: str) -> str:
+    return (f"resume with: python -m nbutils train-{what} --preset {preset} --run-dir {run_dir} --epochs {epochs} "
+            f"--resume (in Python: train_{what}(cfg, run_dir={str(run_dir)!r}, epochs={epochs}, resume=True))")
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,7 +361,7 @@ def train_vae(
                     bar.close()
                     inside = {"batch": b + 1, "epoch_rng": epoch_rng, "running": running}
                     _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch, history, inside)
-                    _interrupted("vae", stop.signal, step, epoch, b + 1, len(loader), run_dir, epochs, log)
+                    _interrupted("vae", stop.signal, step, epoch, b + 1, len(loader), run_dir, epochs, log, cfg.preset)
             bar.close()
             metrics = evaluate_vae(ema.model, test_x.to(device))
             record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0,
@@ -656,7 +656,7 @@ def train_unet(
                 if stop.signal:
                     bar.close()
                     save(epoch, {"batch": b + 1, "epoch_rng": epoch_rng, "running": running})
-                    _interrupted("unet", stop.signal, step, epoch, b + 1, len(loader), run_dir, epochs, log)
+                    _interrupted("unet", stop.signal, step, epoch, b + 1, len(loader), run_dir, epochs, log, cfg.preset)
             bar.close()
             record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0, "train_loss": running}
             history.epochs.append(record)

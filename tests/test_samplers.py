@@ -207,3 +207,18 @@ def test_shipped_models_sample_deterministically():
     assert torch.equal(runs[0].images, runs[1].images)
     other = Sm.sample(unet, vae, 4, [7, 7, 0, 9], guidance=3.0, sampler="dpm", steps=4, generator=make_generator(2))
     assert not torch.equal(runs[0].images, other.images)
+
+
+def test_shipped_models_draw_the_requested_classes():
+    """The shipped UNet, VAE and classifier agree: guided samples are recognised as the class asked for.
+    (A broken sampler, a swapped VAE or mislabelled class tokens would drop this to ~10%.)"""
+    from nbutils.classifier import load_classifier, predict
+    from nbutils.config import checkpoints_dir, make_generator
+    from nbutils.train import load_models
+
+    unet, vae, _ = load_models(checkpoints_dir(), device="cpu")
+    clf, _ = load_classifier(checkpoints_dir(), device="cpu")
+    wanted = torch.arange(100) % 10
+    out = Sm.sample(unet, vae, 100, wanted, guidance=3.0, sampler="dpm", steps=20, generator=make_generator(0))
+    _, logits = predict(clf, out.images)
+    assert (logits.argmax(1) == wanted).float().mean() >= 0.9

@@ -279,7 +279,7 @@ def test_cli_sigterm_exits_130_with_resume_command(smoke_run, tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out, err)
-    assert "SIGTERM received" in err and f"--run-dir {run} --epochs 200 --resume" in err
+    assert "SIGTERM received" in err and f"--preset smoke --run-dir {run} --epochs 200 --resume" in err
     state = torch.load(run / "unet_state.pt", weights_only=False)
     assert 0 < state["step"] < 200 * 8
     assert not list(run.glob("*.tmp"))
