@@ -154,6 +154,10 @@ def cmd_train_unet(args: argparse.Namespace) -> int:
     from .train import train_unet
 
     cfg = _preset_config(args)
+    if args.mixed_precision:
+        cfg.train_unet.mixed_precision = args.mixed_precision
+    if args.compile:
+        cfg.train_unet.compile = True
     run_dir = Path(args.run_dir) if args.run_dir else None
     t0 = time.perf_counter()
     train_unet(cfg, run_dir=run_dir, epochs=args.epochs, resume=args.resume, vae_checkpoint=args.vae,
@@ -336,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-unet", help="train the latent UNet on a VAE's cached latents (--resume continues)")
     _training_args(p)
     p.add_argument("--vae", help="VAE file or run folder when --run-dir has none (default: latest run, else shipped)")
+    p.add_argument("--mixed-precision", choices=("auto", "bf16", "no"),
+                   help="bf16 autocast: auto = on a CUDA GPU with bf16 support (default: the preset's setting)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA; a notice elsewhere)")
     p.set_defaults(func=cmd_train_unet)
 
     p = sub.add_parser("reconstruct", help="encode+decode test images with a VAE; write .npz (or a .png grid)")

@@ -98,6 +98,8 @@ class TrainConfig:
     ema_warmup_steps: int = 1000  # EMA decay ramps up from 0 over these steps
     seed: int = 0
     sample_every: int = 1  # epochs between sample grids / metrics (0 = never)
+    mixed_precision: str = "auto"  # UNet: "auto" (bf16 on a CUDA GPU that supports it, else off), "bf16", "no"
+    compile: bool = False  # UNet: torch.compile the training forward pass (CUDA only; ignored with a notice on CPU)
 
 
 @dataclass

@@ -220,9 +220,11 @@ def _resume(state_path: Path, cfg: Config, sections: tuple[str, ...], model: nn.
         state = torch.load(state_path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise CheckpointError(f"cannot resume: {state_path} is unreadable ({exc})") from exc
-    saved, now = state["config"], cfg.to_dict()
+    # read the saved config through Config so fields added since it was written take their defaults
+    saved, now = Config.from_dict(state["config"]).to_dict(), cfg.to_dict()
     diffs = [d for sec in sections for d in config_differences(saved.get(sec, {}), now[sec], f"{sec}.")]
-    diffs = [d for d in diffs if not d.split(":")[0].endswith(".epochs")]
+    free = (".epochs", ".mixed_precision", ".compile")  # may change between a run and its resumption
+    diffs = [d for d in diffs if not d.split(":")[0].endswith(free)]
     if diffs:
         raise CheckpointError(f"cannot resume {state_path.parent}: its config differs: " + "; ".join(diffs))
     model.load_state_dict(state["model"])
@@ -615,6 +617,14 @@ def train_unet(
     elif (run_dir / UNET_FILE).exists():
         log(f"note: overwriting the UNet checkpoint in {run_dir} (pass resume=True / --resume to continue it)")
 
+    amp = _mixed_precision(tc.mixed_precision, device, log)
+    forward = unet
+    if tc.compile:
+        if device.type == "cuda":
+            forward = torch.compile(unet)
+        else:
+            log(f"note: compile=True has no effect on {device.type} (CUDA only); training uncompiled")
+
     n = len(cache["labels"])
     steps_per_epoch = -(-n // tc.batch_size)
     log(f"UNet: {sum(p.numel() for p in unet.parameters()):,} parameters, {n:,} latents from {vae_meta['path']}, "
@@ -645,7 +655,8 @@ def train_unet(
                 x0, labels = x0.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, tc, tc.lr_warmup_steps)
-                loss, parts = diffusion.loss(unet, x0, labels, generator=noise_gen)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss, parts = diffusion.loss(forward, x0, labels, generator=noise_gen)
                 _optimize("UNet", loss, parts, unet, ema, opt, tc, step, epoch, run_dir / UNET_FILE)
                 step += 1
                 running = _smooth(running, parts["loss"])
@@ -669,6 +680,25 @@ def train_unet(
             if on_epoch_end is not None:
                 on_epoch_end(record, history, ema.model, grid)
     return ema.model
+
+
+def _mixed_precision(setting: str, device: torch.device, log: Callable[[str], None]) -> bool:
+    """Whether to train under bf16 autocast: ``auto`` = on a CUDA device with bf16 support; ``bf16`` = always
+    (an error where the hardware would only emulate it); ``no`` = never."""
+    from .config import bf16_supported
+
+    if setting not in ("auto", "bf16", "no"):
+        raise ValueError(f"mixed_precision must be 'auto', 'bf16' or 'no', got {setting!r}")
+    if setting == "no":
+        return False
+    supported = bf16_supported(device)
+    if setting == "bf16" and not supported:
+        raise ValueError(f"mixed_precision='bf16' needs bf16 support, which {device} does not have "
+                         "(use 'auto' or 'no')")
+    if setting == "auto":
+        return device.type == "cuda" and supported
+    log(f"bf16 autocast on {device}")
+    return True
 
 
 def save_sample_grid(unet, vae, cfg: Config, path: str | Path, per_class: int = 10, steps: int = 25,

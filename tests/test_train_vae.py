@@ -22,6 +22,20 @@ def smoke_run(tmp_path_factory):
     return cfg, run, vae
 
 
+def _unet_runs(vae_run, tmp_path, *names):
+    """Fresh run folders that hold a copy of the smoke VAE and its latent cache (so a UNet can train there)."""
+    import shutil
+
+    runs = []
+    for name in names:
+        run = tmp_path / name
+        run.mkdir()
+        for f in ("vae.safetensors", "vae.json", "latents.safetensors"):
+            shutil.copy(vae_run / f, run / f)
+        runs.append(run)
+    return runs
+
+
 def test_run_writes_checkpoint_state_cache_and_pictures(smoke_run):
     cfg, run, vae = smoke_run
     names = {p.name for p in run.iterdir()}
@@ -111,16 +125,9 @@ def test_reconstruct_cli_errors(args, message, capsys):
 
 
 def test_unet_resume_equals_uninterrupted(smoke_run, tmp_path):
-    import shutil
 
     cfg, vae_run, _ = smoke_run
-    runs = []
-    for name in ("whole", "split"):
-        run = tmp_path / name
-        run.mkdir()
-        for f in ("vae.safetensors", "vae.json", "latents.safetensors"):
-            shutil.copy(vae_run / f, run / f)
-        runs.append(run)
+    runs = _unet_runs(vae_run, tmp_path, "whole", "split")
     T.train_unet(cfg, run_dir=runs[0], epochs=2, device="cpu", progress=False, log=lambda m: None)
     T.train_unet(cfg, run_dir=runs[1], epochs=1, device="cpu", progress=False, log=lambda m: None)
     T.train_unet(cfg, run_dir=runs[1], epochs=2, resume=True, device="cpu", progress=False, log=lambda m: None)
@@ -147,13 +154,9 @@ def test_train_unet_cli_help_and_bad_epochs(capsys):
 
 
 def test_sample_cli_npz_png_and_determinism(smoke_run, tmp_path, capsys):
-    import shutil
 
     cfg, vae_run, _ = smoke_run
-    run = tmp_path / "run"
-    run.mkdir()
-    for f in ("vae.safetensors", "vae.json", "latents.safetensors"):
-        shutil.copy(vae_run / f, run / f)
+    (run,) = _unet_runs(vae_run, tmp_path, "run")
     T.train_unet(cfg, run_dir=run, epochs=1, device="cpu", progress=False, log=lambda m: None)
     common = ["sample", "--checkpoint", str(run), "--device", "cpu", "--steps", "3", "--no-progress"]
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
@@ -235,17 +238,10 @@ def test_vae_interrupt_mid_epoch_then_resume_is_exact(smoke_run, tmp_path, monke
 
 
 def test_unet_sigterm_mid_epoch_then_resume_is_exact(smoke_run, tmp_path, monkeypatch):
-    import shutil
     import signal
 
     cfg, vae_run, _ = smoke_run
-    runs = []
-    for name in ("whole", "split"):
-        run = tmp_path / name
-        run.mkdir()
-        for f in ("vae.safetensors", "vae.json", "latents.safetensors"):
-            shutil.copy(vae_run / f, run / f)
-        runs.append(run)
+    runs = _unet_runs(vae_run, tmp_path, "whole", "split")
     T.train_unet(cfg, run_dir=runs[0], epochs=2, device="cpu", progress=False, log=lambda m: None)
     with monkeypatch.context() as m:
         _signal_at_step(m, 4, signal.SIGTERM)  # inside epoch 1
@@ -259,17 +255,13 @@ def test_unet_sigterm_mid_epoch_then_resume_is_exact(smoke_run, tmp_path, monkey
 
 def test_cli_sigterm_exits_130_with_resume_command(smoke_run, tmp_path):
     """A real training process, killed with SIGTERM: it saves, explains and exits 130; resume works."""
-    import shutil
     import signal
     import subprocess
     import sys
     import time
 
     cfg, vae_run, _ = smoke_run
-    run = tmp_path / "cli"
-    run.mkdir()
-    for f in ("vae.safetensors", "vae.json", "latents.safetensors"):
-        shutil.copy(vae_run / f, run / f)
+    (run,) = _unet_runs(vae_run, tmp_path, "cli")
     cmd = [sys.executable, "-m", "nbutils", "train-unet", "--preset", "smoke", "--run-dir", str(run),
            "--epochs", "200", "--device", "cpu", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -283,3 +275,21 @@ def test_cli_sigterm_exits_130_with_resume_command(smoke_run, tmp_path):
     state = torch.load(run / "unet_state.pt", weights_only=False)
     assert 0 < state["step"] < 200 * 8
     assert not list(run.glob("*.tmp"))
+
+
+def test_mixed_precision_and_compile_settings(smoke_run, tmp_path):
+    """On this CPU: `auto` trains in float32 exactly as before, `compile` is a no-op with a notice, and a
+    bad setting or bf16 where it would only be emulated is a clear error."""
+    import dataclasses
+
+    cfg, vae_run, _ = smoke_run
+    (run,) = _unet_runs(vae_run, tmp_path, "amp")
+    logs = []
+    cfg2 = cfg.replace(train_unet=dataclasses.replace(cfg.train_unet, compile=True))
+    T.train_unet(cfg2, run_dir=run, epochs=1, device="cpu", progress=False, log=logs.append)
+    assert any("compile=True has no effect on cpu" in m for m in logs)
+    bad = cfg.replace(train_unet=dataclasses.replace(cfg.train_unet, mixed_precision="fp8"))
+    with pytest.raises(ValueError, match="mixed_precision must be 'auto', 'bf16' or 'no'"):
+        T.train_unet(bad, run_dir=run, epochs=1, device="cpu", progress=False, log=lambda m: None)
+    assert T._mixed_precision("auto", torch.device("cpu"), print) is False
+    assert T._mixed_precision("no", torch.device("cuda"), print) is False
