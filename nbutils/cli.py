@@ -202,21 +202,6 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_classes(text: str, n: int) -> list[int]:
-    """``all`` (cycle 0..9), ``none``/``uncond`` (−1), a name or index, or a comma list of them."""
-    from .data import NUM_CLASSES, class_index
-
-    key = text.strip().lower()
-    if key == "all":
-        return [i % NUM_CLASSES for i in range(n)]
-    if key in ("none", "uncond", "unconditional", "-1"):
-        return [-1] * n
-    parts = [class_index(p) for p in text.split(",") if p.strip()]
-    if not parts:
-        raise CLIError(f"--class {text!r} names no class")
-    return [parts[i % len(parts)] for i in range(n)]
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -228,7 +213,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.guidance < 0:
         raise CLIError(f"--guidance must be ≥ 0, got {args.guidance}")
     out = _output_path(args.out, (".npz", ".png"))
-    labels = _parse_classes(args.class_, args.n)
+    from .data import class_labels
+
+    labels = class_labels(args.class_, args.n)
     t0 = time.perf_counter()
     unet, vae, meta = load_models(args.checkpoint, device=args.device)
     result = sample(unet, vae, args.n, labels, guidance=args.guidance, sampler=args.sampler, steps=args.steps,

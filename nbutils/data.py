@@ -100,6 +100,20 @@ def class_index(name: str | int) -> int:
     raise ValueError(f"unknown class {name!r}; valid classes: {valid}")
 
 
+def class_labels(spec: str | int, n: int) -> list[int]:
+    """``n`` labels from a class spec: ``all`` (cycle 0..9), ``none``/``uncond`` (−1 = unconditional),
+    a name or index, or a comma list of them (cycled). Used by ``sample --class`` and the widget sampler."""
+    key = str(spec).strip().lower()
+    if key == "all":
+        return [i % NUM_CLASSES for i in range(n)]
+    if key in ("none", "uncond", "unconditional", "-1"):
+        return [-1] * n
+    parts = [class_index(p) for p in str(spec).split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"class {spec!r} names no class")
+    return [parts[i % len(parts)] for i in range(n)]
+
+
 # --------------------------------------------------------------------------------------------
 # Finding the files
 # --------------------------------------------------------------------------------------------

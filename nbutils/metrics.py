@@ -284,6 +284,7 @@ class Evaluator:
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(cache_file, buf.getvalue())
         self.test_accuracy = float((self.test_logits.argmax(1) == self.test_labels).float().mean())
+        self._floors: dict[tuple, dict] = {}  # the floor depends only on (n, n_ref, kid_subsets)
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._predict(self.classifier, images)
@@ -327,13 +328,17 @@ class Evaluator:
     def floor(self, n: int, n_ref: int | None = None, kid_subsets: int = 100) -> dict:
         """The metrics of ``n`` real training images (a fixed random draw) against the same reference;
         conditional accuracy of the floor = the classifier's accuracy on the test images."""
+        key = (n, n_ref, kid_subsets)
+        if key in self._floors:
+            return self._floors[key]
         ref = self.reference(n_ref)
         g = torch.Generator().manual_seed(1234)
         idx = torch.randperm(len(self.train_images), generator=g)[:n]
         feats, _ = self.features(self.train_images[idx])
         k_mean, k_std = kid(feats, ref, subsets=kid_subsets)
-        return {"what": f"{len(idx)} real training images", "fid": fid(feats, ref), "kid": k_mean,
-                "kid_std": k_std, "cond_acc": self.test_accuracy}
+        self._floors[key] = {"what": f"{len(idx)} real training images", "fid": fid(feats, ref), "kid": k_mean,
+                             "kid_std": k_std, "cond_acc": self.test_accuracy}
+        return self._floors[key]
 
 
 def evaluate_file(path: str | Path, n_ref: int | None = None, evaluator: Evaluator | None = None,

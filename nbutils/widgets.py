@@ -12,17 +12,9 @@ import time
 
 import torch
 
-from .data import CLASS_NAMES, class_index
+from .data import CLASS_NAMES, class_index, class_labels
 
 SAMPLERS = {"DPM-Solver++ (2M)": "dpm", "DDIM": "ddim", "DDPM (ancestral)": "ddpm"}
-
-
-def _labels(class_name: str | int, n: int) -> torch.Tensor:
-    if isinstance(class_name, str) and class_name.strip().lower() == "all":
-        return torch.arange(n) % len(CLASS_NAMES)
-    if isinstance(class_name, str) and class_name.strip().lower() in ("none", "unconditional"):
-        return torch.full((n,), -1)
-    return torch.full((n,), class_index(class_name))
 
 
 def show_samples(unet, vae, class_name: str | int = "all", guidance: float = 3.0, sampler: str = "dpm",
@@ -36,7 +28,7 @@ def show_samples(unet, vae, class_name: str | int = "all", guidance: float = 3.0
     from .plotting import show_grid
     from .samplers import sample
 
-    labels = _labels(class_name, n)
+    labels = torch.tensor(class_labels(class_name, n))
     t0 = time.perf_counter()
     result = sample(unet, vae, n, labels, guidance=guidance, sampler=sampler, steps=steps,
                     generator=make_generator(seed))
