@@ -108,14 +108,14 @@ class FashionClassifier(nn.Module):
 
 def as_model_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 28, 28) / (N, 1, 28, 28), or float in [-1, 1] → float (N, 1, 28, 28) in [-1, 1]."""
+    if images.dtype == torch.uint8:
+        return D.to_model_range(images)
+    if not images.is_floating_point():
+        raise TypeError(f"images must be uint8 or floating point, got {images.dtype}")
     if images.ndim == 3:
         images = images[:, None]
     if images.ndim != 4 or tuple(images.shape[1:]) != (1, D.IMAGE_SIZE, D.IMAGE_SIZE):
         raise ValueError(f"expected images of shape (N, 28, 28) or (N, 1, 28, 28), got {tuple(images.shape)}")
-    if images.dtype == torch.uint8:
-        return images.float() / 127.5 - 1.0
-    if not images.is_floating_point():
-        raise TypeError(f"images must be uint8 or floating point, got {images.dtype}")
     return images.float()
 
 
