@@ -28,6 +28,11 @@ from nbutils.samplers import sample
 from nbutils.train import load_models
 
 
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="checkpoints", help="run folder or checkpoints/ (default: shipped)")
@@ -38,19 +43,22 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--no-metrics", action="store_true", help="timing only")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps")
     args = p.parse_args()
 
-    unet, vae, meta = load_models(args.checkpoint, device="cpu")
+    unet, vae, meta = load_models(args.checkpoint, device=args.device)
     labels = torch.arange(args.n) % 10
-    evaluator = None if args.no_metrics else Evaluator()
+    evaluator = None if args.no_metrics else Evaluator(device=args.device)
     rows = []
     for item in args.configs.split(","):
         name, steps = item.split(":")
         steps = int(steps)
         sample(unet, vae, 10, labels[:10], guidance=args.guidance, sampler=name, steps=2)  # warm-up
+        _sync(args.device)
         t0 = time.perf_counter()
         out = sample(unet, vae, args.n, labels, guidance=args.guidance, sampler=name, steps=steps,
                      generator=make_generator(args.seed), batch_size=args.batch_size)
+        _sync(args.device)
         seconds = time.perf_counter() - t0
         row = {"sampler": name, "steps": steps, "n": args.n, "seconds": round(seconds, 2),
                "images_per_s": round(args.n / seconds, 1)}
@@ -65,7 +73,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     print(f"\nmodel {meta['path']} (epoch {meta['extra'].get('epoch')}), guidance {args.guidance}, N = {args.n}, "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+          + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
     cols = ["sampler", "steps", "seconds", "images_per_s"] + ([] if args.no_metrics else ["fid", "kid", "cond_acc"])
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

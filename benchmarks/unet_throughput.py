@@ -36,7 +36,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(unet_cfg, diffusion_cfg, device, batch_size: int, steps: int, warmup: int, sample_batch: int) -> dict:
+def measure(unet_cfg, diffusion_cfg, device, batch_size: int, steps: int, warmup: int, sample_batch: int,
+            bf16: bool = False) -> dict:
     torch.manual_seed(0)
     unet = UNet(unet_cfg).to(device).train()
     opt = torch.optim.Adam(unet.parameters(), lr=1e-4)
@@ -47,7 +48,8 @@ def measure(unet_cfg, diffusion_cfg, device, batch_size: int, steps: int, warmup
         if i == warmup:
             _sync(device)
             t0 = time.perf_counter()
-        loss, _ = diffusion.loss(unet, x0, labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = diffusion.loss(unet, x0, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -58,7 +60,7 @@ def measure(unet_cfg, diffusion_cfg, device, batch_size: int, steps: int, warmup
     x = torch.randn(sample_batch, unet_cfg.latent_channels, 7, 7, device=device)
     t = torch.full((sample_batch,), 500, device=device)
     y = torch.randint(0, 11, (sample_batch,), device=device)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for i in range(2 + 5):
             if i == 2:
                 _sync(device)
@@ -67,7 +69,7 @@ def measure(unet_cfg, diffusion_cfg, device, batch_size: int, steps: int, warmup
     _sync(device)
     fwd_s = (time.perf_counter() - t0) / 5
     return {
-        "channels": list(unet_cfg.block_out_channels), "layers_per_block": unet_cfg.layers_per_block,
+        "channels": list(unet_cfg.block_out_channels), "bf16": bf16, "layers_per_block": unet_cfg.layers_per_block,
         "params": count_parameters(unet), "batch_size": batch_size, "s_per_step": round(train_s, 4),
         "latents_per_s": round(batch_size / train_s, 1),
         "epoch_minutes_60k": round(60000 / batch_size * train_s / 60, 2),
@@ -85,6 +87,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--sample-batch", type=int, default=1000)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--bf16", action="store_true", help="also measure every variant under bf16 autocast")
     args = ap.parse_args()
     cfg = get_config(args.preset)
     device = pick_device(args.device)
@@ -95,10 +98,12 @@ def main() -> None:
             ch, layers = v.split("x")
             variants.append(dataclasses.replace(cfg.unet, block_out_channels=tuple(int(c) for c in ch.split(",")),
                                                 layers_per_block=int(layers)))
-    for ucfg in variants:
-        row = measure(ucfg, cfg.diffusion, device, args.batch_size, args.steps, args.warmup, args.sample_batch)
+    for ucfg, bf16 in [(u, b) for u in variants for b in ((False, True) if args.bf16 else (False,))]:
+        row = measure(ucfg, cfg.diffusion, device, args.batch_size, args.steps, args.warmup, args.sample_batch, bf16)
         row.update(preset=args.preset, device=str(device), threads=torch.get_num_threads(),
-                   cpu=platform.processor() or platform.machine())
+                   cpu=platform.processor() or platform.machine(), torch=torch.__version__)
+        if device.type == "cuda":
+            row["gpu"] = torch.cuda.get_device_name(device)
         print(json.dumps(row), flush=True)
 
 
