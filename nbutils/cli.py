@@ -212,6 +212,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if args.guidance < 0:
         raise CLIError(f"--guidance must be ≥ 0, got {args.guidance}")
+    interval = None
+    if args.guidance_interval:
+        try:
+            interval = tuple(int(v) for v in args.guidance_interval.split(","))
+        except ValueError:
+            interval = ()
+        if len(interval) != 2 or not 0 <= interval[0] <= interval[1]:
+            raise CLIError(f"--guidance-interval must be LO,HI with 0 ≤ LO ≤ HI (timesteps), "
+                           f"got {args.guidance_interval!r}")
     out = _output_path(args.out, (".npz", ".png"))
     from .data import class_labels
 
@@ -219,6 +228,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     unet, vae, meta = load_models(args.checkpoint, device=args.device)
     result = sample(unet, vae, args.n, labels, guidance=args.guidance, sampler=args.sampler, steps=args.steps,
+                    guidance_interval=interval, precision=args.precision,
                     generator=make_generator(args.seed), eta=args.eta, batch_size=args.batch_size,
                     progress=not args.no_progress)
     images = to_uint8(result.images).numpy()
@@ -232,7 +242,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         np.savez_compressed(out, images=images, labels=np.asarray(labels, dtype=np.int64))
     seconds = time.perf_counter() - t0
     print(json.dumps({"out": str(out), "n": args.n, "sampler": args.sampler, "steps": args.steps,
-                      "guidance": args.guidance, "seed": args.seed, "checkpoint": meta["path"],
+                      "guidance": args.guidance, "guidance_interval": interval, "precision": args.precision,
+                      "seed": args.seed, "checkpoint": meta["path"],
                       "seconds": round(seconds, 2)}))
     return 0
 
@@ -345,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="class_", default="all",
                    help="class name or index, a comma list, 'all' (cycle through the 10), or 'none' (unconditional)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale w (0 = unconditional)")
+    p.add_argument("--guidance-interval", metavar="LO,HI",
+                   help="guide only at timesteps LO..HI, plain conditional elsewhere (e.g. 0,400; default: all)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16 = UNet under bfloat16 autocast (faster on CPUs with bf16 support)")
     p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm"), default="dpm")
     p.add_argument("--steps", type=_positive_int, help="sampling steps (default: ddpm 1000, ddim 50, dpm 20)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 = deterministic)")

@@ -230,6 +230,8 @@ def sample(
     sampler: str = "dpm",
     steps: int | None = None,
     generator: torch.Generator | None = None,
+    guidance_interval: tuple[int, int] | None = None,
+    precision: str = "fp32",
     diffusion_cfg=None,
     eta: float = 0.0,
     timestep_spacing: str | None = None,
@@ -240,6 +242,15 @@ def sample(
 ) -> SampleResult:
     """Generate ``n`` images. ``classes``: one int for all, a sequence of n ints, or None/−1 for
     unconditional samples. Noise comes from ``generator`` (CPU generators reproduce across devices).
+
+    ``guidance_interval=(lo, hi)`` applies guidance only at timesteps lo ≤ t ≤ hi and samples with the plain
+    conditional model (w = 1, one forward pass instead of two) elsewhere: guidance is what fixes the class
+    early on, while at low noise it mostly strips detail diversity (Kynkäänniemi et al. 2024, "Applying
+    Guidance in a Limited Interval Improves Sample and Distribution Quality in Diffusion Models").
+
+    ``precision="bf16"`` runs the UNet under bfloat16 autocast (its output is cast back to float32 before the
+    sampler's arithmetic; the VAE decode stays float32): ~1.5× faster on CPUs with bf16 support, at a small
+    cost in fidelity (benchmarks/README.md measures both).
 
     ``diffusion_cfg`` is the :class:`~nbutils.config.DiffusionConfig` the UNet was trained with
     (default: the UNet's ``diffusion_cfg`` attribute set by ``load_unet``, else the defaults).
@@ -254,6 +265,12 @@ def sample(
         raise ValueError(f"steps must be ≥ 1, got {steps}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if guidance_interval is not None:
+        lo, hi = (int(v) for v in guidance_interval)
+        if not 0 <= lo <= hi:
+            raise ValueError(f"guidance_interval must be (lo, hi) with 0 ≤ lo ≤ hi, got {guidance_interval}")
     dcfg = diffusion_cfg or getattr(unet, "diffusion_cfg", None) or DiffusionConfig()
     schedule = NoiseSchedule.from_config(dcfg)
     null = unet.null_label
@@ -268,6 +285,18 @@ def sample(
     if ((labels < -1) | (labels >= null)).any():
         raise ValueError(f"class labels must be in 0..{null - 1} (or −1 for unconditional)")
     device = next(unet.parameters()).device
+    amp = precision == "bf16"
+    if amp:
+        from .config import bf16_supported
+
+        if not bf16_supported(device):
+            raise ValueError(f"precision='bf16' needs native bf16 support, which {device} lacks (it would only be "
+                             "emulated, i.e. slower); use precision='fp32'")
+
+    def model(x, t, y):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            return unet(x, t, y).float()
+
     images, latents, trajectory = [], [], []
     from tqdm.auto import tqdm
 
@@ -283,7 +312,8 @@ def sample(
             idx = torch.linspace(0, len(s.timesteps) - 1, trajectory_points).round().long().tolist()
             record = {int(s.timesteps[i]) for i in idx}
         for t in s.timesteps:
-            out = guided_output(unet, x, t, model_labels, guidance, null)
+            w = guidance if guidance_interval is None or lo <= int(t) <= hi else 1.0
+            out = guided_output(model, x, t, model_labels, w, null)
             if int(t) in record:
                 tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
                 x0 = to_x0(out, x, tt, s.alphas_cumprod, dcfg.prediction_type)
