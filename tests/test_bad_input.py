@@ -90,6 +90,9 @@ def test_negative_guidance_and_unknown_class(tmp_path, capsys):
     assert code == 1 and "--guidance must be ≥ 0" in err
     code, err = _run(["sample", "--class", "hat", "--out", str(out)], capsys)
     assert code == 1 and "unknown class 'hat'" in err
+    for bad in ("400", "400,0", "a,b", "0,100,200"):
+        code, err = _run(["sample", "--guidance-interval", bad, "--out", str(out)], capsys)
+        assert code == 1 and "--guidance-interval must be LO,HI with 0 ≤ LO ≤ HI" in err, bad
     assert not out.exists()
 
 

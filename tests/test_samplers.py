@@ -222,3 +222,73 @@ def test_shipped_models_draw_the_requested_classes():
     out = Sm.sample(unet, vae, 100, wanted, guidance=3.0, sampler="dpm", steps=20, generator=make_generator(0))
     _, logits = predict(clf, out.images)
     assert (logits.argmax(1) == wanted).float().mean() >= 0.9
+
+
+class _Recorder(torch.nn.Module):
+    """A stand-in UNet whose output is the class-token value; records the batch size of each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.null_label = 10
+        self.cfg = type("Cfg", (), {"latent_channels": 4})()
+        self.calls = []
+
+    def forward(self, x, t, labels):
+        self.calls.append((int(t[0]), x.shape[0]))
+        return 0.01 * x + 0.1 * (labels.reshape(-1, 1, 1, 1).float() - 5) + self.w
+
+
+class _IdentityVAE:
+    def decode(self, z):
+        return z[:, :1]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+def test_guidance_interval_guides_only_inside_it(sampler):
+    """Inside [lo, hi] one doubled (cond + uncond) pass per step, outside one plain conditional pass; an
+    interval covering every timestep is plain guidance, one covering none is w = 1, bit for bit."""
+    from nbutils.config import make_generator
+
+    def run(**kw):
+        m = _Recorder()
+        out = Sm.sample(m, _IdentityVAE(), 6, [1, 2, 3, 4, 5, 6], sampler=sampler, steps=10,
+                        generator=make_generator(0), **kw)
+        return out.latents, m.calls
+
+    plain, plain_calls = run(guidance=3.0)
+    everywhere, _ = run(guidance=3.0, guidance_interval=(0, 999))
+    nowhere, nowhere_calls = run(guidance=3.0, guidance_interval=(2000, 3000))
+    w1, _ = run(guidance=1.0)
+    assert torch.equal(plain, everywhere) and torch.equal(nowhere, w1)
+    assert {b for _, b in plain_calls} == {12} and {b for _, b in nowhere_calls} == {6}
+    part, calls = run(guidance=3.0, guidance_interval=(0, 400))
+    assert [b for t, b in calls] == [12 if t <= 400 else 6 for t, _ in calls]
+    assert any(t > 400 for t, _ in calls) and any(t <= 400 for t, _ in calls)
+    assert not torch.equal(part, plain) and not torch.equal(part, w1)
+
+
+def test_bad_guidance_interval_and_precision():
+    m = _Recorder()
+    with pytest.raises(ValueError, match="guidance_interval must be"):
+        Sm.sample(m, _IdentityVAE(), 2, 1, guidance_interval=(500, 100))
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16'"):
+        Sm.sample(m, _IdentityVAE(), 2, 1, precision="fp16")
+
+
+def test_bf16_sampling_is_close_to_fp32():
+    """bf16 autocast changes the UNet's arithmetic, not the result: shipped model, same seed, same classes."""
+    from nbutils.config import bf16_supported, checkpoints_dir, make_generator
+    from nbutils.train import load_models
+
+    unet, vae, _ = load_models(checkpoints_dir(), device="cpu")
+    kw = dict(guidance=3.0, sampler="dpm", steps=10, guidance_interval=(0, 400))
+    ref = Sm.sample(unet, vae, 8, list(range(8)), generator=make_generator(0), **kw)
+    if not bf16_supported("cpu"):
+        with pytest.raises(ValueError, match="needs native bf16 support"):
+            Sm.sample(unet, vae, 8, list(range(8)), generator=make_generator(0), precision="bf16", **kw)
+        return
+    low = Sm.sample(unet, vae, 8, list(range(8)), generator=make_generator(0), precision="bf16", **kw)
+    assert low.images.dtype == torch.float32
+    assert (low.images - ref.images).abs().mean() < 0.05  # pixels in [-1, 1]
+    assert not torch.equal(low.images, ref.images)
