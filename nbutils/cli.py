@@ -294,6 +294,24 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_solutions(args: argparse.Namespace) -> int:
+    """Write solution copies of the notebooks (every exercise stub filled in)."""
+    from .nbtools import write_solutions
+
+    out = Path(args.out) if args.out else project_root() / "notebooks" / "solutions"
+    if args.out is None:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        written = write_solutions(out)
+    except FileNotFoundError as err:
+        raise CLIError(str(err)) from None
+    for path in written:
+        print(path)
+    print(f"{len(written)} solution notebooks in {out} (run them with NBUTILS_STRICT_CHECKS=1 to turn a failed "
+          "check into an error)")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # Parser
 # --------------------------------------------------------------------------------------------
@@ -391,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("notebooks", help="check every notebook's Colab badge and setup cell (--fix rewrites)")
     p.add_argument("--fix", action="store_true", help="rewrite badges and setup cells from pyproject.toml")
     p.set_defaults(func=cmd_notebooks)
+
+    p = sub.add_parser("solutions", help="write copies of the notebooks with every exercise solved (instructors)")
+    p.add_argument("--out", help="output folder (default: notebooks/solutions, created)")
+    p.set_defaults(func=cmd_solutions)
     return parser
 
 

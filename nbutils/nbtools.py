@@ -110,3 +110,90 @@ def fix_notebook(path: Path, repo: str | None = None) -> bool:
 
 def notebook_paths() -> list[Path]:
     return sorted((project_root() / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+# --------------------------------------------------------------------------------------------
+# Exercises (the course kit): the cells at the end of notebooks 01–06, and their solution copies
+# --------------------------------------------------------------------------------------------
+
+EXERCISE_KEY = "nbutils_exercise"  # cell metadata: which exercise a stub/solution cell holds
+EXERCISES_HEADING = "## Exercises"
+
+
+def _cell(kind: str, source: str, cell_id: str, metadata: dict | None = None) -> dict:
+    cell = {"cell_type": kind, "id": cell_id, "metadata": metadata or {}, "source": source.splitlines(keepends=True)}
+    if kind == "code":
+        cell.update(execution_count=None, outputs=[])
+    return cell
+
+
+def exercise_cells(notebook: str) -> list[dict]:
+    """The "Exercises" section of notebook ``notebook`` ("01" … "06"): a heading and imports, then per
+    exercise its goal (markdown), the stub (code, tagged with its key) and the check call (code)."""
+    from .exercises import EXERCISES
+
+    chosen = [ex for ex in EXERCISES.values() if ex.notebook == notebook]
+    if not chosen:
+        raise ValueError(f"no exercises for notebook {notebook!r}")
+    intro = (f"{EXERCISES_HEADING}\n\nFill in each function where it says `# YOUR CODE HERE` and run the cell below "
+             "it: the check runs your code on random inputs (edge cases included) against the library's own "
+             "implementation and tells you which input went wrong, what it expected, what it got, and — when "
+             "your answer matches a common mistake — which one. Instructors: `python -m nbutils solutions` writes "
+             "copies of the notebooks with the solutions filled in (`docs/instructors.md`).")
+    code = "".join(ex.solution for ex in chosen)
+    # what the solutions use; the stubs do not use it yet, hence the noqa
+    imports = [f"{line}  # noqa: F401 (for your code)" for name, line in
+               (("math.", "import math"), ("np.", "import numpy as np"), ("torch.", "import torch")) if name in code]
+    cells = [_cell("markdown", intro, f"exercises-{notebook}"),
+             _cell("code", "\n".join([*imports, "", "from nbutils import exercises"]).lstrip("\n"),
+                   f"exercises-imports-{notebook}")]
+    for ex in chosen:
+        cells.append(_cell("markdown", f"### Exercise {ex.number}: {ex.title}\n\n{ex.goal}", f"goal-{ex.key}"))
+        cells.append(_cell("code", ex.stub.rstrip("\n"), f"exercise-{ex.key}", {EXERCISE_KEY: ex.key}))
+        cells.append(_cell("code", f"exercises.check_{ex.key}({ex.key});", f"check-{ex.key}"))
+    return cells
+
+
+def add_exercises(path: Path, replace: bool = False) -> bool:
+    """Append the Exercises section (the notebook's last section) to a notebook; ``replace=True`` rebuilds an
+    existing one from :data:`nbutils.exercises.EXERCISES` (outputs cleared). Returns True when the file changed."""
+    path = Path(path)
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    start = next((i for i, c in enumerate(nb["cells"])
+                  if c["cell_type"] == "markdown" and _source(c).startswith(EXERCISES_HEADING)), None)
+    if start is not None and not replace:
+        return False
+    nb["cells"] = nb["cells"][:start] + exercise_cells(path.name[:2])
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return True
+
+
+def solution_notebook(nb: dict) -> dict:
+    """A copy of notebook ``nb`` with every exercise stub replaced by its solution (outputs cleared)."""
+    import copy
+
+    from .exercises import EXERCISES
+
+    out = copy.deepcopy(nb)
+    for cell in out["cells"]:
+        key = cell.get("metadata", {}).get(EXERCISE_KEY)
+        if key is not None:
+            cell["source"] = EXERCISES[key].solution.rstrip("\n").splitlines(keepends=True)
+            cell["outputs"], cell["execution_count"] = [], None
+    return out
+
+
+def write_solutions(out_dir: str | Path) -> list[Path]:
+    """Solution copies of every notebook that has exercises, written to ``out_dir`` (same file names)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"output folder {out_dir} does not exist (create it first)")
+    written = []
+    for path in notebook_paths():
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        if not any(EXERCISE_KEY in c.get("metadata", {}) for c in nb["cells"]):
+            continue
+        target = out_dir / path.name
+        target.write_text(json.dumps(solution_notebook(nb), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        written.append(target)
+    return written
