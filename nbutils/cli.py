@@ -227,8 +227,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     labels = class_labels(args.class_, args.n)
     t0 = time.perf_counter()
     unet, vae, meta = load_models(args.checkpoint, device=args.device)
+    precision = args.precision
+    if precision == "auto":
+        from .config import bf16_supported
+
+        precision = "bf16" if bf16_supported(next(unet.parameters()).device) else "fp32"
     result = sample(unet, vae, args.n, labels, guidance=args.guidance, sampler=args.sampler, steps=args.steps,
-                    guidance_interval=interval, precision=args.precision,
+                    guidance_interval=interval, precision=precision,
                     generator=make_generator(args.seed), eta=args.eta, batch_size=args.batch_size,
                     progress=not args.no_progress)
     images = to_uint8(result.images).numpy()
@@ -242,7 +247,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         np.savez_compressed(out, images=images, labels=np.asarray(labels, dtype=np.int64))
     seconds = time.perf_counter() - t0
     print(json.dumps({"out": str(out), "n": args.n, "sampler": args.sampler, "steps": args.steps,
-                      "guidance": args.guidance, "guidance_interval": interval, "precision": args.precision,
+                      "guidance": args.guidance, "guidance_interval": interval, "precision": precision,
                       "seed": args.seed, "checkpoint": meta["path"],
                       "seconds": round(seconds, 2)}))
     return 0
@@ -376,8 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale w (0 = unconditional)")
     p.add_argument("--guidance-interval", metavar="LO,HI",
                    help="guide only at timesteps LO..HI, plain conditional elsewhere (e.g. 0,400; default: all)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16 = UNet under bfloat16 autocast (faster on CPUs with bf16 support)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="bf16 = UNet under bfloat16 autocast (faster on CPUs with bf16 support); auto = bf16 where "
+                        "supported natively, else fp32")
     p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm"), default="dpm")
     p.add_argument("--steps", type=_positive_int, help="sampling steps (default: ddpm 1000, ddim 50, dpm 20)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 = deterministic)")

@@ -250,7 +250,8 @@ def sample(
 
     ``precision="bf16"`` runs the UNet under bfloat16 autocast (its output is cast back to float32 before the
     sampler's arithmetic; the VAE decode stays float32): ~1.5× faster on CPUs with bf16 support, at a small
-    cost in fidelity (benchmarks/README.md measures both).
+    cost in fidelity (benchmarks/README.md measures both); ``"auto"`` = bf16 where the device supports it
+    natively, else fp32.
 
     ``diffusion_cfg`` is the :class:`~nbutils.config.DiffusionConfig` the UNet was trained with
     (default: the UNet's ``diffusion_cfg`` attribute set by ``load_unet``, else the defaults).
@@ -265,8 +266,8 @@ def sample(
         raise ValueError(f"steps must be ≥ 1, got {steps}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if precision not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
     if guidance_interval is not None:
         lo, hi = (int(v) for v in guidance_interval)
         if not 0 <= lo <= hi:
@@ -285,10 +286,12 @@ def sample(
     if ((labels < -1) | (labels >= null)).any():
         raise ValueError(f"class labels must be in 0..{null - 1} (or −1 for unconditional)")
     device = next(unet.parameters()).device
+    from .config import bf16_supported
+
+    if precision == "auto":
+        precision = "bf16" if bf16_supported(device) else "fp32"
     amp = precision == "bf16"
     if amp:
-        from .config import bf16_supported
-
         if not bf16_supported(device):
             raise ValueError(f"precision='bf16' needs native bf16 support, which {device} lacks (it would only be "
                              "emulated, i.e. slower); use precision='fp32'")

@@ -272,7 +272,7 @@ def test_bad_guidance_interval_and_precision():
     m = _Recorder()
     with pytest.raises(ValueError, match="guidance_interval must be"):
         Sm.sample(m, _IdentityVAE(), 2, 1, guidance_interval=(500, 100))
-    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16'"):
+    with pytest.raises(ValueError, match="precision must be 'fp32', 'bf16' or 'auto'"):
         Sm.sample(m, _IdentityVAE(), 2, 1, precision="fp16")
 
 
@@ -289,6 +289,25 @@ def test_bf16_sampling_is_close_to_fp32():
             Sm.sample(unet, vae, 8, list(range(8)), generator=make_generator(0), precision="bf16", **kw)
         return
     low = Sm.sample(unet, vae, 8, list(range(8)), generator=make_generator(0), precision="bf16", **kw)
-    assert low.images.dtype == torch.float32
+    auto = Sm.sample(unet, vae, 8, list(range(8)), generator=make_generator(0), precision="auto", **kw)
+    assert low.images.dtype == torch.float32 and torch.equal(auto.images, low.images)
     assert (low.images - ref.images).abs().mean() < 0.05  # pixels in [-1, 1]
     assert not torch.equal(low.images, ref.images)
+
+
+def test_cli_guidance_interval_and_auto_precision(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from nbutils import cli
+    from nbutils.config import bf16_supported, checkpoints_dir
+
+    out = tmp_path / "s.npz"
+    assert cli.main(["sample", "--checkpoint", str(checkpoints_dir()), "--n", "10", "--steps", "3", "--guidance", "3.5",
+                     "--guidance-interval", "0,400", "--precision", "auto", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["guidance_interval"] == [0, 400]
+    assert report["precision"] == ("bf16" if bf16_supported("cpu") else "fp32")
+    with np.load(out) as f:
+        assert f["images"].shape == (10, 28, 28) and f["images"].dtype == np.uint8
