@@ -193,7 +193,8 @@ def cpu_config() -> Config:
         vae=VAEConfig(block_out_channels=(16, 64, 128), kl_weight=1e-6),
         # ~1.9M parameters: a training step at batch 128 and a guided sampling step are both bound by
         # per-op overhead and conv FLOPs on a CPU; this size samples 1,000 images × 20 guided steps in
-        # well under 20 s (benchmarks/unet_throughput.py compares it with wider and deeper variants)
+        # 14-18 s end to end with guidance on t ≤ 400 (README "Sampling"; benchmarks/unet_throughput.py
+        # compares it with wider and deeper variants)
         unet=UNetConfig(block_out_channels=(48, 96), layers_per_block=1, cross_attention_dim=128),
         diffusion=DiffusionConfig(),
         train_vae=TrainConfig(epochs=1, batch_size=32, lr=2e-3, ema_decay=0.999),
