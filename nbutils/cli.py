@@ -17,6 +17,7 @@ from pathlib import Path
 from . import __version__
 from .config import PRESETS, default_preset_name, get_config, pick_device, project_root
 from .data import CLASS_NAMES, CorruptDatasetError, DatasetNotFoundError, find_raw_dir, load_split
+from .distributed import is_main_process
 
 
 class CLIError(Exception):
@@ -130,41 +131,47 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preset_config(args: argparse.Namespace):
-    cfg = get_config(args.preset)
-    return cfg
+def _preset_config(args: argparse.Namespace, section: str):
+    """The preset's config with the command line's ``--set`` assignments and precision flags applied."""
+    import dataclasses
+
+    cfg = get_config(args.preset).override(args.set or [])
+    tc = getattr(cfg, section)
+    if args.mixed_precision:
+        tc = dataclasses.replace(tc, mixed_precision=args.mixed_precision)
+    if args.compile:
+        tc = dataclasses.replace(tc, compile=True)
+    return cfg.replace(**{section: tc})
 
 
 def cmd_train_vae(args: argparse.Namespace) -> int:
     from .train import train_vae
 
-    cfg = _preset_config(args)
+    cfg = _preset_config(args, "train_vae")
     run_dir = Path(args.run_dir) if args.run_dir else None
     t0 = time.perf_counter()
     vae = train_vae(cfg, run_dir=run_dir, epochs=args.epochs, resume=args.resume, device=args.device,
                     progress=not args.no_progress, data_root=args.data_root,
                     log=lambda m: print(m, file=sys.stderr))
-    print(json.dumps({"run_dir": str(run_dir or (project_root() / "runs" / cfg.preset)),
-                      "seconds": round(time.perf_counter() - t0, 1),
-                      "latent_scale": float(vae.latent_scale)}))
+    if is_main_process():
+        print(json.dumps({"run_dir": str(run_dir or (project_root() / "runs" / cfg.preset)),
+                          "seconds": round(time.perf_counter() - t0, 1),
+                          "latent_scale": float(vae.latent_scale)}))
     return 0
 
 
 def cmd_train_unet(args: argparse.Namespace) -> int:
     from .train import train_unet
 
-    cfg = _preset_config(args)
-    if args.mixed_precision:
-        cfg.train_unet.mixed_precision = args.mixed_precision
-    if args.compile:
-        cfg.train_unet.compile = True
+    cfg = _preset_config(args, "train_unet")
     run_dir = Path(args.run_dir) if args.run_dir else None
     t0 = time.perf_counter()
     train_unet(cfg, run_dir=run_dir, epochs=args.epochs, resume=args.resume, vae_checkpoint=args.vae,
                device=args.device, progress=not args.no_progress, data_root=args.data_root,
                log=lambda m: print(m, file=sys.stderr))
-    print(json.dumps({"run_dir": str(run_dir or (project_root() / "runs" / cfg.preset)),
-                      "seconds": round(time.perf_counter() - t0, 1)}))
+    if is_main_process():
+        print(json.dumps({"run_dir": str(run_dir or (project_root() / "runs" / cfg.preset)),
+                          "seconds": round(time.perf_counter() - t0, 1)}))
     return 0
 
 
@@ -330,6 +337,13 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, mps (default: auto)")
     p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--mixed-precision", choices=("auto", "bf16", "fp16", "no"),
+                   help="autocast dtype on CUDA: auto = bf16 where the GPU has it (default: the preset's); "
+                        "no effect, with a notice, on a CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a notice elsewhere)")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="change one config value of the preset, e.g. --set unet.dropout=0 --set train_unet.lr=2e-4 "
+                        "(repeatable; `info --preset P` lists the fields)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,9 +375,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-unet", help="train the latent UNet on a VAE's cached latents (--resume continues)")
     _training_args(p)
     p.add_argument("--vae", help="VAE file or run folder when --run-dir has none (default: latest run, else shipped)")
-    p.add_argument("--mixed-precision", choices=("auto", "bf16", "no"),
-                   help="bf16 autocast: auto = on a CUDA GPU with bf16 support (default: the preset's setting)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA; a notice elsewhere)")
     p.set_defaults(func=cmd_train_unet)
 
     p = sub.add_parser("reconstruct", help="encode+decode test images with a VAE; write .npz (or a .png grid)")

@@ -98,8 +98,8 @@ class TrainConfig:
     ema_warmup_steps: int = 1000  # EMA decay ramps up from 0 over these steps
     seed: int = 0
     sample_every: int = 1  # epochs between sample grids / metrics (0 = never)
-    mixed_precision: str = "auto"  # UNet: "auto" (bf16 on a CUDA GPU that supports it, else off), "bf16", "no"
-    compile: bool = False  # UNet: torch.compile the training forward pass (CUDA only; ignored with a notice on CPU)
+    mixed_precision: str = "auto"  # "auto" (bf16 on a CUDA GPU that has it), "bf16", "fp16", "no"; CUDA only
+    compile: bool = False  # torch.compile the training forward pass (CUDA only; ignored with a notice on CPU)
 
 
 @dataclass
@@ -129,6 +129,28 @@ class Config:
         """A copy with some sections swapped, e.g. ``cfg.replace(vae=VAEConfig(latent_channels=8))``."""
         return dataclasses.replace(self, **sections)
 
+    def override(self, assignments: list[str]) -> Config:
+        """A copy with ``section.field=value`` assignments applied (the CLI's ``--set``), e.g.
+        ``["unet.dropout=0", "train_unet.lr=2e-4", "unet.block_out_channels=32,64"]``. Values are parsed as the
+        field's current type; an unknown section or field is an error that lists the valid ones."""
+        cfg = dataclasses.replace(self)
+        for text in assignments:
+            key, sep, raw = text.partition("=")
+            section_name, dot, name = key.strip().partition(".")
+            sections = [f.name for f in dataclasses.fields(self) if f.name != "preset"]
+            if not sep or not dot:
+                raise ValueError(f"--set {text!r}: expected SECTION.FIELD=VALUE, e.g. unet.dropout=0")
+            if section_name not in sections:
+                raise ValueError(f"--set {text!r}: unknown section {section_name!r}; sections: {', '.join(sections)}")
+            section = getattr(cfg, section_name)
+            fields = {f.name for f in dataclasses.fields(section)}
+            if name not in fields:
+                raise ValueError(f"--set {text!r}: {section_name} has no field {name!r}; fields: "
+                                 f"{', '.join(sorted(fields))}")
+            value = _parse_value(raw.strip(), getattr(section, name), text)
+            setattr(cfg, section_name, dataclasses.replace(section, **{name: value}))
+        return cfg
+
     def __str__(self) -> str:
         lines = [f"preset: {self.preset}"]
         for f in dataclasses.fields(self):
@@ -138,6 +160,31 @@ class Config:
             items = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(section).items())
             lines.append(f"  {f.name:<10} {items}")
         return "\n".join(lines)
+
+
+def _parse_value(raw: str, current: Any, text: str) -> Any:
+    """``raw`` as the type of ``current`` (bool, int, float, str, a tuple of those; ``none`` for optional)."""
+    if raw.lower() in ("none", "null"):
+        return None
+    try:
+        if isinstance(current, bool):
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if isinstance(current, tuple):
+            items = [x.strip() for x in raw.strip("()[]").split(",") if x.strip()]
+            return tuple(_parse_value(x, current[0], text) if current else _number(x) for x in items)
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float) or current is None:
+            return _number(raw) if current is None else float(raw)
+        return raw
+    except ValueError:
+        raise ValueError(f"--set {text!r}: cannot read {raw!r} as {type(current).__name__}") from None
+
+
+def _number(raw: str) -> int | float:
+    return float(raw) if any(c in raw for c in ".eE") else int(raw)
 
 
 def _from_dict(cls: type, d: dict[str, Any], path: str) -> Any:

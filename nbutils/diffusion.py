@@ -123,13 +123,23 @@ class GaussianDiffusion:
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return add_noise(x0, noise, t, self.alphas_cumprod)
 
-    def loss(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """One training loss: random t, random noise, labels dropped to null with ``cond_drop_prob``."""
-        b = x0.shape[0]
-        t = torch.randint(0, self.num_train_timesteps, (b,), generator=generator, device=x0.device)
+    def draw(self, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The random part of one training loss: timesteps t, noise, and the labels after dropout to null."""
+        t = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         labels = drop_labels(labels, self.cfg.cond_drop_prob, self.null_label, generator)
+        return t, noise, labels
+
+    def loss(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor,
+             generator: torch.Generator | None = None,
+             draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """One training loss: random t, random noise, labels dropped to null with ``cond_drop_prob``.
+
+        ``draws`` = ``(t, noise, labels)`` from :meth:`draw` replaces the random draw (several training
+        processes draw for the global batch and each keeps its share; ``nbutils.distributed``)."""
+        t, noise, labels = draws if draws is not None else self.draw(x0, labels, generator)
         x_t = self.add_noise(x0, noise, t)
         target = training_target(x0, noise, t, self.alphas_cumprod, self.cfg.prediction_type)
         pred = model(x_t, t, labels)

@@ -46,6 +46,7 @@ from .checkpoints import (
     save_model,
 )
 from .config import Config, TrainConfig, pick_device, runs_dir
+from .distributed import OneProcess, processes
 from .metrics import reconstruction_metrics
 from .vae import VAE, latent_stats, vae_loss
 
@@ -108,6 +109,12 @@ def _interrupted(what: str, signame: str, step: int, epoch: int, batch: int, bat
            f"checkpoint written to {run_dir}. " + _resume_hint(what, run_dir, epochs, preset))
     log(msg)
     raise TrainingInterrupted(msg)
+
+
+def _split_note(procs: OneProcess, batch_size: int) -> str:
+    if procs.world_size == 1:
+        return ""
+    return f" (global: {procs.world_size} processes × ≈{batch_size / procs.world_size:g} each)"
 
 
 def _resume_hint(what: str, run_dir: Path, epochs: int, preset: str) -> str:
@@ -173,19 +180,79 @@ def lr_at(step: int, tc: TrainConfig, warmup: int = 200) -> float:
 
 
 def _optimize(what: str, loss: torch.Tensor, parts: dict[str, float], model: nn.Module, ema: EMA,
-              opt: torch.optim.Optimizer, tc: TrainConfig, step: int, epoch: int, last_checkpoint: Path) -> None:
-    """One optimizer step: NaN/inf guard, backward, gradient clipping, Adam, EMA update."""
+              opt: torch.optim.Optimizer, tc: TrainConfig, step: int, epoch: int, last_checkpoint: Path,
+              scaler: torch.amp.GradScaler | None = None) -> None:
+    """One optimizer step: NaN/inf guard, backward, gradient clipping, Adam, EMA update.
+
+    ``parts`` are the loss parts of the whole (global) batch; ``scaler`` is fp16's gradient scaler."""
     if not math.isfinite(parts["loss"]):
         raise NonFiniteLossError(
             f"non-finite {what} loss at step {step} (epoch {epoch + 1}): {parts}; last good checkpoint: "
             f"{last_checkpoint if last_checkpoint.exists() else 'none'}"
         )
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)  # clip the true gradients
     if tc.grad_clip:
         nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-    opt.step()
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)  # skipped when fp16 gradients overflowed
+        scaler.update()
     ema.update(model)
+
+
+MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
+
+
+def autocast_dtype(setting: str, device: torch.device, log: Callable[[str], None] = print) -> torch.dtype | None:
+    """The autocast dtype a training run uses for ``mixed_precision=setting`` (None = float32 throughout).
+
+    Mixed precision is a CUDA feature here: on a CPU or MPS any setting trains in float32, with a one-line
+    notice when ``bf16``/``fp16`` was asked for. On CUDA: ``auto`` = bf16 where the GPU supports it (Ampere
+    and newer), else float32; ``bf16`` = bf16, an error on a GPU without it; ``fp16`` = float16 with a
+    gradient scaler; ``no`` = float32. Model outputs are cast to float32 before the loss either way.
+    """
+    if setting not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision must be one of {', '.join(map(repr, MIXED_PRECISION))}, got {setting!r}")
+    if setting == "no":
+        return None
+    if device.type != "cuda":
+        if setting != "auto":
+            log(f"note: mixed_precision={setting!r} has no effect on {device.type} (CUDA only); training in float32")
+        return None
+    if setting == "fp16":
+        return torch.float16
+    supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if setting == "bf16" and not supported:
+        name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
+        raise ValueError(f"mixed_precision='bf16' needs a GPU with bfloat16 support (Ampere or newer); {name} has "
+                         "none: use 'fp16' or 'no'")
+    return torch.bfloat16 if supported else None
+
+
+def _precision(tc: TrainConfig, model: nn.Module, device: torch.device, log: Callable[[str], None]
+               ) -> tuple[torch.dtype | None, torch.amp.GradScaler | None, nn.Module]:
+    """``(autocast dtype, fp16 gradient scaler or None, the module to call for the forward pass)``."""
+    dtype = autocast_dtype(tc.mixed_precision, device, log)
+    if dtype is not None:
+        log(f"mixed precision: {str(dtype).removeprefix('torch.')} autocast on {device}")
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    forward = model
+    if tc.compile:
+        if device.type == "cuda":
+            forward = torch.compile(model)
+        else:
+            log(f"note: compile=True has no effect on {device.type} (CUDA only); training uncompiled")
+    return dtype, scaler, forward
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def _smooth(running: float, value: float, beta: float = 0.98) -> float:
@@ -314,6 +381,8 @@ def train_vae(
     run_dir = Path(run_dir) if run_dir is not None else runs_dir() / cfg.preset
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else pick_device()
+    procs = processes(device)  # one process, or one of several under `accelerate launch`
+    device, log, progress = procs.device(device), procs.log(log), progress and procs.is_main
 
     train_x, train_y = D.load_split("train", root=data_root, subset=cfg.data.train_subset)
     test_x, test_y = D.load_split("test", root=data_root, subset=cfg.data.test_subset)
@@ -338,10 +407,11 @@ def train_vae(
             log(f"already trained {start_epoch} epochs (asked for {epochs}); nothing to do")
     elif ckpt_path.exists():
         log(f"note: overwriting the checkpoint in {run_dir} (pass resume=True / --resume to continue it)")
+    amp_dtype, scaler, forward = _precision(tc, procs.prepare(vae), device, log)
 
     n_params = sum(p.numel() for p in vae.parameters())
-    log(f"VAE: {n_params:,} parameters, {len(train_x):,} training images, batch {tc.batch_size}, "
-        f"{len(loader)} steps/epoch, device {device}, run dir {run_dir}")
+    log(f"VAE: {n_params:,} parameters, {len(train_x):,} training images, batch {tc.batch_size}"
+        f"{_split_note(procs, tc.batch_size)}, {len(loader)} steps/epoch, device {device}, run dir {run_dir}")
 
     with _StopRequest() as stop:
         for epoch in range(start_epoch, epochs):
@@ -353,34 +423,50 @@ def train_vae(
             for b, (x, _) in enumerate(bar):
                 if b < skip:  # resuming inside this epoch: these batches were done before the interrupt
                     continue
+                if len(x) < procs.world_size:  # a last batch too small to split (several processes only)
+                    continue
                 x = x.to(device, non_blocking=True)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, tc, tc.lr_warmup_steps)
-                recon, mean, logvar = vae(x, generator=noise_gen)
-                loss, parts = vae_loss(x, recon, mean, logvar, cfg.vae.kl_weight)
-                _optimize("VAE", loss, parts, vae, ema, opt, tc, step, epoch, ckpt_path)
+                # ε of the posterior samples, drawn for the global batch (see nbutils.distributed)
+                eps = torch.randn((len(x), *vae.latent_shape), generator=noise_gen, device=device)
+                x_own, eps = procs.shard(x, eps)
+                with _autocast(device, amp_dtype):
+                    recon, mean, logvar = forward(x_own, noise=eps)
+                loss, parts = vae_loss(x_own, recon.float(), mean.float(), logvar.float(), cfg.vae.kl_weight)
+                parts = procs.combine(parts, len(x))
+                _optimize("VAE", loss * procs.loss_factor(len(x)), parts, vae, ema, opt, tc, step, epoch, ckpt_path,
+                          scaler)
                 step += 1
                 running = _smooth(running, parts["loss"])
                 history.steps.append({"step": step, **parts})
                 bar.set_postfix(loss=f"{running:.4f}", psnr=f"{10 * math.log10(4 / max(parts['mse'], 1e-12)):.1f}dB")
-                if stop.signal:
+                if procs.any(stop.signal is not None):
                     bar.close()
                     inside = {"batch": b + 1, "epoch_rng": epoch_rng, "running": running}
-                    _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch, history, inside)
-                    _interrupted("vae", stop.signal, step, epoch, b + 1, len(loader), run_dir, epochs, log, cfg.preset)
+                    if procs.is_main:
+                        _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch, history, inside)
+                    procs.barrier()
+                    _interrupted("vae", stop.signal or "stop request", step, epoch, b + 1, len(loader), run_dir,
+                                 epochs, log, cfg.preset)
             bar.close()
-            metrics = evaluate_vae(ema.model, test_x.to(device))
-            record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0,
-                      "train_loss": running, **{f"test_{k}": v for k, v in metrics.items()}}
+            record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0, "train_loss": running}
+            if procs.is_main:
+                metrics = evaluate_vae(ema.model, test_x.to(device))
+                record.update({f"test_{k}": v for k, v in metrics.items()})
+                log(f"epoch {epoch + 1}/{epochs}: train loss {running:.5f}  test PSNR {metrics['psnr']:.2f} dB  "
+                    f"SSIM {metrics['ssim']:.4f}  ({record['seconds']:.0f} s)")
             history.epochs.append(record)
-            log(f"epoch {epoch + 1}/{epochs}: train loss {running:.5f}  test PSNR {metrics['psnr']:.2f} dB  "
-                f"SSIM {metrics['ssim']:.4f}  ({record['seconds']:.0f} s)")
-            _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch + 1, history)
-            if tc.sample_every and (epoch + 1) % tc.sample_every == 0:
-                _save_recon_grid(ema.model, test_x, test_y, run_dir / f"vae_recon_epoch{epoch + 1:03d}.png")
+            if procs.is_main:
+                _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch + 1, history)
+                if tc.sample_every and (epoch + 1) % tc.sample_every == 0:
+                    _save_recon_grid(ema.model, test_x, test_y, run_dir / f"vae_recon_epoch{epoch + 1:03d}.png")
 
-    # the scale factor and the latent cache come from the final weights
-    return finalize_vae(run_dir, cfg, data_root=data_root, log=log, device=device, progress=progress)
+    # the scale factor and the latent cache come from the final weights (process 0 computes them)
+    with procs.main_first():
+        if procs.is_main:
+            return finalize_vae(run_dir, cfg, data_root=data_root, log=log, device=device, progress=progress)
+    return load_vae(run_dir / VAE_FILE, device=device)[0]
 
 
 def _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch, history, partial=None) -> None:
@@ -581,23 +667,27 @@ def train_unet(
     run_dir = Path(run_dir) if run_dir is not None else runs_dir() / cfg.preset
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else pick_device()
+    procs = processes(device)  # one process, or one of several under `accelerate launch`
+    device, log, progress = procs.device(device), procs.log(log), progress and procs.is_main
 
     own_vae = run_dir / VAE_FILE
-    if not own_vae.is_file():  # make the run self-contained: sampling needs the exact VAE it was trained on
-        import shutil
+    with procs.main_first():  # process 0 copies the VAE and writes the latent cache; the others then read them
+        if procs.is_main and not own_vae.is_file():  # self-contained run: sampling needs the exact VAE
+            import shutil
 
-        source = resolve_checkpoint(VAE_FILE, vae_checkpoint)
-        shutil.copyfile(source, own_vae)
-        if source.with_suffix(".json").is_file():
-            shutil.copyfile(source.with_suffix(".json"), own_vae.with_suffix(".json"))
-        log(f"using the VAE {source} (copied into {run_dir})")
-    vae, vae_meta = load_vae(own_vae, device=device)
-    if not vae._stats_set:
-        raise CheckpointError(f"{vae_meta['path']} has no latent statistics; run finalize_vae on its run first")
-    if vae.cfg.latent_channels != cfg.unet.latent_channels:
-        raise CheckpointError(f"VAE {vae_meta['path']} has {vae.cfg.latent_channels} latent channels, "
-                              f"the UNet config expects {cfg.unet.latent_channels}")
-    cache = D.latent_dataset(vae, vae_meta["path"], subset=cfg.data.train_subset, root=data_root, progress=progress)
+            source = resolve_checkpoint(VAE_FILE, vae_checkpoint)
+            shutil.copyfile(source, own_vae)
+            if source.with_suffix(".json").is_file():
+                shutil.copyfile(source.with_suffix(".json"), own_vae.with_suffix(".json"))
+            log(f"using the VAE {source} (copied into {run_dir})")
+        vae, vae_meta = load_vae(own_vae, device=device)
+        if not vae._stats_set:
+            raise CheckpointError(f"{vae_meta['path']} has no latent statistics; run finalize_vae on its run first")
+        if vae.cfg.latent_channels != cfg.unet.latent_channels:
+            raise CheckpointError(f"VAE {vae_meta['path']} has {vae.cfg.latent_channels} latent channels, "
+                                  f"the UNet config expects {cfg.unet.latent_channels}")
+        cache = D.latent_dataset(vae, vae_meta["path"], subset=cfg.data.train_subset, root=data_root,
+                                 progress=progress)
     shift = vae.latent_shift.cpu()[:, None, None]
     scale = float(vae.latent_scale)
 
@@ -621,18 +711,13 @@ def train_unet(
     elif (run_dir / UNET_FILE).exists():
         log(f"note: overwriting the UNet checkpoint in {run_dir} (pass resume=True / --resume to continue it)")
 
-    amp = _mixed_precision(tc.mixed_precision, device, log)
-    forward = unet
-    if tc.compile:
-        if device.type == "cuda":
-            forward = torch.compile(unet)
-        else:
-            log(f"note: compile=True has no effect on {device.type} (CUDA only); training uncompiled")
+    amp_dtype, scaler, forward = _precision(tc, procs.prepare(unet), device, log)
 
     n = len(cache["labels"])
     steps_per_epoch = -(-n // tc.batch_size)
     log(f"UNet: {sum(p.numel() for p in unet.parameters()):,} parameters, {n:,} latents from {vae_meta['path']}, "
-        f"batch {tc.batch_size}, {steps_per_epoch} steps/epoch, device {device}, run dir {run_dir}")
+        f"batch {tc.batch_size}{_split_note(procs, tc.batch_size)}, {steps_per_epoch} steps/epoch, device {device}, "
+        f"run dir {run_dir}")
     vae_digest = file_digest(own_vae)
 
     def save(epochs_done: int, inside: dict | None = None) -> None:
@@ -656,26 +741,37 @@ def train_unet(
             for b, (x0, labels) in enumerate(bar):
                 if b < skip:  # resuming inside this epoch: these batches were done before the interrupt
                     continue
+                if len(x0) < procs.world_size:  # a last batch too small to split (several processes only)
+                    continue
                 x0, labels = x0.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, tc, tc.lr_warmup_steps)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss, parts = diffusion.loss(forward, x0, labels, generator=noise_gen)
-                _optimize("UNet", loss, parts, unet, ema, opt, tc, step, epoch, run_dir / UNET_FILE)
+                # t, noise and label dropout drawn for the global batch; this process keeps its share
+                x0_own, *draws = procs.shard(x0, *diffusion.draw(x0, labels, generator=noise_gen))
+                with _autocast(device, amp_dtype):
+                    loss, parts = diffusion.loss(forward, x0_own, draws[2], draws=tuple(draws))
+                parts = procs.combine(parts, len(x0))
+                _optimize("UNet", loss * procs.loss_factor(len(x0)), parts, unet, ema, opt, tc, step, epoch,
+                          run_dir / UNET_FILE, scaler)
                 step += 1
                 running = _smooth(running, parts["loss"])
                 history.steps.append({"step": step, **parts})
                 bar.set_postfix(loss=f"{running:.4f}")
                 if on_step is not None:
                     on_step(step, parts)
-                if stop.signal:
+                if procs.any(stop.signal is not None):
                     bar.close()
-                    save(epoch, {"batch": b + 1, "epoch_rng": epoch_rng, "running": running})
-                    _interrupted("unet", stop.signal, step, epoch, b + 1, len(loader), run_dir, epochs, log, cfg.preset)
+                    if procs.is_main:
+                        save(epoch, {"batch": b + 1, "epoch_rng": epoch_rng, "running": running})
+                    procs.barrier()
+                    _interrupted("unet", stop.signal or "stop request", step, epoch, b + 1, len(loader), run_dir,
+                                 epochs, log, cfg.preset)
             bar.close()
             record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0, "train_loss": running}
             history.epochs.append(record)
             log(f"epoch {epoch + 1}/{epochs}: train loss {running:.4f} ({record['seconds']:.0f} s)")
+            if not procs.is_main:
+                continue
             save(epoch + 1)
             grid = None
             if tc.sample_every and (epoch + 1) % tc.sample_every == 0:
@@ -683,26 +779,8 @@ def train_unet(
                 save_sample_grid(ema.model, vae, cfg, grid)
             if on_epoch_end is not None:
                 on_epoch_end(record, history, ema.model, grid)
+    procs.barrier()  # the last checkpoint is on disk before any process returns
     return ema.model
-
-
-def _mixed_precision(setting: str, device: torch.device, log: Callable[[str], None]) -> bool:
-    """Whether to train under bf16 autocast: ``auto`` = on a CUDA device with bf16 support; ``bf16`` = always
-    (an error where the hardware would only emulate it); ``no`` = never."""
-    from .config import bf16_supported
-
-    if setting not in ("auto", "bf16", "no"):
-        raise ValueError(f"mixed_precision must be 'auto', 'bf16' or 'no', got {setting!r}")
-    if setting == "no":
-        return False
-    supported = bf16_supported(device)
-    if setting == "bf16" and not supported:
-        raise ValueError(f"mixed_precision='bf16' needs bf16 support, which {device} does not have "
-                         "(use 'auto' or 'no')")
-    if setting == "auto":
-        return device.type == "cuda" and supported
-    log(f"bf16 autocast on {device}")
-    return True
 
 
 def save_sample_grid(unet, vae, cfg: Config, path: str | Path, per_class: int = 10, steps: int = 25,

@@ -192,10 +192,13 @@ class VAE(nn.Module):
         return self.decoder(self.unstandardize(z))
 
     def forward(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
+        self, x: torch.Tensor, generator: torch.Generator | None = None, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(reconstruction, mean, logvar)``; ``noise`` (default: drawn from ``generator``) is the ε of
+        the posterior sample z = μ + σ·ε."""
         mean, logvar = self.encoder(x)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        if noise is None:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * logvar) * noise  # the reparameterisation trick
         return self.decoder(z), mean, logvar
 

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -95,3 +96,32 @@ def test_project_root_is_this_checkout(monkeypatch, tmp_path):
     assert (root / "pyproject.toml").is_file() and (root / "nbutils" / "config.py").is_file()
     monkeypatch.setenv("NBUTILS_HOME", str(tmp_path))
     assert C.runs_dir() == tmp_path / "runs"
+
+
+def test_override_parses_each_field_type_and_leaves_the_original_alone():
+    from nbutils.config import get_config
+
+    base = get_config("smoke")
+    cfg = base.override(["unet.dropout=0", "train_unet.lr=2e-4", "unet.block_out_channels=32,64",
+                         "train_unet.grad_clip=none", "train_unet.compile=true",
+                         "diffusion.beta_schedule=squaredcos_cap_v2", "diffusion.min_snr_gamma=5.0",
+                         "train_unet.epochs=3"])
+    assert cfg.unet.dropout == 0.0 and isinstance(cfg.unet.dropout, float)
+    assert cfg.train_unet.lr == 2e-4 and cfg.unet.block_out_channels == (32, 64)
+    assert cfg.train_unet.grad_clip is None and cfg.train_unet.compile is True and cfg.train_unet.epochs == 3
+    assert cfg.diffusion.beta_schedule == "squaredcos_cap_v2" and cfg.diffusion.min_snr_gamma == 5.0
+    assert base.unet.dropout == 0.1 and base.train_unet.lr == 1e-3  # a copy, not an edit
+
+
+@pytest.mark.parametrize("text, message", [
+    ("unet.dropout", "expected SECTION.FIELD=VALUE"),
+    ("model.dropout=0", "unknown section 'model'; sections: data, vae, unet"),
+    ("unet.drop=0", "unet has no field 'drop'; fields: attention_levels"),
+    ("unet.layers_per_block=1.5", "cannot read '1.5' as int"),
+    ("train_unet.compile=maybe", "cannot read 'maybe' as bool"),
+])
+def test_override_errors_name_the_problem(text, message):
+    from nbutils.config import get_config
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        get_config("smoke").override([text])

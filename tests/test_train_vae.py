@@ -278,18 +278,44 @@ def test_cli_sigterm_exits_130_with_resume_command(smoke_run, tmp_path):
 
 
 def test_mixed_precision_and_compile_settings(smoke_run, tmp_path):
-    """On this CPU: `auto` trains in float32 exactly as before, `compile` is a no-op with a notice, and a
-    bad setting or bf16 where it would only be emulated is a clear error."""
+    """On this CPU: `compile` and bf16/fp16 are no-ops with a one-line notice each, training in float32
+    exactly as with `no`; a bad setting is a clear error naming the valid ones."""
     import dataclasses
 
     cfg, vae_run, _ = smoke_run
-    (run,) = _unet_runs(vae_run, tmp_path, "amp")
+    plain_run, run = _unet_runs(vae_run, tmp_path, "plain", "amp")
+    T.train_unet(cfg, run_dir=plain_run, epochs=1, device="cpu", progress=False, log=lambda m: None)
     logs = []
-    cfg2 = cfg.replace(train_unet=dataclasses.replace(cfg.train_unet, compile=True))
+    cfg2 = cfg.replace(train_unet=dataclasses.replace(cfg.train_unet, compile=True, mixed_precision="bf16"))
     T.train_unet(cfg2, run_dir=run, epochs=1, device="cpu", progress=False, log=logs.append)
     assert any("compile=True has no effect on cpu" in m for m in logs)
+    assert any("mixed_precision='bf16' has no effect on cpu (CUDA only); training in float32" in m for m in logs)
+    a, _ = T.load_unet(plain_run, device="cpu")
+    b, _ = T.load_unet(run, device="cpu")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
     bad = cfg.replace(train_unet=dataclasses.replace(cfg.train_unet, mixed_precision="fp8"))
-    with pytest.raises(ValueError, match="mixed_precision must be 'auto', 'bf16' or 'no'"):
+    with pytest.raises(ValueError, match="mixed_precision must be one of 'auto', 'bf16', 'fp16', 'no', got 'fp8'"):
         T.train_unet(bad, run_dir=run, epochs=1, device="cpu", progress=False, log=lambda m: None)
-    assert T._mixed_precision("auto", torch.device("cpu"), print) is False
-    assert T._mixed_precision("no", torch.device("cuda"), print) is False
+
+
+def test_autocast_dtype_rules(monkeypatch):
+    """Which dtype each setting trains in, per device; bf16 on a CUDA GPU without it is refused clearly.
+    (The CUDA answers are checked by pretending: torch.cuda's queries are replaced, nothing runs on a GPU.)"""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    notes = []
+    for setting in ("auto", "no", "bf16", "fp16"):
+        assert T.autocast_dtype(setting, cpu, notes.append) is None
+    assert notes == [f"note: mixed_precision={s!r} has no effect on cpu (CUDA only); training in float32"
+                     for s in ("bf16", "fp16")]
+    assert T.autocast_dtype("no", cuda) is None
+    assert T.autocast_dtype("fp16", cuda) is torch.float16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert T.autocast_dtype("auto", cuda) is torch.bfloat16
+    assert T.autocast_dtype("bf16", cuda) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    assert T.autocast_dtype("auto", cuda) is None
+    with pytest.raises(ValueError, match="needs a GPU with bfloat16 support.*Tesla T4 has none: use 'fp16' or 'no'"):
+        T.autocast_dtype("bf16", cuda)
