@@ -65,7 +65,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     except Exception as exc:  # pragma: no cover - torchvision is a dependency
         tv = f"unavailable ({exc})"
     preset = args.preset or default_preset_name()
-    cfg = get_config(preset)
+    cfg = get_config(preset, dataset=args.dataset)
     try:
         data = str(find_raw_dir(args.data_root, download=False))
     except (DatasetNotFoundError, CorruptDatasetError) as exc:
@@ -132,10 +132,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def _preset_config(args: argparse.Namespace, section: str):
-    """The preset's config with the command line's ``--set`` assignments and precision flags applied."""
+    """The preset's config for ``--dataset``, with the ``--set`` assignments and precision flags applied."""
     import dataclasses
 
-    cfg = get_config(args.preset).override(args.set or [])
+    cfg = get_config(args.preset, dataset=args.dataset).override(args.set or [])
     tc = getattr(cfg, section)
     if args.mixed_precision:
         tc = dataclasses.replace(tc, mixed_precision=args.mixed_precision)
@@ -229,18 +229,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise CLIError(f"--guidance-interval must be LO,HI with 0 ≤ LO ≤ HI (timesteps), "
                            f"got {args.guidance_interval!r}")
     out = _output_path(args.out, (".npz", ".png"))
-    from .data import class_labels
+    from .data import class_labels, dataset_spec
 
-    labels = class_labels(args.class_, args.n)
     t0 = time.perf_counter()
     unet, vae, meta = load_models(args.checkpoint, device=args.device)
-    precision = args.precision
-    if precision == "auto":
-        from .config import bf16_supported
-
-        precision = "bf16" if bf16_supported(next(unet.parameters()).device) else "fp32"
+    dataset = meta["config"].get("data", {}).get("dataset", "fashion_mnist")
+    labels = class_labels(args.class_, args.n, dataset_spec(dataset).class_names)
     result = sample(unet, vae, args.n, labels, guidance=args.guidance, sampler=args.sampler, steps=args.steps,
-                    guidance_interval=interval, precision=precision,
+                    guidance_interval=interval, precision=args.precision,
                     generator=make_generator(args.seed), eta=args.eta, batch_size=args.batch_size,
                     progress=not args.no_progress)
     images = to_uint8(result.images).numpy()
@@ -254,7 +250,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         np.savez_compressed(out, images=images, labels=np.asarray(labels, dtype=np.int64))
     seconds = time.perf_counter() - t0
     print(json.dumps({"out": str(out), "n": args.n, "sampler": args.sampler, "steps": args.steps,
-                      "guidance": args.guidance, "guidance_interval": interval, "precision": precision,
+                      "guidance": args.guidance, "guidance_interval": interval, "precision": result.precision,
                       "seed": args.seed, "checkpoint": meta["path"],
                       "seconds": round(seconds, 2)}))
     return 0
@@ -341,6 +337,9 @@ def _training_args(p: argparse.ArgumentParser) -> None:
                    help="autocast dtype on CUDA: auto = bf16 where the GPU has it (default: the preset's); "
                         "no effect, with a notice, on a CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a notice elsewhere)")
+    p.add_argument("--dataset", choices=("fashion_mnist", "cifar10", "fake"),
+                   help="train on another dataset (default fashion_mnist; cifar10 = 3×32×32 via torchvision, "
+                        "downloaded into data/; fake = torchvision FakeData, offline, for tests)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="change one config value of the preset, e.g. --set unet.dropout=0 --set train_unet.lr=2e-4 "
                         "(repeatable; `info --preset P` lists the fields)")
@@ -357,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="versions, device, preset, data location, configuration")
     p.add_argument("--preset", choices=PRESETS, help="preset to describe (default: $NBUTILS_PRESET or auto)")
+    p.add_argument("--dataset", choices=("fashion_mnist", "cifar10", "fake"), help="the preset for another dataset")
     p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)

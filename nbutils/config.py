@@ -36,17 +36,27 @@ DEVICE_ENV = "NBUTILS_DEVICE"
 
 @dataclass
 class DataConfig:
-    """Which part of FashionMNIST to use. ``None`` means the whole split."""
+    """Which dataset, its image shape, and which part of it to use (``None`` = the whole split).
 
+    ``image_size`` and ``channels`` are the dataset's (``nbutils.data.DATASETS``); set them with
+    :func:`for_dataset`, which also shapes the VAE to match. ``fake`` is torchvision's ``FakeData`` (random
+    images of any shape, offline) for tests.
+    """
+
+    dataset: str = "fashion_mnist"  # "fashion_mnist" | "cifar10" | "fake"
+    image_size: int = 28
+    channels: int = 1
     train_subset: int | None = None  # first N training images (smoke uses a few hundred)
     test_subset: int | None = None  # first N test images used for per-epoch metrics
 
 
 @dataclass
 class VAEConfig:
-    """First stage: 1×28×28 image ↔ ``latent_channels``×7×7 latent (two 2× down/up samplings)."""
+    """First stage: C×S×S image ↔ ``latent_channels``×(S/4)×(S/4) latent (two 2× down/up samplings):
+    1×28×28 ↔ C_z×7×7 for FashionMNIST, 3×32×32 ↔ C_z×8×8 for CIFAR-10."""
 
     in_channels: int = 1
+    image_size: int = 28
     latent_channels: int = 4
     block_out_channels: tuple[int, ...] = (32, 64, 128)  # at 28×28, 14×14, 7×7
     layers_per_block: int = 1
@@ -265,6 +275,30 @@ def full_config() -> Config:
 _PRESET_FACTORIES = {"smoke": smoke_config, "cpu": cpu_config, "full": full_config}
 
 
+def for_dataset(cfg: Config, dataset: str, image_size: int | None = None, channels: int | None = None) -> Config:
+    """``cfg`` retargeted at another dataset: the data section names it and carries its image shape, the VAE
+    is built for that shape, the UNet for its number of classes. ``image_size``/``channels`` are for
+    ``fake`` only (real datasets have a fixed shape).
+
+    >>> c = for_dataset(get_config("smoke"), "cifar10"); (c.vae.in_channels, c.vae.image_size)
+    (3, 32)
+    """
+    from .data import dataset_spec
+
+    spec = dataset_spec(dataset)
+    size, ch = image_size or spec.image_size, channels or spec.channels
+    if not spec.any_shape and (size, ch) != (spec.image_size, spec.channels):
+        raise ValueError(f"{spec.name} images are {spec.channels}×{spec.image_size}×{spec.image_size}; "
+                         f"got image_size={size}, channels={ch}")
+    if size % 4:
+        raise ValueError(f"image_size must be a multiple of 4 (the VAE halves it twice), got {size}")
+    return cfg.replace(
+        data=dataclasses.replace(cfg.data, dataset=spec.name, image_size=size, channels=ch),
+        vae=dataclasses.replace(cfg.vae, in_channels=ch, image_size=size),
+        unet=dataclasses.replace(cfg.unet, num_classes=len(spec.class_names)),
+    )
+
+
 def default_preset_name() -> str:
     """``$NBUTILS_PRESET`` if set, else ``full`` when CUDA is available, else ``cpu``."""
     name = os.environ.get(PRESET_ENV, "").strip()
@@ -273,8 +307,9 @@ def default_preset_name() -> str:
     return "full" if torch.cuda.is_available() else "cpu"
 
 
-def get_config(preset: str | None = None) -> Config:
-    """The :class:`Config` of a preset (``None`` = :func:`default_preset_name`).
+def get_config(preset: str | None = None, dataset: str | None = None) -> Config:
+    """The :class:`Config` of a preset (``None`` = :func:`default_preset_name`), for FashionMNIST or, with
+    ``dataset``, another dataset (:func:`for_dataset`).
 
     >>> get_config("smoke").train_unet.epochs
     1
@@ -284,7 +319,8 @@ def get_config(preset: str | None = None) -> Config:
     if key not in _PRESET_FACTORIES:
         source = "" if preset is not None else f" (from ${PRESET_ENV})"
         raise ValueError(f"unknown preset {name!r}{source}; valid presets: {', '.join(PRESETS)}")
-    return _PRESET_FACTORIES[key]()
+    cfg = _PRESET_FACTORIES[key]()
+    return cfg if dataset is None else for_dataset(cfg, dataset)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,33 +82,36 @@ _ALIASES = {_norm(n): i for i, n in enumerate(CLASS_NAMES)}
 _ALIASES.update({"tshirt": 0, "top": 0, "tee": 0, "boot": 9, "ankleboot": 9, "trousers": 1})
 
 
-def class_index(name: str | int) -> int:
-    """Class index from an index or a name, forgiving about case and punctuation.
+def class_index(name: str | int, names: Sequence[str] = CLASS_NAMES) -> int:
+    """Class index from an index or a name, forgiving about case and punctuation (``names``: the
+    dataset's class names, FashionMNIST's by default).
 
     >>> class_index("sneaker"), class_index("T-shirt"), class_index("9")
     (7, 0, 9)
     """
     if isinstance(name, int) or (isinstance(name, str) and name.strip().isdigit()):
         idx = int(name)
-        if 0 <= idx < NUM_CLASSES:
+        if 0 <= idx < len(names):
             return idx
-        raise ValueError(f"class index {idx} out of range 0..{NUM_CLASSES - 1}")
+        raise ValueError(f"class index {idx} out of range 0..{len(names) - 1}")
     key = _norm(str(name))
-    if key in _ALIASES:
-        return _ALIASES[key]
-    valid = ", ".join(f"{i}={n!r}" for i, n in enumerate(CLASS_NAMES))
+    aliases = _ALIASES if tuple(names) == CLASS_NAMES else {_norm(n): i for i, n in enumerate(names)}
+    if key in aliases:
+        return aliases[key]
+    valid = ", ".join(f"{i}={n!r}" for i, n in enumerate(names))
     raise ValueError(f"unknown class {name!r}; valid classes: {valid}")
 
 
-def class_labels(spec: str | int, n: int) -> list[int]:
-    """``n`` labels from a class spec: ``all`` (cycle 0..9), ``none``/``uncond`` (−1 = unconditional),
-    a name or index, or a comma list of them (cycled). Used by ``sample --class`` and the widget sampler."""
+def class_labels(spec: str | int, n: int, names: Sequence[str] = CLASS_NAMES) -> list[int]:
+    """``n`` labels from a class spec: ``all`` (cycle through the classes), ``none``/``uncond`` (−1 =
+    unconditional), a name or index, or a comma list of them (cycled). Used by ``sample --class`` and the
+    widget sampler."""
     key = str(spec).strip().lower()
     if key == "all":
-        return [i % NUM_CLASSES for i in range(n)]
+        return [i % len(names) for i in range(n)]
     if key in ("none", "uncond", "unconditional", "-1"):
         return [-1] * n
-    parts = [class_index(p) for p in str(spec).split(",") if p.strip()]
+    parts = [class_index(p, names) for p in str(spec).split(",") if p.strip()]
     if not parts:
         raise ValueError(f"class {spec!r} names no class")
     return [parts[i % len(parts)] for i in range(n)]
@@ -271,24 +274,122 @@ def load_split(
     return images, labels
 
 
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 28, 28) or (N, 1, 28, 28) → float32 (N, 1, 28, 28) in [-1, 1]."""
+def to_model_range(images: torch.Tensor, shape: tuple[int, int, int] = (1, IMAGE_SIZE, IMAGE_SIZE)) -> torch.Tensor:
+    """uint8 images → float32 (N, C, H, W) in [-1, 1], checked against ``shape`` = (C, H, W).
+
+    Accepted layouts: (N, H, W) for one channel, (N, C, H, W), and channel-last (N, H, W, C) for colour
+    (how CIFAR-10 and image files store it). Default shape: FashionMNIST's 1×28×28.
+    """
     if images.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {images.dtype}")
-    if images.ndim == 3:
+    c, h, w = shape
+    if images.ndim == 3 and c == 1:
         images = images[:, None]
-    if images.ndim != 4 or images.shape[1:] != (1, IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"expected images of shape (N, 28, 28) or (N, 1, 28, 28), got {tuple(images.shape)}")
+    elif images.ndim == 4 and c > 1 and tuple(images.shape[1:]) == (h, w, c):
+        images = images.permute(0, 3, 1, 2)
+    if images.ndim != 4 or tuple(images.shape[1:]) != (c, h, w):
+        layouts = f"(N, {h}, {w}) or (N, 1, {h}, {w})" if c == 1 else f"(N, {c}, {h}, {w}) or (N, {h}, {w}, {c})"
+        raise ValueError(f"expected images of shape {layouts}, got {tuple(images.shape)}")
     return images.float().div(127.5).sub(1.0)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float in [-1, 1], (N, 1, 28, 28) or (N, 28, 28) → uint8 (N, 28, 28) (values are clamped)."""
+    """float in [-1, 1] → uint8 (values are clamped): (N, 1, H, W) or (N, H, W) → (N, H, W);
+    colour (N, C, H, W) → channel-last (N, H, W, C), the layout of image files."""
     if x.ndim == 4:
-        if x.shape[1] != 1:
-            raise ValueError(f"expected one channel, got shape {tuple(x.shape)}")
-        x = x[:, 0]
+        x = x[:, 0] if x.shape[1] == 1 else x.permute(0, 2, 3, 1)
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+# --------------------------------------------------------------------------------------------
+# Other datasets: the image shape comes from the dataset, not from constants
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the models need to know about a dataset; ``load(split, root, download, shape)`` returns
+    ``(uint8 images (N, C, H, W), int64 labels (N,))``."""
+
+    name: str
+    image_size: int
+    channels: int
+    class_names: tuple[str, ...]
+    load: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    any_shape: bool = False  # FakeData: any image_size and channels
+
+
+def _load_fashion(split: str, root, download: bool, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = load_split(split, root=root, download=download)
+    return images[:, None], labels
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cifar10(split: str, root, download: bool, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10 through torchvision (``root`` default ``data/``; the download needs internet once)."""
+    folder = Path(root) if root else data_dir()
+    try:
+        from torchvision.datasets import CIFAR10
+
+        ds = CIFAR10(str(folder), train=split == "train", download=download)
+    except Exception as exc:  # no internet, damaged archive, ...
+        raise DatasetNotFoundError(
+            f"CIFAR-10 not found in {folder} ({type(exc).__name__}: {exc}). torchvision downloads it there "
+            "when there is internet access (download=True); or put the extracted cifar-10-batches-py/ folder "
+            "there (or in --data-root DIR)."
+        ) from exc
+    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)
+
+
+FAKE_SIZES = {"train": 512, "test": 256}
+
+
+@functools.lru_cache(maxsize=4)
+def _load_fake(split: str, root, download: bool, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's ``FakeData``: random images of ``shape``, the same every call (seeded per index)."""
+    import numpy as np
+    from torchvision.datasets import FakeData
+
+    ds = FakeData(size=FAKE_SIZES[split], image_size=tuple(shape), num_classes=NUM_CLASSES,
+                  random_offset=0 if split == "train" else 10**6)
+    images, labels = zip(*(ds[i] for i in range(len(ds))), strict=True)
+    arrays = [np.asarray(im, dtype=np.uint8).reshape(shape[1], shape[2], -1) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(labels).long()
+
+
+CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+DATASETS: dict[str, DatasetSpec] = {
+    "fashion_mnist": DatasetSpec("fashion_mnist", 28, 1, CLASS_NAMES, _load_fashion),
+    "cifar10": DatasetSpec("cifar10", 32, 3, CIFAR10_CLASS_NAMES, _load_cifar10),
+    "fake": DatasetSpec("fake", 32, 3, tuple(f"class {i}" for i in range(NUM_CLASSES)), _load_fake, any_shape=True),
+}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    key = name.strip().lower().replace("-", "_")
+    key = {"fashionmnist": "fashion_mnist", "cifar": "cifar10", "cifar_10": "cifar10"}.get(key, key)
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+    return DATASETS[key]
+
+
+def load_images(data_cfg, split: str = "train", root: str | os.PathLike | None = None, subset: int | None = None,
+                download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(uint8 images (N, C, H, W), int64 labels (N,))`` of the dataset a ``DataConfig`` names, checked
+    against its ``image_size`` and ``channels``; ``subset`` keeps the first N."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    spec = dataset_spec(data_cfg.dataset)
+    shape = (data_cfg.channels, data_cfg.image_size, data_cfg.image_size)
+    images, labels = spec.load(split, str(root) if root else None, download, shape)
+    if tuple(images.shape[1:]) != shape:
+        raise ValueError(f"{spec.name} images are {tuple(images.shape[1:])}, the config says {shape} "
+                         f"(build configs with config.for_dataset(cfg, {spec.name!r}))")
+    if subset is not None:
+        if subset <= 0:
+            raise ValueError(f"subset must be a positive number of images, got {subset}")
+        images, labels = images[:subset], labels[:subset]
+    return images, labels
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,11 +512,12 @@ def load_latent_cache(path: str | os.PathLike, vae_path: str | os.PathLike | Non
 
 
 def latent_dataset(vae, vae_path: str | os.PathLike, subset: int | None = None, root=None,
-                   progress: bool = True) -> dict[str, torch.Tensor]:
+                   progress: bool = True, data_cfg=None) -> dict[str, torch.Tensor]:
     """The training set encoded by ``vae`` (loaded from ``vae_path``), from cache when possible.
 
     Looks for ``latents.safetensors`` beside the VAE file, then ``runs/latent_cache/<digest>.safetensors``;
-    computes and writes the latter when neither matches. ``subset`` keeps the first N.
+    computes and writes the latter when neither matches. ``subset`` keeps the first N. ``data_cfg`` (a
+    ``DataConfig``) names the dataset; default FashionMNIST.
     """
     from .checkpoints import CheckpointError, file_digest
     from .config import runs_dir
@@ -432,8 +534,13 @@ def latent_dataset(vae, vae_path: str | os.PathLike, subset: int | None = None, 
         if subset is None or len(cache["labels"]) >= subset:
             break
     else:
-        images, labels = load_split("train", root=root)
-        mean, std = encode_dataset(vae, to_model_range(images), progress=progress)
+        if data_cfg is None:
+            from .config import DataConfig
+
+            data_cfg = DataConfig()
+        images, labels = load_images(data_cfg, "train", root=root)
+        shape = (data_cfg.channels, data_cfg.image_size, data_cfg.image_size)
+        mean, std = encode_dataset(vae, to_model_range(images, shape), progress=progress)
         shared.parent.mkdir(parents=True, exist_ok=True)
         write_latent_cache(shared, mean, std, labels, vae_path)
         cache = {"mean": mean, "std": std, "labels": labels}

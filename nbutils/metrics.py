@@ -59,15 +59,21 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
 
     The original definition: an 11×11 Gaussian window with σ = 1.5, constants C1 = (0.01·L)²,
     C2 = (0.03·L)² with L = 1, computed over the 'valid' window positions (18×18 of them for 28×28)
-    and averaged. Identical images give exactly 1.
+    and averaged. Identical images give exactly 1. Colour images: per channel, then averaged (as
+    scikit-image does with ``channel_axis``).
     """
     a, b = to_unit(x), to_unit(y)
-    w = _gaussian_window(window, sigma).to(a.device)[None, None]
+    channels = a.shape[1]
+    w = _gaussian_window(window, sigma).to(a.device)[None, None].expand(channels, 1, window, window)
+
+    def blur(v: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(v, w, groups=channels)
+
     c1, c2 = 0.01**2, 0.03**2
-    mu_a, mu_b = F.conv2d(a, w), F.conv2d(b, w)
-    var_a = F.conv2d(a * a, w) - mu_a**2
-    var_b = F.conv2d(b * b, w) - mu_b**2
-    cov = F.conv2d(a * b, w) - mu_a * mu_b
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return s.flatten(1).mean(1)
 

@@ -1,7 +1,8 @@
 """Pictures: image grids (on screen and as PNG files), and the small charts the notebooks use.
 
 Images may be given as uint8 (N, 28, 28), or float (N, 1, 28, 28) / (N, 28, 28) in [-1, 1]
-(the models' range); :func:`as_uint8` converts either way.
+(the models' range); :func:`as_uint8` converts either way. Colour images (another dataset, e.g. CIFAR-10)
+work the same: float (N, 3, H, W) in [-1, 1], or uint8 (N, 3, H, W) / channel-last (N, H, W, 3).
 """
 
 from __future__ import annotations
@@ -17,16 +18,20 @@ from .data import CLASS_NAMES, NUM_CLASSES, to_uint8
 
 
 def as_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """uint8 numpy (N, H, W) from uint8 or [-1, 1] float images, with or without a channel axis."""
+    """uint8 numpy (N, H, W) — or (N, H, W, 3) for colour — from uint8 or [-1, 1] float images, with or
+    without a channel axis."""
     x = torch.as_tensor(np.asarray(images) if isinstance(images, np.ndarray) else images)
-    if x.ndim == 4:
-        if x.shape[1] != 1:
-            raise ValueError(f"expected one channel, got shape {tuple(x.shape)}")
-        x = x[:, 0]
     if x.ndim == 2:
         x = x[None]
-    if x.ndim != 3:
-        raise ValueError(f"expected images (N, H, W) or (N, 1, H, W), got shape {tuple(x.shape)}")
+    if x.ndim == 4 and x.dtype == torch.uint8:
+        if x.shape[1] == 1:
+            x = x[:, 0]
+        elif x.shape[1] == 3 and x.shape[-1] != 3:
+            x = x.permute(0, 2, 3, 1)
+    if x.ndim == 4 and x.dtype != torch.uint8 and x.shape[1] not in (1, 3):
+        raise ValueError(f"expected 1 or 3 channels, got shape {tuple(x.shape)}")
+    if x.ndim not in (3, 4) or (x.ndim == 4 and x.dtype == torch.uint8 and x.shape[-1] != 3):
+        raise ValueError(f"expected images (N, H, W), (N, 1, H, W) or colour (N, 3, H, W), got shape {tuple(x.shape)}")
     if x.dtype != torch.uint8:
         x = to_uint8(x)
     return x.cpu().numpy()
@@ -38,10 +43,10 @@ def image_grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, pad: 
     Padding is white-ish grey (200) so black garments on a black background stay separable.
     """
     imgs = as_uint8(images)
-    n, h, w = imgs.shape
+    n, h, w = imgs.shape[:3]
     ncol = nrow or int(np.ceil(np.sqrt(n)))
     nrows = int(np.ceil(n / ncol))
-    grid = np.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad), 200, dtype=np.uint8)
+    grid = np.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad, *imgs.shape[3:]), 200, dtype=np.uint8)
     for i in range(n):
         r, c = divmod(i, ncol)
         top, left = pad + r * (h + pad), pad + c * (w + pad)
@@ -61,7 +66,10 @@ def save_grid(
     grid = image_grid(images, nrow=nrow)
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    matplotlib.image.imsave(path, grid, cmap="gray", vmin=0, vmax=255)
+    if grid.ndim == 3:  # colour
+        matplotlib.image.imsave(path, grid)
+    else:
+        matplotlib.image.imsave(path, grid, cmap="gray", vmin=0, vmax=255)
     return path
 
 

@@ -214,10 +214,11 @@ def guided_output(model, x: torch.Tensor, t, labels: torch.Tensor, guidance: flo
 
 @dataclass
 class SampleResult:
-    images: torch.Tensor  # (N, 1, 28, 28) in [-1, 1] (decoded)
-    latents: torch.Tensor  # (N, C_z, 7, 7), standardised
+    images: torch.Tensor  # (N, C, H, W) in [-1, 1] (decoded): (N, 1, 28, 28) for FashionMNIST
+    latents: torch.Tensor  # (N, C_z, H/4, W/4), standardised
     labels: torch.Tensor  # (N,), −1 = unconditional
     trajectory: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (t, decoded x̂_0) pairs
+    precision: str = "fp32"  # what the UNet ran in ("auto" resolved)
 
 
 @torch.no_grad()
@@ -308,7 +309,7 @@ def sample(
         lab = labels[start : start + batch_size]
         model_labels = torch.where(lab < 0, torch.full_like(lab, null), lab).to(device)
         s = make_sampler(sampler, schedule, dcfg.prediction_type, steps, timestep_spacing, eta)
-        shape = (len(lab), unet.cfg.latent_channels, 7, 7)
+        shape = (len(lab), *vae.latent_shape)
         x = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu").to(device)
         record = set()
         if return_trajectory and start == 0:
@@ -326,4 +327,4 @@ def sample(
         images.append(vae.decode(x).cpu())
         bar.update(len(lab))
     bar.close()
-    return SampleResult(torch.cat(images), torch.cat(latents), labels, trajectory)
+    return SampleResult(torch.cat(images), torch.cat(latents), labels, trajectory, precision)

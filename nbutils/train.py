@@ -111,6 +111,16 @@ def _interrupted(what: str, signame: str, step: int, epoch: int, batch: int, bat
     raise TrainingInterrupted(msg)
 
 
+def _image_shape(cfg: Config) -> tuple[int, int, int]:
+    """(C, H, W) of the dataset; an error when the VAE was configured for another shape."""
+    d, v = cfg.data, cfg.vae
+    if (v.in_channels, v.image_size) != (d.channels, d.image_size):
+        raise ValueError(f"the VAE is configured for {v.in_channels}×{v.image_size}×{v.image_size} images but "
+                         f"{d.dataset} has {d.channels}×{d.image_size}×{d.image_size}: build the config with "
+                         f"get_config(preset, dataset={d.dataset!r}) (CLI: --dataset {d.dataset}), which sets both")
+    return (d.channels, d.image_size, d.image_size)
+
+
 def _split_note(procs: OneProcess, batch_size: int) -> str:
     if procs.world_size == 1:
         return ""
@@ -384,9 +394,10 @@ def train_vae(
     procs = processes(device)  # one process, or one of several under `accelerate launch`
     device, log, progress = procs.device(device), procs.log(log), progress and procs.is_main
 
-    train_x, train_y = D.load_split("train", root=data_root, subset=cfg.data.train_subset)
-    test_x, test_y = D.load_split("test", root=data_root, subset=cfg.data.test_subset)
-    train_x, test_x = D.to_model_range(train_x), D.to_model_range(test_x)
+    shape = _image_shape(cfg)
+    train_x, train_y = D.load_images(cfg.data, "train", root=data_root, subset=cfg.data.train_subset)
+    test_x, test_y = D.load_images(cfg.data, "test", root=data_root, subset=cfg.data.test_subset)
+    train_x, test_x = D.to_model_range(train_x, shape), D.to_model_range(test_x, shape)
 
     torch.manual_seed(tc.seed)
     vae = VAE(cfg.vae).to(device)
@@ -501,7 +512,7 @@ def _save_recon_grid(vae: VAE, test_x: torch.Tensor, test_y: torch.Tensor, path:
 @torch.no_grad()
 def encode_dataset(vae: VAE, images: torch.Tensor, batch_size: int = 1000, progress: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw posterior ``(mean, std)`` of every image (N, C_z, 7, 7), on the CPU, float32."""
+    """Raw posterior ``(mean, std)`` of every image (N, C_z, H/4, W/4), on the CPU, float32."""
     vae.eval()
     device = next(vae.parameters()).device
     means, stds = [], []
@@ -527,8 +538,8 @@ def finalize_vae(
     run_dir = Path(run_dir)
     vae, meta = load_vae(run_dir / VAE_FILE, device=device)
     cfg = cfg or Config.from_dict(meta["config"])
-    images, labels = D.load_split("train", root=data_root, subset=cfg.data.train_subset)
-    mean, std = encode_dataset(vae, D.to_model_range(images), progress=progress)
+    images, labels = D.load_images(cfg.data, "train", root=data_root, subset=cfg.data.train_subset)
+    mean, std = encode_dataset(vae, D.to_model_range(images, _image_shape(cfg)), progress=progress)
     shift, scale = latent_stats(mean, std)
     vae.set_latent_stats(shift, scale)
     extra = dict(meta["extra"], latent_stats=True, latent_shift=shift.tolist(), latent_scale=scale)
@@ -686,8 +697,12 @@ def train_unet(
         if vae.cfg.latent_channels != cfg.unet.latent_channels:
             raise CheckpointError(f"VAE {vae_meta['path']} has {vae.cfg.latent_channels} latent channels, "
                                   f"the UNet config expects {cfg.unet.latent_channels}")
+        if (vae.cfg.in_channels, vae.cfg.image_size) != (cfg.data.channels, cfg.data.image_size):
+            raise CheckpointError(f"VAE {vae_meta['path']} is for {vae.cfg.in_channels}×{vae.cfg.image_size}² "
+                                  f"images, the config's dataset {cfg.data.dataset} has "
+                                  f"{cfg.data.channels}×{cfg.data.image_size}²")
         cache = D.latent_dataset(vae, vae_meta["path"], subset=cfg.data.train_subset, root=data_root,
-                                 progress=progress)
+                                 progress=progress, data_cfg=cfg.data)
     shift = vae.latent_shift.cpu()[:, None, None]
     scale = float(vae.latent_scale)
 

@@ -1,4 +1,5 @@
-"""The first stage: a VAE that squeezes a 1×28×28 image into a ``C_z``×7×7 latent and back.
+"""The first stage: a VAE that squeezes a 1×28×28 image into a ``C_z``×7×7 latent and back
+(any C×S×S with S a multiple of 4 builds the same way: CIFAR-10's 3×32×32 ↔ ``C_z``×8×8).
 
 Shapes (default config, ``block_out_channels=(32, 64, 128)``)::
 
@@ -151,10 +152,11 @@ class VAE(nn.Module):
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        return (self.cfg.latent_channels, 7, 7)
+        side = self.cfg.image_size // 4  # two stride-2 halvings: 28 → 7, 32 → 8
+        return (self.cfg.latent_channels, side, side)
 
     def check_images(self, x: torch.Tensor) -> None:
-        expected = (self.cfg.in_channels, 28, 28)
+        expected = (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         if not x.is_floating_point():
@@ -269,7 +271,7 @@ def describe(vae: VAE, batch: int = 1) -> str:
                 handles.append(module.register_forward_hook(hook(f"{prefix}.{name} {type(module).__name__}")))
     try:
         with torch.no_grad():
-            mean, _ = vae.encoder(torch.zeros(batch, vae.cfg.in_channels, 28, 28))
+            mean, _ = vae.encoder(torch.zeros(batch, vae.cfg.in_channels, vae.cfg.image_size, vae.cfg.image_size))
             vae.decoder(mean)
     finally:
         for h in handles:
