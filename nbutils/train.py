@@ -565,7 +565,8 @@ def load_vae(
     cfg = Config.from_dict(meta["config"])
     if expected is not None:
         arch = lambda d: {k: v for k, v in d.items() if k != "kl_weight"}  # noqa: E731  (training-only)
-        diffs = config_differences(arch(meta["config"]["vae"]), arch(expected.to_dict()["vae"]), "vae.")
+        # through Config so fields added since the checkpoint was written take their defaults
+        diffs = config_differences(arch(cfg.to_dict()["vae"]), arch(expected.to_dict()["vae"]), "vae.")
         if diffs:
             raise CheckpointError(f"{path} was trained with a different VAE config: " + "; ".join(diffs))
     vae = VAE(cfg.vae)
