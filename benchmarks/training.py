@@ -1,0 +1,146 @@
+"""Training throughput of the real UNet loop (``nbutils.train.train_unet``) on 1 and N processes.
+
+    python benchmarks/training.py                                   # this CPU: 1 process vs 2 (gloo)
+    python benchmarks/training.py --processes 1 2 --preset cpu --steps 40 --warmup 10
+    python benchmarks/training.py --device cuda --processes 1 --preset full --mixed-precision bf16 --compile
+
+Each configuration runs the actual training loop — global batch, per-process shards, the all-reduce of
+gradients and of the logged loss, EMA, Adam — on the shipped VAE's cached latents, for ``--warmup`` steps
+that are not timed and ``--steps`` that are (``train_unet``'s ``on_step`` hook stamps the clock). One process
+is a plain ``python`` run; N > 1 processes are started by ``accelerate launch --multi_gpu --num_processes N``
+(on a machine without GPUs that means N CPU processes talking over gloo), with the CPU's threads split between
+them (``OMP_NUM_THREADS = cores / N``; ``--threads`` overrides).
+
+Prints one JSON line per configuration: latent samples per second per training step (global batch × steps /
+seconds), seconds per step, and the projected wall time of an epoch of 60,000 latents and of ``--epochs``
+epochs (default 100, the reference setup) — a projection from the timed steps, not a run: per-epoch work
+(sample grids, checkpoints) is not included. Record results in benchmarks/README.md with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One training run, timed by the step hook; process 0 prints the result as JSON."""
+    import torch
+
+    from nbutils.config import get_config, pick_device
+    from nbutils.distributed import is_main_process
+    from nbutils.train import train_unet
+    from nbutils.unet import UNet, count_parameters
+
+    cfg = get_config(args.preset).override([
+        f"train_unet.batch_size={args.batch_size}",
+        f"data.train_subset={args.batch_size * (args.warmup + args.steps)}",
+        "train_unet.sample_every=0",
+        f"train_unet.mixed_precision={args.mixed_precision}",
+        f"train_unet.compile={args.compile}",
+    ])
+    stamps: dict[int, float] = {}
+
+    def on_step(step: int, parts: dict) -> None:
+        if step in (args.warmup, args.warmup + args.steps):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            stamps[step] = time.perf_counter()
+
+    device = torch.device(args.device) if args.device else pick_device()
+    train_unet(cfg, run_dir=args.run_dir, epochs=1, vae_checkpoint=ROOT / "checkpoints", device=device,
+               progress=False, log=lambda m: None, on_step=on_step)
+    if not is_main_process():
+        return
+    seconds = stamps[args.warmup + args.steps] - stamps[args.warmup]
+    per_step = seconds / args.steps
+    steps_per_epoch = -(-60000 // args.batch_size)
+    print(json.dumps({
+        "processes": int(os.environ.get("WORLD_SIZE", "1")),
+        "threads_per_process": torch.get_num_threads(),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "preset": args.preset,
+        "unet_parameters": count_parameters(UNet(cfg.unet)),
+        "global_batch": args.batch_size,
+        "mixed_precision": args.mixed_precision,
+        "compile": args.compile,
+        "timed_steps": args.steps,
+        "seconds_per_step": round(per_step, 5),
+        "latent_samples_per_s": round(args.batch_size / per_step, 1),
+        "epoch_minutes": round(steps_per_epoch * per_step / 60, 2),
+        f"projected_{args.epochs}_epochs_minutes": round(args.epochs * steps_per_epoch * per_step / 60, 1),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+    }), flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "full"))
+    p.add_argument("--batch-size", type=int, default=128, help="global batch")
+    p.add_argument("--steps", type=int, default=40, help="timed steps")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    p.add_argument("--epochs", type=int, default=100, help="epochs for the projected wall time")
+    p.add_argument("--device", help="cpu or cuda (default: auto)")
+    p.add_argument("--mixed-precision", default="no", choices=("auto", "bf16", "fp16", "no"))
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--threads", type=int, help="threads per process (default: cores / processes)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--run-dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    for n in args.processes:
+        threads = args.threads or max(1, (os.cpu_count() or 1) // n)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        own = ["--preset", args.preset, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--epochs", str(args.epochs), "--mixed-precision", args.mixed_precision,
+               "--worker", *(["--device", args.device] if args.device else []),
+               *(["--compile"] if args.compile else [])]
+        if n == 1:
+            cmd = [sys.executable, __file__, *own]
+        else:
+            if not _has_accelerate():
+                sys.exit("accelerate is not installed: pip install -e '.[distributed]'")
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(_free_port()), __file__, *own]
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as run_dir:  # one run folder, shared by the processes
+            proc = subprocess.run([*cmd, "--run-dir", run_dir], env=env, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{n} process(es) failed:\n{proc.stderr[-3000:]}")
+        line = proc.stdout.strip().splitlines()[-1]
+        result = json.loads(line)
+        result["run_seconds_incl_startup"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(result), flush=True)
+
+
+def _has_accelerate() -> bool:
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    main()
