@@ -451,7 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         from .train import TrainingInterrupted
 
-        if isinstance(exc, TrainingInterrupted):
+        if not is_main_process():
+            pass  # several training processes: process 0 says it once
+        elif isinstance(exc, TrainingInterrupted):
             print(f"error: {exc}", file=sys.stderr)
         else:
             print("interrupted", file=sys.stderr)
