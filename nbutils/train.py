@@ -656,8 +656,14 @@ def train_unet(
     data_root: str | None = None,
     on_epoch_end: Callable | None = None,
     on_step: Callable[[int, dict], None] | None = None,
+    init_from: str | Path | None = None,
 ):
     """Train the latent UNet of ``cfg`` on the cached latents of a VAE; returns the EMA UNet.
+
+    ``init_from`` (a run folder or UNet checkpoint; ignored with ``resume``) starts a *new* run from another
+    run's weights — raw and EMA from its state file when it has one — with a fresh optimizer and this config's
+    learning rate: fine-tuning, e.g. a low-learning-rate phase after a constant-rate run. Its VAE must be
+    this run's (the same SHA-256).
 
     The VAE is ``run_dir``'s own when it has one, else ``vae_checkpoint`` (default: latest run, else
     shipped). Every epoch draws fresh posterior samples z = μ + σ·ε from the cache (never re-encoding
@@ -726,7 +732,8 @@ def train_unet(
             log(f"already trained {start_epoch} epochs (asked for {epochs}); nothing to do")
     elif (run_dir / UNET_FILE).exists():
         log(f"note: overwriting the UNet checkpoint in {run_dir} (pass resume=True / --resume to continue it)")
-
+    if init_from is not None and not resume:
+        _init_from(Path(init_from), unet, ema, own_vae, log)
     amp_dtype, scaler, forward = _precision(tc, procs.prepare(unet), device, log)
 
     n = len(cache["labels"])
@@ -812,6 +819,27 @@ def save_sample_grid(unet, vae, cfg: Config, path: str | Path, per_class: int = 
     result = sample(unet, vae, n, labels, guidance=guidance, sampler="ddim", steps=steps,
                     generator=make_generator(seed), diffusion_cfg=cfg.diffusion)
     return save_grid(result.images, path, nrow=per_class)
+
+
+def _init_from(source: Path, unet, ema: EMA, own_vae: Path, log: Callable[[str], None]) -> None:
+    """Load another run's UNet weights into ``unet`` (raw) and ``ema``; see ``train_unet(init_from=…)``."""
+    path = resolve_checkpoint(UNET_FILE, source)
+    tensors, meta = read_model(path, "unet")
+    recorded = meta["extra"].get("vae_digest")
+    if recorded and recorded != file_digest(own_vae):
+        raise CheckpointError(f"cannot start from {path}: it was trained on another VAE's latents than {own_vae} "
+                              "(SHA-256 differs); use its run's vae.safetensors (--vae)")
+    state_path = path.parent / UNET_STATE_FILE
+    if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        unet.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        what = f"raw and EMA weights after its step {state['step']}"
+    else:
+        load_state_strict(unet, tensors, path)
+        ema.model.load_state_dict(unet.state_dict())
+        what = "its EMA weights (no state file: the raw weights start as a copy)"
+    log(f"starting from {path.parent}: {what}; fresh optimizer")
 
 
 def load_raw_unet(run_dir: str | Path, device: str | torch.device | None = None):

@@ -319,3 +319,27 @@ def test_autocast_dtype_rules(monkeypatch):
     assert T.autocast_dtype("auto", cuda) is None
     with pytest.raises(ValueError, match="needs a GPU with bfloat16 support.*Tesla T4 has none: use 'fp16' or 'no'"):
         T.autocast_dtype("bf16", cuda)
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(smoke_run, tmp_path):
+    """With lr 0 the optimizer cannot move the weights: a run started from another run's raw weights ends with
+    exactly them; a source trained on another VAE is refused."""
+    import dataclasses
+
+    cfg, vae_run, _ = smoke_run
+    source, tuned = _unet_runs(vae_run, tmp_path, "source", "tuned")
+    T.train_unet(cfg, run_dir=source, epochs=1, device="cpu", progress=False, log=lambda m: None)
+    frozen = cfg.replace(train_unet=dataclasses.replace(cfg.train_unet, lr=0.0))
+    logs = []
+    T.train_unet(frozen, run_dir=tuned, epochs=1, device="cpu", progress=False, log=logs.append, init_from=source)
+    assert any(m.startswith(f"starting from {source}: raw and EMA weights after its step 8") for m in logs)
+    raw_source = torch.load(source / "unet_state.pt", weights_only=False)["model"]
+    raw_tuned = torch.load(tuned / "unet_state.pt", weights_only=False)["model"]
+    for name, p in raw_source.items():
+        assert torch.equal(p, raw_tuned[name]), name
+    other_vae = tmp_path / "other"
+    T.train_vae(cfg.replace(train_vae=dataclasses.replace(cfg.train_vae, seed=1)), run_dir=other_vae, epochs=1,
+                device="cpu", progress=False, log=lambda m: None)
+    with pytest.raises(T.CheckpointError, match="trained on another VAE's latents"):
+        T.train_unet(cfg, run_dir=other_vae, epochs=1, device="cpu", progress=False, log=lambda m: None,
+                     init_from=source)
