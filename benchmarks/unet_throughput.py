@@ -25,6 +25,7 @@ import platform
 import time
 
 import torch
+from train_budget import parse_arch  # benchmarks/ is on sys.path when a script here runs
 
 from nbutils.config import get_config, pick_device
 from nbutils.diffusion import GaussianDiffusion
@@ -95,9 +96,8 @@ def main() -> None:
     if args.variants:
         variants = []
         for v in args.variants.split():
-            ch, layers = v.split("x")
-            variants.append(dataclasses.replace(cfg.unet, block_out_channels=tuple(int(c) for c in ch.split(",")),
-                                                layers_per_block=int(layers)))
+            channels, layers = parse_arch(v)
+            variants.append(dataclasses.replace(cfg.unet, block_out_channels=channels, layers_per_block=layers))
     for ucfg, bf16 in [(u, b) for u in variants for b in ((False, True) if args.bf16 else (False,))]:
         row = measure(ucfg, cfg.diffusion, device, args.batch_size, args.steps, args.warmup, args.sample_batch, bf16)
         row.update(preset=args.preset, device=str(device), threads=torch.get_num_threads(),
