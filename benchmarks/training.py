@@ -39,7 +39,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from nbutils.config import get_config, pick_device
     from nbutils.distributed import is_main_process
-    from nbutils.train import train_unet
+    from nbutils.train import autocast_dtype, train_unet
     from nbutils.unet import UNet, count_parameters
 
     cfg = get_config(args.preset).override([
@@ -73,7 +73,9 @@ def worker(args: argparse.Namespace) -> None:
         "unet_parameters": count_parameters(UNet(cfg.unet)),
         "global_batch": args.batch_size,
         "mixed_precision": args.mixed_precision,
-        "compile": args.compile,
+        "autocast": str(autocast_dtype(args.mixed_precision, device, log=lambda m: None) or "float32")
+        .removeprefix("torch."),  # what the setting means on this device
+        "compile": args.compile and device.type == "cuda",
         "timed_steps": args.steps,
         "seconds_per_step": round(per_step, 5),
         "latent_samples_per_s": round(args.batch_size / per_step, 1),
