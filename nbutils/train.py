@@ -251,7 +251,7 @@ def _precision(tc: TrainConfig, model: nn.Module, device: torch.device, log: Cal
     dtype = autocast_dtype(tc.mixed_precision, device, log)
     if dtype is not None:
         log(f"mixed precision: {str(dtype).removeprefix('torch.')} autocast on {device}")
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     forward = model
     if tc.compile:
         if device.type == "cuda":
@@ -319,7 +319,7 @@ def _resume(state_path: Path, cfg: Config, sections: tuple[str, ...], model: nn.
 
 
 def _save_state(path: Path, cfg: Config, model, ema, opt, gens, step: int, epoch: int, history: History,
-                partial: dict | None = None) -> None:
+                partial: dict | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
     atomic_torch_save(
         {
             "config": cfg.to_dict(),
@@ -331,9 +331,19 @@ def _save_state(path: Path, cfg: Config, model, ema, opt, gens, step: int, epoch
             "epoch": epoch,
             "history": {"steps": history.steps, "epochs": history.epochs},
             "partial": partial,
+            "scaler": scaler.state_dict() if scaler is not None else None,  # fp16's loss scale
         },
         path,
     )
+
+
+def _restore_scaler(state_path: Path, scaler: torch.amp.GradScaler | None) -> None:
+    """Resuming an fp16 run: continue with the loss scale it had reached (no re-calibration, exact resume)."""
+    if scaler is None:
+        return
+    saved = torch.load(state_path, map_location="cpu", weights_only=False).get("scaler")
+    if saved:
+        scaler.load_state_dict(saved)
 
 
 @dataclass
@@ -419,6 +429,8 @@ def train_vae(
     elif ckpt_path.exists():
         log(f"note: overwriting the checkpoint in {run_dir} (pass resume=True / --resume to continue it)")
     amp_dtype, scaler, forward = _precision(tc, procs.prepare(vae), device, log)
+    if resume:
+        _restore_scaler(state_path, scaler)
 
     n_params = sum(p.numel() for p in vae.parameters())
     log(f"VAE: {n_params:,} parameters, {len(train_x):,} training images, batch {tc.batch_size}"
@@ -456,7 +468,7 @@ def train_vae(
                     bar.close()
                     inside = {"batch": b + 1, "epoch_rng": epoch_rng, "running": running}
                     if procs.is_main:
-                        _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch, history, inside)
+                        _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch, history, inside, scaler)
                     procs.barrier()
                     _interrupted("vae", stop.signal or "stop request", step, epoch, b + 1, len(loader), run_dir,
                                  epochs, log, cfg.preset)
@@ -469,7 +481,7 @@ def train_vae(
                     f"SSIM {metrics['ssim']:.4f}  ({record['seconds']:.0f} s)")
             history.epochs.append(record)
             if procs.is_main:
-                _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch + 1, history)
+                _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch + 1, history, scaler=scaler)
                 if tc.sample_every and (epoch + 1) % tc.sample_every == 0:
                     _save_recon_grid(ema.model, test_x, test_y, run_dir / f"vae_recon_epoch{epoch + 1:03d}.png")
 
@@ -480,11 +492,11 @@ def train_vae(
     return load_vae(run_dir / VAE_FILE, device=device)[0]
 
 
-def _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch, history, partial=None) -> None:
+def _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch, history, partial=None, scaler=None) -> None:
     extra = {"epoch": epoch, "step": step, "latent_stats": False,
              "metrics": history.epochs[-1] if history.epochs else {}}
     save_model(run_dir / VAE_FILE, "vae", ema.model.state_dict(), cfg, extra)
-    _save_state(run_dir / VAE_STATE_FILE, cfg, vae, ema, opt, gens, step, epoch, history, partial)
+    _save_state(run_dir / VAE_STATE_FILE, cfg, vae, ema, opt, gens, step, epoch, history, partial, scaler)
     atomic_write_bytes(run_dir / "vae_history.json", json.dumps(history.epochs, indent=1).encode())
 
 
@@ -735,6 +747,8 @@ def train_unet(
     if init_from is not None and not resume:
         _init_from(Path(init_from), unet, ema, own_vae, log)
     amp_dtype, scaler, forward = _precision(tc, procs.prepare(unet), device, log)
+    if resume:
+        _restore_scaler(state_path, scaler)
 
     n = len(cache["labels"])
     steps_per_epoch = -(-n // tc.batch_size)
@@ -747,7 +761,7 @@ def train_unet(
         extra = {"epoch": epochs_done, "step": step, "vae_digest": vae_digest,
                  "metrics": history.epochs[-1] if history.epochs else {}}
         save_model(run_dir / UNET_FILE, "unet", ema.model.state_dict(), cfg, extra)
-        _save_state(state_path, cfg, unet, ema, opt, gens, step, epochs_done, history, inside)
+        _save_state(state_path, cfg, unet, ema, opt, gens, step, epochs_done, history, inside, scaler)
 
     with _StopRequest() as stop:
         for epoch in range(start_epoch, epochs):

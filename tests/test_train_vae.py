@@ -343,3 +343,25 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(smoke_run, tmp_pat
     with pytest.raises(T.CheckpointError, match="trained on another VAE's latents"):
         T.train_unet(cfg, run_dir=other_vae, epochs=1, device="cpu", progress=False, log=lambda m: None,
                      init_from=source)
+
+
+def test_fp16_gradient_scaler_path_trains_and_resumes_exactly(smoke_run, tmp_path, monkeypatch):
+    """The fp16 path (autocast float16 + GradScaler: scale, unscale before clipping, step, update) normally runs
+    on CUDA only; forced here on the CPU, where torch supports both. The loss scale is saved with the state, so
+    1 + 1 resumed epochs equal 2 straight ones."""
+    cfg, vae_run, _ = smoke_run
+    monkeypatch.setattr(T, "autocast_dtype", lambda *a, **k: torch.float16)
+    straight, resumed = _unet_runs(vae_run, tmp_path, "straight", "resumed")
+    quiet = {"device": "cpu", "progress": False, "log": lambda m: None}
+    T.train_unet(cfg, run_dir=straight, epochs=2, **quiet)
+    T.train_unet(cfg, run_dir=resumed, epochs=1, **quiet)
+    first = torch.load(resumed / "unet_state.pt", weights_only=False)
+    assert first["scaler"]["scale"] > 0 and first["scaler"]["growth_interval"] == 2000
+    T.train_unet(cfg, run_dir=resumed, epochs=2, resume=True, **quiet)
+    a = torch.load(straight / "unet_state.pt", weights_only=False)
+    b = torch.load(resumed / "unet_state.pt", weights_only=False)
+    assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] >= 2.0**10  # most steps were taken, not skipped
+    moved = [name for name, p in a["model"].items() if not torch.equal(p, first["model"][name])]
+    assert len(moved) > len(a["model"]) // 2  # the second epoch's steps changed the weights
+    for name, p in a["model"].items():
+        assert torch.isfinite(p).all() and torch.equal(p, b["model"][name]), name
