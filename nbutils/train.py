@@ -473,7 +473,8 @@ def train_vae(
                     _interrupted("vae", stop.signal or "stop request", step, epoch, b + 1, len(loader), run_dir,
                                  epochs, log, cfg.preset)
             bar.close()
-            record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0, "train_loss": running}
+            record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0, "train_loss": running,
+                      "processes": procs.world_size}
             if procs.is_main:
                 metrics = evaluate_vae(ema.model, test_x.to(device))
                 record.update({f"test_{k}": v for k, v in metrics.items()})
@@ -804,7 +805,8 @@ def train_unet(
                     _interrupted("unet", stop.signal or "stop request", step, epoch, b + 1, len(loader), run_dir,
                                  epochs, log, cfg.preset)
             bar.close()
-            record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0, "train_loss": running}
+            record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0, "train_loss": running,
+                      "processes": procs.world_size}
             history.epochs.append(record)
             log(f"epoch {epoch + 1}/{epochs}: train loss {running:.4f} ({record['seconds']:.0f} s)")
             if not procs.is_main:
