@@ -49,3 +49,16 @@ def test_readme_test_command_is_what_ci_runs():
     makefile = (ROOT / "Makefile").read_text()
     for target in ("demo:", "test:", "lab:"):
         assert re.search(rf"^{target}", makefile, re.M), target
+
+
+def test_accelerate_is_an_optional_extra_the_notebooks_never_import():
+    import subprocess
+    import sys
+
+    core = {re.split(r"[<>=\[ ]", d)[0].lower() for d in PYPROJECT["project"]["dependencies"]}
+    extra = {re.split(r"[<>=\[ ]", d)[0].lower() for d in PYPROJECT["project"]["optional-dependencies"]["distributed"]}
+    assert "accelerate" not in core and "accelerate" in extra
+    code = ("import sys, nbutils, nbutils.train, nbutils.samplers, nbutils.plotting, nbutils.metrics; "
+            "print('accelerate' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
