@@ -180,23 +180,30 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .data import load_split, to_model_range, to_uint8
+    from .config import Config
+    from .data import load_images, to_model_range, to_uint8
     from .train import load_vae
 
     out = _output_path(args.out, (".npz", ".png"))
     vae, meta = load_vae(args.checkpoint, device=args.device)
-    images, labels = load_split("test", root=args.data_root, subset=args.n)
+    data_cfg = Config.from_dict(meta["config"]).data  # the dataset the VAE was trained on
+    shape = (data_cfg.channels, data_cfg.image_size, data_cfg.image_size)
+    images, labels = load_images(data_cfg, "test", root=args.data_root, subset=args.n)  # uint8 (N, C, H, W)
     if len(images) < args.n:
         raise CLIError(f"--n {args.n} is more than the {len(images)} test images")
     recons = []
     with torch.no_grad():
         for i in range(0, args.n, 500):
-            x = to_model_range(images[i : i + 500]).to(next(vae.parameters()).device)
+            x = to_model_range(images[i : i + 500], shape).to(next(vae.parameters()).device)
             recons.append(to_uint8(vae.decode(vae.encode(x))))
-    recon = torch.cat(recons)
+    recon = torch.cat(recons)  # uint8 (N, H, W), or (N, H, W, C) for colour: the file layout
+    images = images.permute(0, 2, 3, 1) if shape[0] > 1 else images[:, 0]  # originals in the same layout
     from .metrics import reconstruction_metrics
 
-    m = reconstruction_metrics(images, recon)
+    def chw(u8: torch.Tensor) -> torch.Tensor:
+        return u8[:, None] if u8.ndim == 3 else u8.permute(0, 3, 1, 2)
+
+    m = reconstruction_metrics(chw(images), chw(recon))
     if out.suffix == ".png":
         from .plotting import save_grid
 

@@ -75,6 +75,11 @@ def test_a_32x32x3_model_trains_samples_and_writes_colour_files(tmp_path, monkey
     from matplotlib.image import imread
 
     assert imread(run / "unet_samples_epoch001.png").shape[2] in (3, 4)  # a colour grid
+    assert cli.main(["reconstruct", "--checkpoint", str(run), "--n", "5", "--out", str(tmp_path / "r.npz")]) == 0
+    with np.load(tmp_path / "r.npz") as f:
+        assert f["images"].shape == f["originals"].shape == (5, 32, 32, 3)
+        fake, _ = D.load_images(get_config("smoke", dataset="fake").data, "test", subset=5)
+        assert np.array_equal(f["originals"], fake.permute(0, 2, 3, 1).numpy())
     assert cli.main(["sample", "--checkpoint", str(run), "--n", "6", "--steps", "4", "--class", "class 3",
                      "--out", str(tmp_path / "s.npz"), "--no-progress"]) == 0
     with np.load(tmp_path / "s.npz") as f:
