@@ -784,12 +784,12 @@ def train_unet(
                 x0, labels = x0.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, tc, tc.lr_warmup_steps)
-                # t, noise and label dropout drawn for the global batch; this process keeps its share
-                x0_own, *draws = procs.shard(x0, *diffusion.draw(x0, labels, generator=noise_gen))
+                t, noise, dropped = diffusion.draw(x0, labels, generator=noise_gen)  # for the global batch
+                x0, t, noise, dropped = procs.shard(x0, t, noise, dropped)  # this process's share (all of it on one)
                 with _autocast(device, amp_dtype):
-                    loss, parts = diffusion.loss(forward, x0_own, draws[2], draws=tuple(draws))
-                parts = procs.combine(parts, len(x0))
-                _optimize("UNet", loss * procs.loss_factor(len(x0)), parts, unet, ema, opt, tc, step, epoch,
+                    loss, parts = diffusion.loss(forward, x0, dropped, draws=(t, noise, dropped))
+                parts = procs.combine(parts, len(labels))  # len(labels): the global batch
+                _optimize("UNet", loss * procs.loss_factor(len(labels)), parts, unet, ema, opt, tc, step, epoch,
                           run_dir / UNET_FILE, scaler)
                 step += 1
                 running = _smooth(running, parts["loss"])
