@@ -54,6 +54,15 @@ def _output_path(text: str, suffixes: tuple[str, ...]) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
+def _version_of(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -75,6 +84,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": tv,
+        "accelerate": _version_of("accelerate") or "not installed (only needed for several processes: .[distributed])",
         "numpy": np.__version__,
         "device": str(pick_device()),
         "cpu_threads": torch.get_num_threads(),
