@@ -81,3 +81,16 @@ def test_data_corrupt_dataset_is_a_clear_error(fake_fashion, capsys):
 def test_per_class_must_be_positive():
     out = run("data", "--per-class", "0")
     assert out.returncode == 2 and "must be ≥ 1" in out.stderr
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`python -m nbutils info | head -2`: the reader leaves early; no traceback, exit status 141 (as SIGPIPE)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "nbutils", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away while info is still printing
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) in (0, 141), err
+    assert "Traceback" not in err
