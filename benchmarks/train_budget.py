@@ -24,7 +24,7 @@ import signal
 import time
 from pathlib import Path
 
-from nbutils.config import get_config, pick_device
+from nbutils.config import MIXED_PRECISION, get_config, pick_device
 
 
 def parse_arch(text: str) -> tuple[tuple[int, ...], int]:
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float)
     ap.add_argument("--ema-decay", type=float)
     ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--mixed-precision", default="no", choices=("auto", "bf16", "fp16", "no"))
+    ap.add_argument("--mixed-precision", default="no", choices=MIXED_PRECISION)
     ap.add_argument("--minutes", type=float, default=5.0, help="wall-clock training budget")
     ap.add_argument("--epochs", type=int, default=10_000, help="stop earlier if this many epochs are done")
     ap.add_argument("--run-dir", default="runs/budget")

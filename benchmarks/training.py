@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from nbutils.config import MIXED_PRECISION
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -101,7 +103,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
     p.add_argument("--epochs", type=int, default=100, help="epochs for the projected wall time")
     p.add_argument("--device", help="cpu or cuda (default: auto)")
-    p.add_argument("--mixed-precision", default="no", choices=("auto", "bf16", "fp16", "no"))
+    p.add_argument("--mixed-precision", default="no", choices=MIXED_PRECISION)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--threads", type=int, help="threads per process (default: cores / processes)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import PRESETS, default_preset_name, get_config, pick_device, project_root
-from .data import CLASS_NAMES, CorruptDatasetError, DatasetNotFoundError, find_raw_dir, load_split
+from .config import MIXED_PRECISION, PRESETS, default_preset_name, get_config, pick_device, project_root
+from .data import CLASS_NAMES, DATASETS, CorruptDatasetError, DatasetNotFoundError, find_raw_dir, load_split
 from .distributed import is_main_process
 
 
@@ -197,7 +197,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     out = _output_path(args.out, (".npz", ".png"))
     vae, meta = load_vae(args.checkpoint, device=args.device)
     data_cfg = Config.from_dict(meta["config"]).data  # the dataset the VAE was trained on
-    shape = (data_cfg.channels, data_cfg.image_size, data_cfg.image_size)
+    shape = data_cfg.image_shape
     images, labels = load_images(data_cfg, "test", root=args.data_root, subset=args.n)  # uint8 (N, C, H, W)
     if len(images) < args.n:
         raise CLIError(f"--n {args.n} is more than the {len(images)} test images")
@@ -351,11 +351,11 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, mps (default: auto)")
     p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--mixed-precision", choices=("auto", "bf16", "fp16", "no"),
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISION,
                    help="autocast dtype on CUDA: auto = bf16 where the GPU has it (default: the preset's); "
                         "no effect, with a notice, on a CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a notice elsewhere)")
-    p.add_argument("--dataset", choices=("fashion_mnist", "cifar10", "fake"),
+    p.add_argument("--dataset", choices=tuple(DATASETS),
                    help="train on another dataset (default fashion_mnist; cifar10 = 3×32×32 via torchvision, "
                         "downloaded into data/; fake = torchvision FakeData, offline, for tests)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="versions, device, preset, data location, configuration")
     p.add_argument("--preset", choices=PRESETS, help="preset to describe (default: $NBUTILS_PRESET or auto)")
-    p.add_argument("--dataset", choices=("fashion_mnist", "cifar10", "fake"), help="the preset for another dataset")
+    p.add_argument("--dataset", choices=tuple(DATASETS), help="the preset for another dataset")
     p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)

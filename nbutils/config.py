@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 PRESETS = ("smoke", "cpu", "full")
+MIXED_PRECISION = ("auto", "bf16", "fp16", "no")  # TrainConfig.mixed_precision (nbutils.train.autocast_dtype)
 PRESET_ENV = "NBUTILS_PRESET"
 DEVICE_ENV = "NBUTILS_DEVICE"
 
@@ -48,6 +49,11 @@ class DataConfig:
     channels: int = 1
     train_subset: int | None = None  # first N training images (smoke uses a few hundred)
     test_subset: int | None = None  # first N test images used for per-epoch metrics
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        return (self.channels, self.image_size, self.image_size)
 
 
 @dataclass

@@ -380,7 +380,7 @@ def load_images(data_cfg, split: str = "train", root: str | os.PathLike | None =
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     spec = dataset_spec(data_cfg.dataset)
-    shape = (data_cfg.channels, data_cfg.image_size, data_cfg.image_size)
+    shape = data_cfg.image_shape
     images, labels = spec.load(split, str(root) if root else None, download, shape)
     if tuple(images.shape[1:]) != shape:
         raise ValueError(f"{spec.name} images are {tuple(images.shape[1:])}, the config says {shape} "
@@ -539,8 +539,7 @@ def latent_dataset(vae, vae_path: str | os.PathLike, subset: int | None = None, 
 
             data_cfg = DataConfig()
         images, labels = load_images(data_cfg, "train", root=root)
-        shape = (data_cfg.channels, data_cfg.image_size, data_cfg.image_size)
-        mean, std = encode_dataset(vae, to_model_range(images, shape), progress=progress)
+        mean, std = encode_dataset(vae, to_model_range(images, data_cfg.image_shape), progress=progress)
         shared.parent.mkdir(parents=True, exist_ok=True)
         write_latent_cache(shared, mean, std, labels, vae_path)
         cache = {"mean": mean, "std": std, "labels": labels}

@@ -7,13 +7,15 @@ Nothing here is needed on one process, which is how the notebooks train: :func:`
 model in ``DistributedDataParallel``)::
 
     pip install -e '.[distributed]'
-    accelerate launch --num_processes 2 -m nbutils train-unet --preset full --run-dir runs/full
-    accelerate launch --num_processes 2 --cpu -m nbutils train-unet --preset smoke   # two CPU processes
+    accelerate launch --multi_gpu --num_processes 2 -m nbutils train-unet --preset full --run-dir runs/full
+    # on a machine without GPUs the same command starts two CPU processes (gloo); so does
+    torchrun --nproc_per_node 2 -m nbutils train-unet --preset smoke
+    # (not `accelerate launch --cpu --num_processes 2`: that needs mpirun and otherwise starts one process)
 
 **N processes compute the same run as one.** ``batch_size`` in the config is the *global* batch. Every
 process walks the same shuffled order (same seeded generator), draws the same random numbers for the whole
 global batch (timesteps, noise, label dropout; the VAE's posterior noise), and keeps only its own share
-(:meth:`Processes.shard`: contiguous pieces whose sizes differ by at most one). DDP *averages* the gradients
+(:meth:`ManyProcesses.shard`: contiguous pieces whose sizes differ by at most one). DDP *averages* the gradients
 of the N processes; each process's loss is multiplied by ``N·n_r/B`` (``n_r`` = its share of the ``B``
 examples) so that average is exactly the gradient of the global batch's mean loss, also for an uneven last
 batch. The learning rate therefore needs no change: the run is the single-process run, split. A run with a
@@ -25,7 +27,7 @@ its masks come from each process's own RNG, so with ``dropout > 0`` the runs agr
 than number for number (``tests/test_distributed.py`` compares with dropout 0).
 
 Only process 0 prints, shows progress bars, writes checkpoints, sample grids and the latent cache; the
-others wait at :meth:`Processes.barrier` where they need its files. The training state holds nothing per
+others wait at :meth:`ManyProcesses.barrier` where they need its files. The training state holds nothing per
 process, so a run can be resumed with a different number of processes.
 """
 

@@ -45,7 +45,7 @@ from .checkpoints import (
     resolve_checkpoint,
     save_model,
 )
-from .config import Config, TrainConfig, pick_device, runs_dir
+from .config import MIXED_PRECISION, Config, DataConfig, TrainConfig, VAEConfig, pick_device, runs_dir
 from .distributed import OneProcess, processes
 from .metrics import reconstruction_metrics
 from .vae import VAE, latent_stats, vae_loss
@@ -111,14 +111,13 @@ def _interrupted(what: str, signame: str, step: int, epoch: int, batch: int, bat
     raise TrainingInterrupted(msg)
 
 
-def _image_shape(cfg: Config) -> tuple[int, int, int]:
-    """(C, H, W) of the dataset; an error when the VAE was configured for another shape."""
-    d, v = cfg.data, cfg.vae
+def _image_shape(d: DataConfig, v: VAEConfig, vae_name: str = "the VAE") -> tuple[int, int, int]:
+    """(C, H, W) of the dataset; an error when the VAE (config or checkpoint) is for another shape."""
     if (v.in_channels, v.image_size) != (d.channels, d.image_size):
-        raise ValueError(f"the VAE is configured for {v.in_channels}×{v.image_size}×{v.image_size} images but "
+        raise ValueError(f"{vae_name} is configured for {v.in_channels}×{v.image_size}×{v.image_size} images but "
                          f"{d.dataset} has {d.channels}×{d.image_size}×{d.image_size}: build the config with "
                          f"get_config(preset, dataset={d.dataset!r}) (CLI: --dataset {d.dataset}), which sets both")
-    return (d.channels, d.image_size, d.image_size)
+    return d.image_shape
 
 
 def _split_note(procs: OneProcess, batch_size: int) -> str:
@@ -214,9 +213,6 @@ def _optimize(what: str, loss: torch.Tensor, parts: dict[str, float], model: nn.
         scaler.step(opt)  # skipped when fp16 gradients overflowed
         scaler.update()
     ema.update(model)
-
-
-MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
 
 
 def autocast_dtype(setting: str, device: torch.device, log: Callable[[str], None] = print) -> torch.dtype | None:
@@ -404,7 +400,7 @@ def train_vae(
     procs = processes(device)  # one process, or one of several under `accelerate launch`
     device, log, progress = procs.device(device), procs.log(log), progress and procs.is_main
 
-    shape = _image_shape(cfg)
+    shape = _image_shape(cfg.data, cfg.vae)
     train_x, train_y = D.load_images(cfg.data, "train", root=data_root, subset=cfg.data.train_subset)
     test_x, test_y = D.load_images(cfg.data, "test", root=data_root, subset=cfg.data.test_subset)
     train_x, test_x = D.to_model_range(train_x, shape), D.to_model_range(test_x, shape)
@@ -552,7 +548,7 @@ def finalize_vae(
     vae, meta = load_vae(run_dir / VAE_FILE, device=device)
     cfg = cfg or Config.from_dict(meta["config"])
     images, labels = D.load_images(cfg.data, "train", root=data_root, subset=cfg.data.train_subset)
-    mean, std = encode_dataset(vae, D.to_model_range(images, _image_shape(cfg)), progress=progress)
+    mean, std = encode_dataset(vae, D.to_model_range(images, _image_shape(cfg.data, cfg.vae)), progress=progress)
     shift, scale = latent_stats(mean, std)
     vae.set_latent_stats(shift, scale)
     extra = dict(meta["extra"], latent_stats=True, latent_shift=shift.tolist(), latent_scale=scale)
@@ -717,10 +713,7 @@ def train_unet(
         if vae.cfg.latent_channels != cfg.unet.latent_channels:
             raise CheckpointError(f"VAE {vae_meta['path']} has {vae.cfg.latent_channels} latent channels, "
                                   f"the UNet config expects {cfg.unet.latent_channels}")
-        if (vae.cfg.in_channels, vae.cfg.image_size) != (cfg.data.channels, cfg.data.image_size):
-            raise CheckpointError(f"VAE {vae_meta['path']} is for {vae.cfg.in_channels}×{vae.cfg.image_size}² "
-                                  f"images, the config's dataset {cfg.data.dataset} has "
-                                  f"{cfg.data.channels}×{cfg.data.image_size}²")
+        _image_shape(cfg.data, vae.cfg, f"the VAE {vae_meta['path']}")
         cache = D.latent_dataset(vae, vae_meta["path"], subset=cfg.data.train_subset, root=data_root,
                                  progress=progress, data_cfg=cfg.data)
     shift = vae.latent_shift.cpu()[:, None, None]
@@ -845,16 +838,15 @@ def _init_from(source: Path, unet, ema: EMA, own_vae: Path, log: Callable[[str],
     if recorded and recorded != file_digest(own_vae):
         raise CheckpointError(f"cannot start from {path}: it was trained on another VAE's latents than {own_vae} "
                               "(SHA-256 differs); use its run's vae.safetensors (--vae)")
+    load_state_strict(unet, tensors, path)  # names any tensor that does not fit this config's UNet
+    ema.model.load_state_dict(unet.state_dict())
+    what = "its EMA weights (no state file: the raw weights start as a copy)"
     state_path = path.parent / UNET_STATE_FILE
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         unet.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         what = f"raw and EMA weights after its step {state['step']}"
-    else:
-        load_state_strict(unet, tensors, path)
-        ema.model.load_state_dict(unet.state_dict())
-        what = "its EMA weights (no state file: the raw weights start as a copy)"
     log(f"starting from {path.parent}: {what}; fresh optimizer")
 
 
