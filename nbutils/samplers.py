@@ -240,6 +240,7 @@ def sample(
     return_trajectory: bool = False,
     trajectory_points: int = 8,
     progress: bool = False,
+    guide=None,
 ) -> SampleResult:
     """Generate ``n`` images. ``classes``: one int for all, a sequence of n ints, or None/−1 for
     unconditional samples. Noise comes from ``generator`` (CPU generators reproduce across devices).
@@ -253,6 +254,11 @@ def sample(
     sampler's arithmetic; the VAE decode stays float32): ~1.5× faster on CPUs with bf16 support, at a small
     cost in fidelity (benchmarks/README.md measures both); ``"auto"`` = bf16 where the device supports it
     natively, else fp32.
+
+    ``guide`` replaces classifier-free guidance by another rule (an experiment hook; autoguidance in
+    benchmarks/autoguidance.py uses it): it is called as ``guide(model, x, t, labels, w, null_label)`` at every
+    step, like :func:`guided_output` (the default), where ``model`` is the UNet in the sampling precision and
+    ``w`` this step's guidance scale (1 outside ``guidance_interval``), and returns the model output to step with.
 
     ``diffusion_cfg`` is the :class:`~nbutils.config.DiffusionConfig` the UNet was trained with
     (default: the UNet's ``diffusion_cfg`` attribute set by ``load_unet``, else the defaults).
@@ -302,6 +308,7 @@ def sample(
             return unet(x, t, y).float()
 
     images, latents, trajectory = [], [], []
+    guide = guide or guided_output
     from tqdm.auto import tqdm
 
     bar = tqdm(total=n, desc=f"{sampler} {steps or ''}".strip(), disable=not progress, leave=False)
@@ -317,7 +324,7 @@ def sample(
             record = {int(s.timesteps[i]) for i in idx}
         for t in s.timesteps:
             w = guidance if guidance_interval is None or lo <= int(t) <= hi else 1.0
-            out = guided_output(model, x, t, model_labels, w, null)
+            out = guide(model, x, t, model_labels, w, null)
             if int(t) in record:
                 tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
                 x0 = to_x0(out, x, tt, s.alphas_cumprod, dcfg.prediction_type)

@@ -270,6 +270,26 @@ def test_guidance_interval_guides_only_inside_it(sampler):
     assert not torch.equal(part, plain) and not torch.equal(part, w1)
 
 
+def test_guide_hook_replaces_classifier_free_guidance():
+    """``guide=`` receives each step's interval-resolved w and its return value is what the sampler steps
+    with; passing guided_output itself reproduces the default bit for bit."""
+    from nbutils.config import make_generator
+
+    def run(guidance_interval=(0, 400), **kw):
+        return Sm.sample(_Recorder(), _IdentityVAE(), 6, [1, 2, 3, 4, 5, 6], sampler="dpm", steps=10,
+                         generator=make_generator(0), guidance=3.0, guidance_interval=guidance_interval, **kw).latents
+
+    seen = []
+
+    def conditional_only(model, x, t, labels, w, null_label):
+        seen.append((int(t), w, null_label))
+        return Sm.guided_output(model, x, t, labels, 1.0, null_label)
+
+    assert torch.equal(run(guide=Sm.guided_output), run())
+    assert torch.equal(run(guide=conditional_only), run(guidance_interval=(2000, 3000)))
+    assert seen and all(w == (3.0 if t <= 400 else 1.0) and null == 10 for t, w, null in seen)
+
+
 def test_bad_guidance_interval_and_precision():
     m = _Recorder()
     with pytest.raises(ValueError, match="guidance_interval must be"):
