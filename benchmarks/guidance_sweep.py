@@ -18,7 +18,7 @@ import torch
 
 from nbutils.config import make_generator
 from nbutils.metrics import Evaluator
-from nbutils.samplers import sample
+from nbutils.samplers import SPACINGS, sample
 from nbutils.train import load_models
 
 
@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="checkpoints")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--spacing", choices=SPACINGS, default=None,
+                    help="timestep spacing of the solver (default: the sampler's, trailing)")
     args = ap.parse_args()
 
     unet, vae, meta = load_models(args.checkpoint, device="cpu")
@@ -46,14 +48,17 @@ def main() -> None:
         w, interval, precision = parse_spec(spec)
         t0 = time.perf_counter()
         out = sample(unet, vae, args.n, labels, guidance=w, sampler="dpm", steps=args.steps,
-                     generator=make_generator(0), guidance_interval=interval, precision=precision)
+                     generator=make_generator(0), guidance_interval=interval, precision=precision,
+                     timestep_spacing=args.spacing)
         seconds = time.perf_counter() - t0
         m = evaluator.evaluate(out.images, labels, with_novelty=False, with_floor=False, kid_subsets=50)
         row = {"spec": spec, "n": args.n, "fid": round(m["fid"], 4), "kid": round(m["kid"], 5),
                "cond_acc": round(m["cond_acc"], 4), "sample_seconds": round(seconds, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\nmodel {meta['path']}, DPM-Solver++ {args.steps} steps, N = {args.n}, {torch.get_num_threads()} threads")
+    spacing = args.spacing or "trailing"
+    print(f"\nmodel {meta['path']}, DPM-Solver++ {args.steps} steps ({spacing}), N = {args.n}, "
+          f"{torch.get_num_threads()} threads")
     print("| spec | FID | KID | conditional accuracy | sampling s |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['spec']} | {r['fid']} | {r['kid']} | {r['cond_acc']} | {r['sample_seconds']} |")
