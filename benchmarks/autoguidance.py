@@ -88,6 +88,7 @@ def main() -> None:
     classes = torch.arange(args.n) % 10
     for spec in args.specs:
         scale, w, interval = parse_spec(spec)
+        torch.manual_seed(0)  # dropout's random numbers (``--guide dropout``) come from the global generator
         t0 = time.perf_counter()
         out = sample(unet, vae, args.n, classes, guidance=w, guidance_interval=interval, sampler="dpm",
                      steps=args.steps, generator=make_generator(0), guide=autoguide(unet, bad, scale))
