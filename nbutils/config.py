@@ -167,6 +167,25 @@ class Config:
             setattr(cfg, section_name, dataclasses.replace(section, **{name: value}))
         return cfg
 
+    def cli_flags(self, skip: tuple[str, ...] = ("epochs", "mixed_precision", "compile")) -> list[str]:
+        """The command-line flags (``--dataset``, ``--set``) that rebuild this config from its preset, leaving out
+        the fields named in ``skip`` (those have flags of their own), e.g. ``['--set', 'train_unet.lr=0.0001']``.
+
+        >>> get_config("smoke").override(["unet.block_out_channels=32,64"]).cli_flags()
+        ['--set', 'unet.block_out_channels=32,64']
+        """
+        base = get_config(self.preset, dataset=self.data.dataset)
+        flags = [] if self.data.dataset == base.data.dataset == "fashion_mnist" else ["--dataset", self.data.dataset]
+        for f in dataclasses.fields(self):
+            if f.name == "preset":
+                continue
+            mine, theirs = getattr(self, f.name), getattr(base, f.name)
+            for g in dataclasses.fields(mine):
+                value = getattr(mine, g.name)
+                if g.name not in skip and value != getattr(theirs, g.name):
+                    flags += ["--set", f"{f.name}.{g.name}={_format_value(value)}"]
+        return flags
+
     def __str__(self) -> str:
         lines = [f"preset: {self.preset}"]
         for f in dataclasses.fields(self):
@@ -197,6 +216,17 @@ def _parse_value(raw: str, current: Any, text: str) -> Any:
         return raw
     except ValueError:
         raise ValueError(f"--set {text!r}: cannot read {raw!r} as {type(current).__name__}") from None
+
+
+def _format_value(value: Any) -> str:
+    """Inverse of :func:`_parse_value`: ``(32, 64)`` → ``"32,64"``, ``None`` → ``"none"``, ``False`` → ``"false"``."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(_format_value(v) for v in value)
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def _number(raw: str) -> int | float:

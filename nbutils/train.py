@@ -104,9 +104,9 @@ def _epoch_start(partial: dict | None, epoch_gens: dict[str, torch.Generator]) -
 
 
 def _interrupted(what: str, signame: str, step: int, epoch: int, batch: int, batches: int, run_dir: Path,
-                 epochs: int, log: Callable[[str], None], preset: str) -> None:
+                 epochs: int, log: Callable[[str], None], cfg: Config) -> None:
     msg = (f"{signame} received: stopped after step {step} (batch {batch}/{batches} of epoch {epoch + 1}); "
-           f"checkpoint written to {run_dir}. " + _resume_hint(what, run_dir, epochs, preset))
+           f"checkpoint written to {run_dir}. " + _resume_hint(what, run_dir, epochs, cfg))
     log(msg)
     raise TrainingInterrupted(msg)
 
@@ -126,9 +126,14 @@ def _split_note(procs: OneProcess, batch_size: int) -> str:
     return f" (global: {procs.world_size} processes × ≈{batch_size / procs.world_size:g} each)"
 
 
-def _resume_hint(what: str, run_dir: Path, epochs: int, preset: str) -> str:
-    return (f"resume with: python -m nbutils train-{what} --preset {preset} --run-dir {run_dir} --epochs {epochs} "
-            f"--resume (in Python: train_{what}(cfg, run_dir={str(run_dir)!r}, epochs={epochs}, resume=True))")
+def _resume_hint(what: str, run_dir: Path, epochs: int, cfg: Config) -> str:
+    """The command that resumes this run, with the ``--dataset``/``--set`` flags its config needs."""
+    import shlex
+
+    flags = "".join(f" {shlex.quote(f)}" for f in cfg.cli_flags())
+    return (f"resume with: python -m nbutils train-{what} --preset {cfg.preset}{flags} --run-dir {run_dir} "
+            f"--epochs {epochs} --resume (in Python: train_{what}(cfg, run_dir={str(run_dir)!r}, epochs={epochs}, "
+            "resume=True))")
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,7 +472,7 @@ def train_vae(
                         _save_vae_run(run_dir, cfg, vae, ema, opt, gens, step, epoch, history, inside, scaler)
                     procs.barrier()
                     _interrupted("vae", stop.signal or "stop request", step, epoch, b + 1, len(loader), run_dir,
-                                 epochs, log, cfg.preset)
+                                 epochs, log, cfg)
             bar.close()
             record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0, "train_loss": running,
                       "processes": procs.world_size}
@@ -796,7 +801,7 @@ def train_unet(
                         save(epoch, {"batch": b + 1, "epoch_rng": epoch_rng, "running": running})
                     procs.barrier()
                     _interrupted("unet", stop.signal or "stop request", step, epoch, b + 1, len(loader), run_dir,
-                                 epochs, log, cfg.preset)
+                                 epochs, log, cfg)
             bar.close()
             record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0, "train_loss": running,
                       "processes": procs.world_size}

@@ -113,6 +113,24 @@ def test_override_parses_each_field_type_and_leaves_the_original_alone():
     assert base.unet.dropout == 0.1 and base.train_unet.lr == 1e-3  # a copy, not an edit
 
 
+def test_cli_flags_rebuild_the_config():
+    """cli_flags() are the --dataset/--set flags that turn the preset back into this config (what the resume
+    hint prints): every field type round-trips; epochs, mixed precision and compile are left to their own flags."""
+    from nbutils.config import get_config
+
+    assert get_config("cpu").cli_flags() == []
+    cfg = get_config("smoke", dataset="fake").override([
+        "unet.dropout=0", "train_unet.lr=2e-4", "unet.block_out_channels=32,64", "train_unet.grad_clip=none",
+        "unet.attention_levels=true,false", "diffusion.beta_schedule=squaredcos_cap_v2", "train_unet.epochs=3",
+        "train_unet.compile=true"])
+    flags = cfg.cli_flags()
+    assert flags[:2] == ["--dataset", "fake"] and "train_unet.epochs=3" not in flags
+    assert "--set" in flags and "unet.block_out_channels=32,64" in flags and "train_unet.grad_clip=none" in flags
+    sets = [flags[i + 1] for i, f in enumerate(flags) if f == "--set"]
+    rebuilt = get_config("smoke", dataset=flags[1]).override(sets + ["train_unet.epochs=3", "train_unet.compile=true"])
+    assert rebuilt == cfg
+
+
 @pytest.mark.parametrize("text, message", [
     ("unet.dropout", "expected SECTION.FIELD=VALUE"),
     ("model.dropout=0", "unknown section 'model'; sections: data, vae, unet"),

@@ -333,3 +333,51 @@ def test_cli_guidance_interval_and_auto_precision(tmp_path, capsys):
     assert report["precision"] == ("bf16" if bf16_supported("cpu") else "fp32")
     with np.load(out) as f:
         assert f["images"].shape == (10, 28, 28) and f["images"].dtype == np.uint8
+
+
+class _OracleUNet(GaussianOracle):
+    """The Gaussian oracle dressed as a UNet for :func:`sample` (which asks for a parameter's device)."""
+
+    def __init__(self, schedule):
+        super().__init__(schedule)
+        self.p = torch.nn.Parameter(torch.zeros(()))
+
+
+def test_init_latents_one_step_is_the_posterior_mean():
+    """strength 1/20 of 20 trailing DDIM steps = noise the latents to t = 49 with the sampler's first draw,
+    then one step to ᾱ = 1, which returns x̂_0 = E[x_0 | x_t]; for Gaussian data
+    μ + √ᾱ·s²·(x_t − √ᾱ·μ) / (ᾱ·s² + 1 − ᾱ)."""
+    from nbutils.config import make_generator
+
+    sch = NoiseSchedule()
+    z = torch.randn(5, 4, 7, 7, generator=torch.Generator().manual_seed(3))
+    out = Sm.sample(_OracleUNet(sch), _IdentityVAE(), 5, 1, guidance=1.0, sampler="ddim", steps=20,
+                    generator=make_generator(0), init_latents=z, strength=0.05)
+    t = int(Sm.spaced_timesteps(1000, 20, "trailing")[-1])
+    a = float(sch.alphas_cumprod[t])
+    eps = torch.randn(z.shape, generator=make_generator(0))
+    x_t = math.sqrt(a) * z + math.sqrt(1 - a) * eps
+    expected = MU + math.sqrt(a) * S**2 * (x_t - math.sqrt(a) * MU) / (a * S**2 + 1 - a)
+    assert t == 49 and torch.allclose(out.latents, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
+def test_strength_runs_only_the_last_steps(sampler):
+    from nbutils.config import make_generator
+
+    m = _Recorder()
+    z = torch.zeros(3, 4, 7, 7)
+    Sm.sample(m, _IdentityVAE(), 3, 1, guidance=1.0, sampler=sampler, steps=10, generator=make_generator(0),
+              init_latents=z, strength=0.3)
+    s = Sm.make_sampler(sampler, NoiseSchedule(), steps=10)
+    assert [t for t, _ in m.calls] == s.timesteps[-3:].tolist()
+
+
+def test_bad_init_latents_and_strength():
+    m = _Recorder()
+    with pytest.raises(ValueError, match="strength needs init_latents"):
+        Sm.sample(m, _IdentityVAE(), 2, 1, strength=0.5)
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+        Sm.sample(m, _IdentityVAE(), 2, 1, init_latents=torch.zeros(2, 4, 7, 7), strength=0.0)
+    with pytest.raises(ValueError, match=r"init_latents must have shape \(2, 4, 7, 7\), got \(2, 4, 8, 8\)"):
+        Sm.sample(m, _IdentityVAE(), 2, 1, init_latents=torch.zeros(2, 4, 8, 8), strength=0.5)

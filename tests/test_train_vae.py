@@ -262,8 +262,8 @@ def test_cli_sigterm_exits_130_with_resume_command(smoke_run, tmp_path):
 
     cfg, vae_run, _ = smoke_run
     (run,) = _unet_runs(vae_run, tmp_path, "cli")
-    cmd = [sys.executable, "-m", "nbutils", "train-unet", "--preset", "smoke", "--run-dir", str(run),
-           "--epochs", "200", "--device", "cpu", "--no-progress"]
+    cmd = [sys.executable, "-m", "nbutils", "train-unet", "--preset", "smoke", "--set", "train_unet.lr=0.002",
+           "--run-dir", str(run), "--epochs", "200", "--device", "cpu", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (run / "unet_state.pt").exists() and time.time() < deadline:  # wait for the first epoch
@@ -271,10 +271,19 @@ def test_cli_sigterm_exits_130_with_resume_command(smoke_run, tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out, err)
-    assert "SIGTERM received" in err and f"--preset smoke --run-dir {run} --epochs 200 --resume" in err
+    hint = (f"python -m nbutils train-unet --preset smoke --set train_unet.lr=0.002 --run-dir {run} --epochs 200 "
+            "--resume")
+    assert "SIGTERM received" in err and hint in err, err
     state = torch.load(run / "unet_state.pt", weights_only=False)
     assert 0 < state["step"] < 200 * 8
     assert not list(run.glob("*.tmp"))
+    # the printed command resumes (its --set matches the run's config), here for one more epoch only
+    resume = hint.split()[3:]
+    resume[resume.index("--epochs") + 1] = str(state["epoch"] + 1)
+    done = subprocess.run([sys.executable, "-m", "nbutils", *resume, "--device", "cpu", "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert torch.load(run / "unet_state.pt", weights_only=False)["epoch"] == state["epoch"] + 1
 
 
 def test_mixed_precision_and_compile_settings(smoke_run, tmp_path):
