@@ -19,6 +19,7 @@ import json
 import time
 
 import torch
+from guidance_sweep import parse_spec  # benchmarks/ is on sys.path when a script here runs
 
 from nbutils.config import make_generator
 from nbutils.data import to_model_range
@@ -32,7 +33,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="checkpoints")
     ap.add_argument("--n", type=int, default=2000, help="test images (a fixed random draw)")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", default="1", help="W or W@LO-HI (default 1: the plain conditional model)")
+    ap.add_argument("--guidance", default="1",
+                    help="W[@LO-HI][:bf16] as in guidance_sweep.py (default 1: the plain conditional model)")
     ap.add_argument("--strength", type=float, nargs="+", default=[0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1])
     args = ap.parse_args()
 
@@ -43,16 +45,16 @@ def main() -> None:
     labels = ev.test_labels[idx]
     with torch.no_grad():
         latents = torch.cat([vae.encode(images[i : i + 500]) for i in range(0, len(images), 500)])
-    w, _, interval = args.guidance.partition("@")
-    lo_hi = tuple(int(v) for v in interval.split("-")) if interval else None
+    w, lo_hi, precision = parse_spec(args.guidance)
     for strength in args.strength:
         t0 = time.perf_counter()
         if strength == 0:
             with torch.no_grad():
                 out = torch.cat([vae.decode(latents[i : i + 500]) for i in range(0, len(latents), 500)])
         else:
-            out = sample(unet, vae, args.n, labels, guidance=float(w), guidance_interval=lo_hi, sampler="dpm",
-                         steps=args.steps, generator=make_generator(1), init_latents=latents, strength=strength).images
+            out = sample(unet, vae, args.n, labels, guidance=w, guidance_interval=lo_hi, precision=precision,
+                         sampler="dpm", steps=args.steps, generator=make_generator(1), init_latents=latents,
+                         strength=strength).images
         seconds = time.perf_counter() - t0
         m = ev.evaluate(out, labels, with_novelty=False, with_floor=False, kid_subsets=50)
         print(json.dumps({"strength": strength, "guidance": args.guidance, "n": args.n, "fid": round(m["fid"], 4),

@@ -175,7 +175,7 @@ class Config:
         ['--set', 'unet.block_out_channels=32,64']
         """
         base = get_config(self.preset, dataset=self.data.dataset)
-        flags = [] if self.data.dataset == base.data.dataset == "fashion_mnist" else ["--dataset", self.data.dataset]
+        flags = [] if self.data.dataset == "fashion_mnist" else ["--dataset", self.data.dataset]
         for f in dataclasses.fields(self):
             if f.name == "preset":
                 continue
