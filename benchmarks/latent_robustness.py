@@ -8,7 +8,7 @@ VAE checkpoint, the first ``--n`` test images are encoded (posterior mean, stand
 variance per the stored shift and scale), Gaussian noise of standard deviation ``s`` (in those units) is added,
 and the decoded images are scored against the 10,000 test images like any sample file (FID, KID, conditional
 accuracy, project classifier). ``s = 0`` is the VAE's ceiling at this N. Also printed: the posterior standard
-deviation σ in the same units (median over the training latents) — the noise the decoder was *trained* to
+deviation σ in the same units (median over the same test images) — the noise the decoder was *trained* to
 tolerate, which the KL weight β controls.
 
 A VAE whose FID rises slowly with ``s`` leaves the UNet more room for error. (This is one view of the
@@ -25,7 +25,7 @@ import torch
 
 from nbutils import data
 from nbutils.metrics import Evaluator
-from nbutils.train import load_vae
+from nbutils.train import encode_dataset, load_vae
 
 
 def main() -> None:
@@ -43,11 +43,8 @@ def main() -> None:
     rows = []
     for ckpt in args.checkpoints:
         vae, meta = load_vae(ckpt, device="cpu")
-        cache = data.latent_dataset(vae, meta["path"], progress=False)
-        sigma = float((cache["std"] * vae.latent_scale).median())
-        with torch.no_grad():
-            z = torch.cat([vae.encode(data.to_model_range(images[i : i + 1000]))
-                           for i in range(0, len(images), 1000)])
+        mean, std = encode_dataset(vae, data.to_model_range(images), progress=False)
+        z, sigma = vae.standardize(mean), float((std * vae.latent_scale).median())
         for s in args.noise:
             g = torch.Generator().manual_seed(args.seed)
             zn = z + s * torch.randn(z.shape, generator=g)
