@@ -5,6 +5,8 @@
 #
 #   OUT=/tmp/gpu_out DEVICE=cuda bash benchmarks/gpu_session.sh      # 540 s in all (TOTAL_SECONDS)
 #
+# For issue 6 (a better-fitting UNet), skip the speed rows and train at a lower rate, e.g.
+#   OUT=/tmp/gpu_out SKIP_BENCH=1 LR=2e-4 VARIANTS="48,96x1 64,128x2" GUIDANCE="2.5@0-400 3.5@0-400" bash benchmarks/gpu_session.sh
 # DEVICE=cpu MINUTES=0.1 N=200 BENCH_STEPS=2 SAMPLERS=dpm:2 PY=.venv/bin/python runs the same path on a CPU
 # in a few minutes (a check of the script). Seven files come back: session.log (every JSON line and table),
 # model_<variant>.tar (fp16 EMA weights, configs, training log, last sample grid), samples_<variant>.tar.
@@ -14,7 +16,10 @@ DEVICE=${DEVICE:-cuda}
 TOTAL_SECONDS=${TOTAL_SECONDS:-540}  # the whole script's wall-clock budget; training gets what the rest leaves
 MINUTES=${MINUTES:-}
 N=${N:-10000}
-GUIDANCE=${GUIDANCE:-"2 3"}  # two scales: 3 × 10,000 samples would not fit one 16 MB file
+GUIDANCE=${GUIDANCE:-"2 3"}  # two specs, W or W@LO-HI (guidance W on LO ≤ t ≤ HI): 3 × 10,000 samples would not fit one 16 MB file
+LR=${LR:-}                  # Adam learning rate for every variant (default: the preset's, 1e-3)
+EMA_DECAY=${EMA_DECAY:-}    # likewise the EMA decay (default 0.999)
+SKIP_BENCH=${SKIP_BENCH:-}  # 1: leave out the speed rows (throughput, samplers, CLI) and give their time to training
 VARIANTS=${VARIANTS:-"48,96x1 64,128x2 32,64x2"}
 PY=${PY:-python3}
 BENCH_STEPS=${BENCH_STEPS:-50}
@@ -29,6 +34,7 @@ date -u
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
+if [ -z "$SKIP_BENCH" ]; then
 echo "== UNet throughput (alone on the device)"
 timeout 150 $PY benchmarks/unet_throughput.py --device "$DEVICE" --variants "$VARIANTS" --bf16 --steps "$BENCH_STEPS"
 timeout 60 $PY benchmarks/unet_throughput.py --device "$DEVICE" --preset full --bf16 --steps "$BENCH_STEPS"
@@ -40,6 +46,7 @@ for i in 1 2; do
     /usr/bin/time -f "cli wall %e s" timeout 60 $PY -m nbutils sample --checkpoint checkpoints --n 1000 --steps 20 \
         --device "$DEVICE" --batch-size 1000 --no-progress --out /tmp/cli_sample.npz
 done
+fi
 
 if [ -z "$MINUTES" ]; then  # leave ~110 s for the latent cache, start-up, samples and packing
     MINUTES=$(awk "BEGIN{m=($TOTAL_SECONDS-$SECONDS-110)/60; print (m<0.5)?0.5:m}")
@@ -51,6 +58,7 @@ for v in $VARIANTS; do
     name=${v//,/_}
     OMP_NUM_THREADS=4 timeout $(awk "BEGIN{print int($MINUTES*60+120)}") \
         $PY benchmarks/train_budget.py --arch "$v" --minutes "$MINUTES" --device "$DEVICE" \
+        ${LR:+--lr "$LR"} ${EMA_DECAY:+--ema-decay "$EMA_DECAY"} \
         --run-dir "runs/gpu/$name" > "runs/gpu/$name.log" 2>&1 &
     pids+=($!)
 done
@@ -62,8 +70,11 @@ for v in $VARIANTS; do
     name=${v//,/_}
     mkdir -p "runs/gpu/pack_$name"
     for g in $GUIDANCE; do
-        timeout 120 $PY -m nbutils sample --checkpoint "runs/gpu/$name" --n "$N" --guidance "$g" --steps 20 \
-            --device "$DEVICE" --batch-size 2500 --no-progress --out "runs/gpu/pack_$name/samples_g$g.npz"
+        w=${g%%@*}; interval=()
+        if [ "$g" != "$w" ]; then range=${g#*@}; interval=(--guidance-interval "${range/-/,}"); fi
+        timeout 120 $PY -m nbutils sample --checkpoint "runs/gpu/$name" --n "$N" --class all --guidance "$w" \
+            "${interval[@]}" --sampler dpm --steps 20 --seed 0 --device "$DEVICE" --batch-size 2500 --no-progress \
+            --out "runs/gpu/pack_$name/samples_g$g.npz"
     done
 done
 
