@@ -194,12 +194,14 @@ def test_unknown_sampler():
         Sm.make_sampler("euler", NoiseSchedule())
 
 
-def test_shipped_models_sample_deterministically():
-    """The shipped UNet + VAE load together (digest checked) and a seed fixes the output."""
-    from nbutils.config import checkpoints_dir, make_generator
+@pytest.mark.parametrize("folder", ["checkpoints", "benchmarks/candidates/lowlr-e16"])
+def test_shipped_models_sample_deterministically(folder):
+    """The shipped UNet + VAE (and the committed candidate, whose VAE is a link to the shipped one) load together
+    (digest checked) and a seed fixes the output."""
+    from nbutils.config import make_generator, project_root
     from nbutils.train import load_models
 
-    unet, vae, meta = load_models(checkpoints_dir(), device="cpu")
+    unet, vae, meta = load_models(project_root() / folder, device="cpu")
     assert meta["extra"]["stored_dtype"] == "torch.float16"
     runs = [Sm.sample(unet, vae, 4, [7, 7, 0, 9], guidance=3.0, sampler="dpm", steps=4,
                       generator=make_generator(1)) for _ in range(2)]
