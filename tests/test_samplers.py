@@ -383,3 +383,54 @@ def test_bad_init_latents_and_strength():
         Sm.sample(m, _IdentityVAE(), 2, 1, init_latents=torch.zeros(2, 4, 7, 7), strength=0.0)
     with pytest.raises(ValueError, match=r"init_latents must have shape \(2, 4, 7, 7\), got \(2, 4, 8, 8\)"):
         Sm.sample(m, _IdentityVAE(), 2, 1, init_latents=torch.zeros(2, 4, 8, 8), strength=0.5)
+
+
+def _load_benchmark(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_adaptive_projected_guidance_against_its_definition():
+    """benchmarks/apg.py: η = 1 without threshold or momentum is classifier-free guidance; η = 0 leaves an update
+    orthogonal to the conditional x̂₀ (per sample); the threshold caps ‖Δ‖; the momentum restarts per batch."""
+    apg = _load_benchmark("apg")
+    acp = NoiseSchedule().alphas_cumprod
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(11, 4, 7, 7, generator=g)
+
+    def model(x, t, labels):  # a class-dependent, x-dependent fake ε prediction
+        return 0.3 * x + table[labels]
+
+    x, labels, t, w = torch.randn(5, 4, 7, 7, generator=g), torch.tensor([0, 1, 2, 3, 9]), 300, 3.0
+    cfg = Sm.guided_output(model, x, t, labels, w, 10)
+    assert torch.allclose(apg.apg_guide(acp, 1.0, None, 0.0)(model, x, t, labels, w, 10), cfg, atol=1e-5)
+    assert torch.equal(apg.apg_guide(acp, 0.0, None, 0.0)(model, x, t, labels, 1.0, 10), model(x, t, labels))
+
+    def x0(eps, t):
+        a = float(acp[t])
+        return ((x - math.sqrt(1 - a) * eps) / math.sqrt(a)).flatten(1)
+
+    def delta(out, t):  # (w − 1)·update: the guided x̂₀ minus the conditional one
+        return x0(out, t) - x0(model(x, t, labels), t)
+
+    def cfg_delta(t):  # Δ = x̂₀(x|c) − x̂₀(x|∅)
+        return x0(model(x, t, labels), t) - x0(model(x, t, torch.full_like(labels, 10)), t)
+
+    orth = delta(apg.apg_guide(acp, 0.0, None, 0.0)(model, x, t, labels, w, 10), t)
+    assert orth.norm() > 0.1 * delta(cfg, t).norm()
+    assert torch.allclose((orth * x0(model(x, t, labels), t)).sum(1), torch.zeros(5), atol=1e-3)
+    capped = delta(apg.apg_guide(acp, 1.0, 0.5, 0.0)(model, x, t, labels, w, 10), t)
+    assert torch.allclose(capped.norm(dim=1), torch.full((5,), (w - 1) * 0.5), rtol=1e-4)
+
+    guide = apg.apg_guide(acp, 1.0, None, -0.5)  # momentum: the second step adds −0.5 × the first Δ
+    assert torch.allclose(delta(guide(model, x, t, labels, w, 10), t), (w - 1) * cfg_delta(t), atol=1e-4)
+    second = delta(guide(model, x, t - 50, labels, w, 10), t - 50)
+    assert torch.allclose(second, (w - 1) * (cfg_delta(t - 50) - 0.5 * cfg_delta(t)), atol=1e-4)
+    restarted = delta(guide(model, x, t, labels, w, 10), t)  # t went up: a new batch, no memory
+    assert torch.allclose(restarted, (w - 1) * cfg_delta(t), atol=1e-4)
