@@ -2,6 +2,7 @@
 
     python benchmarks/apg.py --n 2000 3.5@0-400 3.5@0-400:eta=1 3.5@0-400:eta=0 5@0-400:eta=0:r=4
     python benchmarks/apg.py --checkpoint runs/long-snap/e16 --n 2000 3@0-400:eta=0
+    python benchmarks/apg.py --geometry 200 3.5@0-400     # how big Δ is, and how parallel, per timestep
 
 Sadat, Hilliges & Weber (2024, "Eliminating Oversaturation and Artifacts of High Guidance Scales in Diffusion
 Models") rewrite the guidance update in terms of the denoised prediction x̂₀: with Δ = x̂₀(x|c) − x̂₀(x|∅),
@@ -81,18 +82,45 @@ def apg_guide(alphas_cumprod: torch.Tensor, eta: float, r: float | None, momentu
     return guide
 
 
+def geometry(unet, vae, acp: torch.Tensor, n: int, spec: dict) -> None:
+    """Print, per sampler timestep, the median ‖Δ‖, ‖x̂₀(x|c)‖ and |cos(Δ, x̂₀(x|c))| over ``n`` samples drawn
+    with plain classifier-free guidance ``spec`` (Δ is computed at every step, guided or not)."""
+    rows = {}
+
+    def guide(model, x, t, labels, w, null_label):
+        b, t = x.shape[0], int(t)
+        tt = torch.full((b,), t, dtype=torch.long, device=x.device)
+        out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, torch.full_like(labels, null_label)]))
+        a = float(acp[t])
+        x0_c = ((x - math.sqrt(1 - a) * out[:b]) / math.sqrt(a)).flatten(1)
+        diff = x0_c - ((x - math.sqrt(1 - a) * out[b:]) / math.sqrt(a)).flatten(1)
+        cos = (diff * x0_c).sum(1).abs() / (diff.norm(dim=1) * x0_c.norm(dim=1)).clamp_min(1e-12)
+        rows[t] = (diff.norm(dim=1).median().item(), x0_c.norm(dim=1).median().item(), cos.median().item())
+        return out[b:] + w * (out[:b] - out[b:])
+
+    sample(unet, vae, n, torch.arange(n) % 10, guidance=spec["w"], guidance_interval=spec["interval"],
+           sampler="dpm", steps=20, generator=make_generator(0), guide=guide)
+    print("| t | median ‖Δ‖ | median ‖x̂₀(x|c)‖ | median |cos(Δ, x̂₀(x|c))| |\n| --- | --- | --- | --- |")
+    for t, (d, x0, c) in sorted(rows.items()):
+        print(f"| {t} | {d:.3f} | {x0:.3f} | {c:.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("specs", nargs="+", help="W@LO-HI[:eta=E][:r=R][:m=B] …")
     ap.add_argument("--checkpoint", default="checkpoints")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--geometry", type=int, metavar="N", help="only print Δ's size and direction per step")
     args = ap.parse_args()
 
     unet, vae, _ = load_models(args.checkpoint, device="cpu")
     if unet.diffusion_cfg.prediction_type != "epsilon":
         raise SystemExit(f"{args.checkpoint}: this script handles ε-prediction UNets only")
     acp = NoiseSchedule.from_config(unet.diffusion_cfg).alphas_cumprod
+    if args.geometry:
+        geometry(unet, vae, acp, args.geometry, parse_spec(args.specs[0]))
+        return
     ev = Evaluator()
     classes = torch.arange(args.n) % 10
     for spec in args.specs:
