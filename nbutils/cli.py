@@ -246,6 +246,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if len(interval) != 2 or not 0 <= interval[0] <= interval[1]:
             raise CLIError(f"--guidance-interval must be LO,HI with 0 ≤ LO ≤ HI (timesteps), "
                            f"got {args.guidance_interval!r}")
+    if args.guided_steps is not None:
+        if interval is None or interval[0] != 0:
+            raise CLIError("--guided-steps needs --guidance-interval 0,HI (the guided steps end the schedule)")
+        if args.steps is None or args.guided_steps >= args.steps:
+            raise CLIError(f"--guided-steps must be less than --steps, got {args.guided_steps} of {args.steps}")
     out = _output_path(args.out, (".npz", ".png"))
     from .data import class_labels, dataset_spec
 
@@ -256,7 +261,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     result = sample(unet, vae, args.n, labels, guidance=args.guidance, sampler=args.sampler, steps=args.steps,
                     guidance_interval=interval, precision=args.precision,
                     generator=make_generator(args.seed), eta=args.eta, batch_size=args.batch_size,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, guided_steps=args.guided_steps)
     images = to_uint8(result.images).numpy()
     if out.suffix == ".png":
         from .plotting import save_grid
@@ -268,8 +273,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         np.savez_compressed(out, images=images, labels=np.asarray(labels, dtype=np.int64))
     seconds = time.perf_counter() - t0
     print(json.dumps({"out": str(out), "n": args.n, "sampler": args.sampler, "steps": args.steps,
-                      "guidance": args.guidance, "guidance_interval": interval, "precision": result.precision,
-                      "seed": args.seed, "checkpoint": meta["path"],
+                      "guided_steps": args.guided_steps, "guidance": args.guidance, "guidance_interval": interval,
+                      "precision": result.precision, "seed": args.seed, "checkpoint": meta["path"],
                       "seconds": round(seconds, 2)}))
     return 0
 
@@ -417,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "supported natively, else fp32")
     p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm"), default="dpm")
     p.add_argument("--steps", type=_positive_int, help="sampling steps (default: ddpm 1000, ddim 50, dpm 20)")
+    p.add_argument("--guided-steps", type=_positive_int, metavar="B",
+                   help="of --steps, put B inside --guidance-interval 0,HI and the rest above it, instead of "
+                        "spacing all evenly (e.g. --steps 16 --guided-steps 12)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=500)

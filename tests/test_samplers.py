@@ -335,6 +335,15 @@ def test_cli_guidance_interval_and_auto_precision(tmp_path, capsys):
     assert report["precision"] == ("bf16" if bf16_supported("cpu") else "fp32")
     with np.load(out) as f:
         assert f["images"].shape == (10, 28, 28) and f["images"].dtype == np.uint8
+    assert cli.main(["sample", "--checkpoint", str(checkpoints_dir()), "--n", "4", "--steps", "4", "--guided-steps", "3",
+                     "--guidance-interval", "0,400", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["guided_steps"] == 3
+    for extra, message in [(["--steps", "4", "--guided-steps", "3"], "--guidance-interval 0,HI"),
+                           (["--steps", "4", "--guided-steps", "3", "--guidance-interval", "100,400"], "0,HI"),
+                           (["--steps", "4", "--guided-steps", "4", "--guidance-interval", "0,400"], "less than"),
+                           (["--guided-steps", "4", "--guidance-interval", "0,400"], "less than")]:
+        assert cli.main(["sample", "--checkpoint", str(checkpoints_dir()), "--n", "4", *extra, "--out", str(out)]) != 0
+        assert message in capsys.readouterr().err
 
 
 class _OracleUNet(GaussianOracle):
@@ -434,3 +443,46 @@ def test_adaptive_projected_guidance_against_its_definition():
     assert torch.allclose(second, (w - 1) * (cfg_delta(t - 50) - 0.5 * cfg_delta(t)), atol=1e-4)
     restarted = delta(guide(model, x, t, labels, w, 10), t)  # t went up: a new batch, no memory
     assert torch.allclose(restarted, (w - 1) * cfg_delta(t), atol=1e-4)
+
+
+def test_split_timesteps_and_custom_timesteps():
+    """The split schedule reproduces ``trailing`` where the even spacing puts its steps, spends them where asked,
+    and custom timesteps are checked."""
+    assert torch.equal(Sm.split_timesteps(1000, 12, 8, 400), Sm.spaced_timesteps(1000, 20))
+    assert torch.equal(Sm.split_timesteps(1000, 30, 20, 400), Sm.spaced_timesteps(1000, 50))
+    ts = Sm.split_timesteps(1000, 4, 12, 400)
+    assert ts[0] == 999 and (ts[:4] > 400).all() and (ts[4:] < 400).all() and bool((ts[1:] < ts[:-1]).all())
+    for bad in [(4, 0, 400), (0, 12, 400), (4, 12, 0), (4, 12, 999), (700, 12, 400)]:
+        with pytest.raises(ValueError, match="steps|split"):
+            Sm.split_timesteps(1000, *bad)
+    s = Sm.make_sampler("dpm", NoiseSchedule())
+    s.set_timesteps(timesteps=[999, 500, 20])
+    assert s.timesteps.tolist() == [999, 500, 20] and s.num_inference_steps == 3
+    for bad in ([999, 999, 20], [20, 500], [1000, 3], [], [5, -1]):
+        with pytest.raises(ValueError, match="strictly decreasing"):
+            s.set_timesteps(timesteps=bad)
+
+
+def test_guided_steps_put_the_steps_inside_the_interval():
+    """``sample(…, guided_steps=B)`` visits exactly split_timesteps(T, steps − B, B, hi), guides (doubled passes)
+    exactly the last B, and with the even split's B it is the plain schedule bit for bit."""
+    from nbutils.config import make_generator
+
+    def run(**kw):
+        m = _Recorder()
+        out = Sm.sample(m, _IdentityVAE(), 6, [1, 2, 3, 4, 5, 6], sampler="dpm", generator=make_generator(0),
+                        guidance=3.0, guidance_interval=(0, 400), **kw)
+        return out.latents, m.calls
+
+    latents, calls = run(steps=16, guided_steps=12)
+    assert [t for t, _ in calls] == Sm.split_timesteps(1000, 4, 12, 400).tolist()
+    assert [b for _, b in calls] == [6] * 4 + [12] * 12
+    assert torch.equal(run(steps=20, guided_steps=8)[0], run(steps=20)[0])
+    assert not torch.equal(run(steps=20, guided_steps=12)[0], run(steps=20)[0])
+    with pytest.raises(ValueError, match="guidance_interval"):
+        Sm.sample(_Recorder(), _IdentityVAE(), 2, 1, steps=10, guided_steps=5)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        Sm.sample(_Recorder(), _IdentityVAE(), 2, 1, steps=10, guided_steps=5, guidance_interval=(100, 400))
+    for steps, guided in [(10, 10), (None, 5), (10, 0)]:
+        with pytest.raises(ValueError, match="guided_steps"):
+            Sm.sample(_Recorder(), _IdentityVAE(), 2, 1, steps=steps, guided_steps=guided, guidance_interval=(0, 400))
