@@ -335,8 +335,8 @@ def test_cli_guidance_interval_and_auto_precision(tmp_path, capsys):
     assert report["precision"] == ("bf16" if bf16_supported("cpu") else "fp32")
     with np.load(out) as f:
         assert f["images"].shape == (10, 28, 28) and f["images"].dtype == np.uint8
-    assert cli.main(["sample", "--checkpoint", str(checkpoints_dir()), "--n", "4", "--steps", "4", "--guided-steps", "3",
-                     "--guidance-interval", "0,400", "--out", str(out), "--no-progress"]) == 0
+    assert cli.main(["sample", "--checkpoint", str(checkpoints_dir()), "--n", "4", "--steps", "4",
+                     "--guided-steps", "3", "--guidance-interval", "0,400", "--out", str(out), "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["guided_steps"] == 3
     for extra, message in [(["--steps", "4", "--guided-steps", "3"], "--guidance-interval 0,HI"),
                            (["--steps", "4", "--guided-steps", "3", "--guidance-interval", "100,400"], "0,HI"),
