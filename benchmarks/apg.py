@@ -55,7 +55,7 @@ def apg_guide(alphas_cumprod: torch.Tensor, eta: float, r: float | None, momentu
     def guide(model, x, t, labels, w, null_label):
         b, t = x.shape[0], int(t)
         tt = torch.full((b,), t, dtype=torch.long, device=x.device)
-        if state["t"] is None or t >= state["t"] or state["avg"] is None or state["avg"].shape != x.shape:
+        if state["t"] is None or t >= state["t"]:
             state["avg"] = None  # a new batch started: timesteps only decrease within one
         state["t"] = t
         if w == 1.0:

@@ -76,10 +76,12 @@ def split_timesteps(num_train_timesteps: int, high: int, low: int, split: int) -
     T = int(num_train_timesteps)
     if not 0 < split < T - 1:
         raise ValueError(f"split must be a timestep in 1..{T - 2}, got {split}")
-    if not 1 <= high <= T - 1 - split or not 1 <= low <= split:
-        raise ValueError(f"need 1 ≤ high ≤ {T - 1 - split} and 1 ≤ low ≤ {split} steps, got {high} and {low}")
-    hi = [round(T - i * (T - split) / high) - 1 for i in range(high)]
-    lo = [round(split - i * split / low) - 1 for i in range(low)]
+    hi = [round(T - i * (T - split) / high) - 1 for i in range(high)] if high >= 1 else []
+    lo = [round(split - i * split / low) - 1 for i in range(low)] if low >= 1 else []
+    # each part must be non-empty, its steps distinct, and the upper part must stay above ``split``
+    if not hi or not lo or hi[-1] <= split or len(set(hi)) < high or len(set(lo)) < low:
+        raise ValueError(f"{high} steps do not fit on ({split}, {T - 1}] or {low} steps on [0, {split}) "
+                         "(each part needs at least one step and distinct timesteps)")
     return torch.tensor(hi + lo, dtype=torch.long)
 
 
@@ -339,6 +341,9 @@ def sample(
             raise ValueError(f"guided_steps must be in 1..steps − 1 (steps = {steps}), got {guided_steps}")
     dcfg = diffusion_cfg or getattr(unet, "diffusion_cfg", None) or DiffusionConfig()
     schedule = NoiseSchedule.from_config(dcfg)
+    custom_timesteps = None
+    if guided_steps is not None:
+        custom_timesteps = split_timesteps(schedule.num_train_timesteps, steps - guided_steps, guided_steps, hi)
     null = unet.null_label
     if classes is None:
         labels = torch.full((n,), -1, dtype=torch.long)
@@ -374,9 +379,8 @@ def sample(
         lab = labels[start : start + batch_size]
         model_labels = torch.where(lab < 0, torch.full_like(lab, null), lab).to(device)
         s = make_sampler(sampler, schedule, dcfg.prediction_type, steps, timestep_spacing, eta)
-        if guided_steps is not None:
-            s.set_timesteps(timesteps=split_timesteps(schedule.num_train_timesteps, steps - guided_steps,
-                                                      guided_steps, hi))
+        if custom_timesteps is not None:
+            s.set_timesteps(timesteps=custom_timesteps)
         shape = (len(lab), *vae.latent_shape)
         x = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu").to(device)
         timesteps = s.timesteps
