@@ -1,6 +1,6 @@
 """Per-class guidance scales: guide each class only as hard as it needs.
 
-    python benchmarks/class_guidance.py --checkpoint benchmarks/candidates/lowlr-e16 --n 5000 1 2 2.5 3
+    python benchmarks/class_guidance.py --checkpoint checkpoints --n 5000 1 2 2.5 3
     python benchmarks/class_guidance.py --n 5000 1.5,1,2,1.5,2,1,3,1,1,1
 
 One guidance scale for all classes is a compromise: a single w must be large enough for the class the model

@@ -3,11 +3,12 @@
 # machine: the timings are part of it). What each step prints goes to $OUT/shipped_model.log; the sample files
 # stay in $OUT.
 #
-#   OUT=runs/remeasure bash benchmarks/shipped_model.sh                   # 2,984 s on the 2-core dev machine (2026-11-26)
+#   OUT=runs/remeasure bash benchmarks/shipped_model.sh                   # ≈ 55 min on the 2-core dev machine
 #   OUT=runs/remeasure CKPT=runs/candidate bash benchmarks/shipped_model.sh   # a candidate before shipping it
 #
 # Steps: VAE quality; the VAE ceiling (10,000 reconstructions, evaluated); the sampler table (1,000 samples
-# per sampler, DDPM 1000 steps included: ≈ 17 of the minutes); the guidance screening at N = 2,000; 10,000
+# per sampler, DDPM 1000 steps included: ≈ 17 of the minutes); the guidance screening at N = 2,000 (20 even steps,
+# then the shipped 4 + 12 schedule); 10,000
 # samples per README evaluation row, each evaluated; the end-to-end CLI timings; the two README pictures
 # (only when CKPT is checkpoints/). SKIP_SAMPLERS=1 leaves out the sampler table; N_EVAL, N_SWEEP, N_SAMPLERS
 # and N_CLI (default 10000, 2000, 1000, 1000) shrink it for a check of the script, e.g. with CKPT=runs/smoke.
@@ -15,13 +16,17 @@ set -euo pipefail
 OUT=${OUT:?set OUT to a folder for the results}
 CKPT=${CKPT:-checkpoints}
 PY=${PY:-.venv/bin/python}
-SPECS=${SPECS:-"1 2 3 3@300-1000 3@0-600 2.5@0-600 3@0-500 3.5@0-400 3.5@0-400:bf16 4@0-400"}
+# guidance screening at 20 even steps, then with the shipped schedule (16 steps, 12 of them on t <= 400)
+SPECS=${SPECS:-"1 2 3 3@300-1000 3@0-600 2.5@0-400 3@0-400 3.5@0-400"}
+SPLIT_SPECS=${SPLIT_SPECS:-"2.5@0-400 2.75@0-400 3@0-400 2.75@0-400:bf16"}
+RECIPE=${RECIPE:-"--steps 16 --guided-steps 12 --guidance 2.75 --guidance-interval 0,400"}   # the shipped recipe
 # README evaluation rows: "name|sample flags"
-ROWS=${ROWS:-"g2|--guidance 2
-g3|--guidance 3
-g3_0-500|--guidance 3 --guidance-interval 0,500
-g3.5_0-400|--guidance 3.5 --guidance-interval 0,400
-g3.5_0-400_bf16|--guidance 3.5 --guidance-interval 0,400 --precision bf16"}
+ROWS=${ROWS:-"g2|--steps 20 --guidance 2
+g3|--steps 20 --guidance 3
+g3_0-400|--steps 20 --guidance 3 --guidance-interval 0,400
+recipe|$RECIPE
+recipe_bf16|$RECIPE --precision bf16
+g3_0-400_s50|--steps 50 --guidance 3 --guidance-interval 0,400"}
 N_EVAL=${N_EVAL:-10000}; N_SWEEP=${N_SWEEP:-2000}; N_SAMPLERS=${N_SAMPLERS:-1000}; N_CLI=${N_CLI:-1000}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -45,29 +50,32 @@ fi
 echo "== guidance screening, N = 2,000"
 # shellcheck disable=SC2086
 $PY benchmarks/guidance_sweep.py --checkpoint "$CKPT" --n "$N_SWEEP" $SPECS
+# shellcheck disable=SC2086
+$PY benchmarks/guidance_sweep.py --checkpoint "$CKPT" --n "$N_SWEEP" --steps 16 --guided-steps 12 $SPLIT_SPECS
 
 echo "== README evaluation rows, N = 10,000"
 while IFS='|' read -r name flags; do
     echo "-- $name: $flags"
     # shellcheck disable=SC2086
-    $PY -m nbutils sample --checkpoint "$CKPT" --n "$N_EVAL" --class all $flags --sampler dpm --steps 20 --seed 0 \
+    $PY -m nbutils sample --checkpoint "$CKPT" --n "$N_EVAL" --class all $flags --sampler dpm --seed 0 \
         --no-progress --out "$OUT/s10k_$name.npz"
     $PY -m nbutils evaluate "$OUT/s10k_$name.npz"
 done <<< "$ROWS"
 
-echo "== CLI end to end, 1,000 samples, 20 steps (wall seconds)"
-for flags in "" "--guidance 3.5 --guidance-interval 0,400" "--guidance 3.5 --guidance-interval 0,400 --precision bf16"; do
+echo "== CLI end to end, 1,000 samples (wall seconds)"
+for flags in "--steps 20" "$RECIPE" "$RECIPE --precision bf16"; do
     for i in 1 2; do
         # shellcheck disable=SC2086
-        /usr/bin/time -f "cli wall %e s: ${flags:-plain w = 3}" $PY -m nbutils sample --checkpoint "$CKPT" --n "$N_CLI" \
-            --steps 20 $flags --no-progress --out "$OUT/cli.npz" > /dev/null
+        /usr/bin/time -f "cli wall %e s: $flags" $PY -m nbutils sample --checkpoint "$CKPT" --n "$N_CLI" \
+            $flags --no-progress --out "$OUT/cli.npz" > /dev/null
     done
 done
 
 if [ "$CKPT" = checkpoints ]; then
     echo "== README pictures"
-    $PY -m nbutils sample --checkpoint checkpoints --n 100 --class all --guidance 3.5 --guidance-interval 0,400 \
-        --sampler dpm --steps 20 --seed 0 --out docs/img/samples.png
+    # shellcheck disable=SC2086
+    $PY -m nbutils sample --checkpoint checkpoints --n 100 --class all $RECIPE --sampler dpm --seed 0 \
+        --out docs/img/samples.png
     $PY -m nbutils reconstruct --n 100 --checkpoint checkpoints --out docs/img/vae_reconstructions.png
 fi
 echo "== done $(date -u), $SECONDS s"

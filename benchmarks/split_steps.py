@@ -1,6 +1,6 @@
 """Where do extra solver steps pay off: the unguided high-noise part or the guided low-noise part?
 
-    python benchmarks/split_steps.py --checkpoint benchmarks/candidates/lowlr-e16 --n 2000 12/8 30/20 12/20 30/8
+    python benchmarks/split_steps.py --checkpoint checkpoints --n 2000 12/8 30/20 12/20 30/8
 
 With guidance on t ≤ 400 only, 50 DPM-Solver++ steps score a much better FID than 20 at the same accuracy
 (benchmarks/README.md), for 2.5× the UNet passes. Each spec ``A/B`` puts A steps on (400, 999] (plain

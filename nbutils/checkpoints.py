@@ -242,9 +242,11 @@ def resolve_checkpoint(filename: str, checkpoint: str | os.PathLike | None = Non
     )
 
 
-def export_model(src: str | os.PathLike, dst: str | os.PathLike, kind: str, dtype: torch.dtype | None = None) -> Path:
+def export_model(src: str | os.PathLike, dst: str | os.PathLike, kind: str, dtype: torch.dtype | None = None,
+                 **notes: Any) -> Path:
     """Copy a model checkpoint (weights + metadata), optionally storing floats as ``dtype`` (e.g.
-    ``torch.float16`` for shipped weights; loading converts back to float32)."""
+    ``torch.float16`` for shipped weights; loading converts back to float32). ``notes`` (e.g.
+    ``trained="…"``) are added to the metadata's ``extra``, for what the run's own metadata cannot know."""
     tensors, meta = read_model(src, kind)
-    extra = dict(meta["extra"], exported_from=str(src), stored_dtype=str(dtype or "as trained"))
+    extra = dict(meta["extra"], exported_from=str(src), stored_dtype=str(dtype or "as trained"), **notes)
     return save_model(dst, kind, tensors, Config.from_dict(meta["config"]), extra, dtype=dtype)

@@ -81,8 +81,10 @@ def test_export_half_precision_round_trip(tmp_path):
     cfg = get_config("smoke")
     w = torch.randn(64, 64)
     src = K.save_model(tmp_path / "a.safetensors", "unet", {"w": w}, cfg, {"epoch": 3})
-    dst = K.export_model(src, tmp_path / "b.safetensors", "unet", dtype=torch.float16)
+    dst = K.export_model(src, tmp_path / "b.safetensors", "unet", dtype=torch.float16, trained="2 runs")
     tensors, meta = K.read_model(dst, "unet")
     assert tensors["w"].dtype == torch.float16 and torch.allclose(tensors["w"].float(), w, atol=2e-3)
     assert meta["extra"]["epoch"] == 3 and meta["config"] == K.read_model(src, "unet")[1]["config"]
+    assert meta["extra"]["trained"] == "2 runs" and meta["extra"]["exported_from"] == str(src)
+    assert json.loads(dst.with_suffix(".json").read_text())["extra"]["trained"] == "2 runs"
     assert dst.stat().st_size < src.stat().st_size * 0.6

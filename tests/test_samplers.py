@@ -194,10 +194,10 @@ def test_unknown_sampler():
         Sm.make_sampler("euler", NoiseSchedule())
 
 
-@pytest.mark.parametrize("folder", ["checkpoints", "benchmarks/candidates/lowlr-e16"])
+@pytest.mark.parametrize("folder", ["checkpoints", "benchmarks/candidates/first-ship"])
 def test_shipped_models_sample_deterministically(folder):
-    """The shipped UNet + VAE (and the committed candidate, whose VAE is a link to the shipped one) load together
-    (digest checked) and a seed fixes the output."""
+    """The shipped UNet + VAE (and the first shipped UNet, kept for the benchmarks that measured it, whose VAE is
+    a link to the shipped one) load together (digest checked) and a seed fixes the output."""
     from nbutils.config import make_generator, project_root
     from nbutils.train import load_models
 
@@ -224,6 +224,24 @@ def test_shipped_models_draw_the_requested_classes():
     out = Sm.sample(unet, vae, 100, wanted, guidance=3.0, sampler="dpm", steps=20, generator=make_generator(0))
     _, logits = predict(clf, out.images)
     assert (logits.argmax(1) == wanted).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("document, marker", [("Makefile", "runs/demo/samples.png"),
+                                              ("README.md", "docs/img/samples.png`")])
+def test_demo_and_readme_picture_use_the_shipped_recipe(document, marker):
+    """One recipe in three places: `make demo`, the README's picture command and ``SHIPPED_RECIPE`` agree."""
+    import shlex
+
+    from nbutils.cli import build_parser
+    from nbutils.config import project_root
+
+    text = (project_root() / document).read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if "nbutils sample" in ln and marker in ln)
+    argv = shlex.split(line.split("-m nbutils", 1)[1].split("`")[0])
+    a = build_parser().parse_args(argv)
+    got = {"sampler": a.sampler, "steps": a.steps, "guided_steps": a.guided_steps, "guidance": a.guidance,
+           "guidance_interval": tuple(int(v) for v in a.guidance_interval.split(","))}
+    assert got == Sm.SHIPPED_RECIPE
 
 
 class _Recorder(torch.nn.Module):
