@@ -226,22 +226,38 @@ def test_shipped_models_draw_the_requested_classes():
     assert (logits.argmax(1) == wanted).float().mean() >= 0.9
 
 
+def _recipe_of(argv: list[str]) -> dict:
+    """The sampling recipe a `python -m nbutils sample …` command line asks for, read by the CLI's own parser."""
+    from nbutils.cli import build_parser
+
+    a = build_parser().parse_args(argv)
+    return {"sampler": a.sampler, "steps": a.steps, "guided_steps": a.guided_steps, "guidance": a.guidance,
+            "guidance_interval": tuple(int(v) for v in a.guidance_interval.split(","))}
+
+
 @pytest.mark.parametrize("document, marker", [("Makefile", "runs/demo/samples.png"),
                                               ("README.md", "docs/img/samples.png`")])
 def test_demo_and_readme_picture_use_the_shipped_recipe(document, marker):
     """One recipe in three places: `make demo`, the README's picture command and ``SHIPPED_RECIPE`` agree."""
     import shlex
 
-    from nbutils.cli import build_parser
     from nbutils.config import project_root
 
     text = (project_root() / document).read_text().replace("\\\n", " ")
     line = next(ln for ln in text.splitlines() if "nbutils sample" in ln and marker in ln)
-    argv = shlex.split(line.split("-m nbutils", 1)[1].split("`")[0])
-    a = build_parser().parse_args(argv)
-    got = {"sampler": a.sampler, "steps": a.steps, "guided_steps": a.guided_steps, "guidance": a.guidance,
-           "guidance_interval": tuple(int(v) for v in a.guidance_interval.split(","))}
-    assert got == Sm.SHIPPED_RECIPE
+    assert _recipe_of(shlex.split(line.split("-m nbutils", 1)[1].split("`")[0])) == Sm.SHIPPED_RECIPE
+
+
+def test_remeasure_script_measures_the_shipped_recipe():
+    """benchmarks/shipped_model.sh's RECIPE (its README rows, CLI timings and picture) is ``SHIPPED_RECIPE``."""
+    import re
+    import shlex
+
+    from nbutils.config import project_root
+
+    text = (project_root() / "benchmarks" / "shipped_model.sh").read_text()
+    flags = re.search(r'^RECIPE=\$\{RECIPE:-"([^"]+)"\}', text, re.M).group(1)
+    assert _recipe_of(["sample", *shlex.split(flags), "--sampler", "dpm", "--out", "s.npz"]) == Sm.SHIPPED_RECIPE
 
 
 class _Recorder(torch.nn.Module):
