@@ -29,8 +29,8 @@ data: $(STAMP)
 # checkpoints: the shipped weights even when runs/ holds your own (sample/reconstruct default to your latest run).
 demo: $(STAMP) data
 	@mkdir -p runs/demo
-	$(BIN)/python -m nbutils sample --checkpoint checkpoints --n 100 --class all --steps 16 --guided-steps 12 \
-	  --guidance 2.75 --guidance-interval 0,400 --sampler dpm --seed 0 --out runs/demo/samples.png
+	$(BIN)/python -m nbutils sample --checkpoint checkpoints --recipe shipped --n 100 --class all --seed 0 \
+	  --out runs/demo/samples.png
 	$(BIN)/python -m nbutils reconstruct --checkpoint checkpoints --n 100 --out runs/demo/vae_reconstructions.png
 	@echo "demo done: runs/demo/samples.png (10 new garments per class, one row per class)"
 	@echo "           runs/demo/vae_reconstructions.png (test images and their VAE reconstructions)"

@@ -18,6 +18,7 @@ from . import __version__
 from .config import MIXED_PRECISION, PRESETS, default_preset_name, get_config, pick_device, project_root
 from .data import CLASS_NAMES, DATASETS, CorruptDatasetError, DatasetNotFoundError, find_raw_dir, load_split
 from .distributed import is_main_process
+from .samplers import SPACINGS
 
 
 class CLIError(Exception):
@@ -227,15 +228,17 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
+#: What ``sample`` does for a flag that is neither given nor set by ``--recipe``.
+SAMPLE_DEFAULTS = {"sampler": "dpm", "steps": None, "guided_steps": None, "guidance": 3.0, "guidance_interval": None,
+                   "timestep_spacing": None}
 
-    from .config import make_generator
-    from .data import to_uint8
-    from .samplers import sample
-    from .train import load_models
 
-    if args.guidance < 0:
+def sampling_recipe(args: argparse.Namespace) -> dict:
+    """The ``sample(…)`` keyword arguments a ``sample`` command line asks for: ``--recipe shipped`` starts from
+    ``SHIPPED_RECIPE``, plain ``sample`` from :data:`SAMPLE_DEFAULTS`, and every flag given explicitly wins."""
+    from .samplers import SHIPPED_RECIPE
+
+    if args.guidance is not None and args.guidance < 0:
         raise CLIError(f"--guidance must be ≥ 0, got {args.guidance}")
     interval = None
     if args.guidance_interval:
@@ -246,11 +249,33 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if len(interval) != 2 or not 0 <= interval[0] <= interval[1]:
             raise CLIError(f"--guidance-interval must be LO,HI with 0 ≤ LO ≤ HI (timesteps), "
                            f"got {args.guidance_interval!r}")
-    if args.guided_steps is not None:
-        if interval is None or interval[0] != 0:
+    recipe = {**SAMPLE_DEFAULTS, **(SHIPPED_RECIPE if args.recipe == "shipped" else {})}
+    given = {"sampler": args.sampler, "steps": args.steps, "guided_steps": args.guided_steps,
+             "guidance": args.guidance, "guidance_interval": interval, "timestep_spacing": args.spacing}
+    recipe.update({k: v for k, v in given.items() if v is not None})
+    if recipe["guided_steps"] is not None:
+        if recipe["guidance_interval"] is None or recipe["guidance_interval"][0] != 0:
             raise CLIError("--guided-steps needs --guidance-interval 0,HI (the guided steps end the schedule)")
-        if args.steps is None or args.guided_steps >= args.steps:
-            raise CLIError(f"--guided-steps must be less than --steps, got {args.guided_steps} of {args.steps}")
+        if recipe["steps"] is None:
+            raise CLIError("--guided-steps needs --steps (the total, e.g. --steps 16 --guided-steps 12)")
+        if recipe["guided_steps"] >= recipe["steps"]:
+            raise CLIError(f"--guided-steps must be less than --steps, got {recipe['guided_steps']} of "
+                           f"{recipe['steps']}")
+        if recipe["timestep_spacing"] not in (None, "trailing", "logsnr"):
+            raise CLIError(f"with --guided-steps, --spacing spaces the guided part: trailing or logsnr, got "
+                           f"{recipe['timestep_spacing']!r}")
+    return recipe
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .config import make_generator
+    from .data import to_uint8
+    from .samplers import sample
+    from .train import load_models
+
+    recipe = sampling_recipe(args)
     out = _output_path(args.out, (".npz", ".png"))
     from .data import class_labels, dataset_spec
 
@@ -258,10 +283,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     unet, vae, meta = load_models(args.checkpoint, device=args.device)
     dataset = meta["config"].get("data", {}).get("dataset", "fashion_mnist")
     labels = class_labels(args.class_, args.n, dataset_spec(dataset).class_names)
-    result = sample(unet, vae, args.n, labels, guidance=args.guidance, sampler=args.sampler, steps=args.steps,
-                    guidance_interval=interval, precision=args.precision,
-                    generator=make_generator(args.seed), eta=args.eta, batch_size=args.batch_size,
-                    progress=not args.no_progress, guided_steps=args.guided_steps)
+    result = sample(unet, vae, args.n, labels, **recipe, precision=args.precision, generator=make_generator(args.seed),
+                    eta=args.eta, batch_size=args.batch_size, progress=not args.no_progress)
     images = to_uint8(result.images).numpy()
     if out.suffix == ".png":
         from .plotting import save_grid
@@ -272,10 +295,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         np.savez_compressed(out, images=images, labels=np.asarray(labels, dtype=np.int64))
     seconds = time.perf_counter() - t0
-    print(json.dumps({"out": str(out), "n": args.n, "sampler": args.sampler, "steps": args.steps,
-                      "guided_steps": args.guided_steps, "guidance": args.guidance, "guidance_interval": interval,
-                      "precision": result.precision, "seed": args.seed, "checkpoint": meta["path"],
-                      "seconds": round(seconds, 2)}))
+    print(json.dumps({"out": str(out), "n": args.n, **recipe, "precision": result.precision, "seed": args.seed,
+                      "checkpoint": meta["path"], "seconds": round(seconds, 2)}))
     return 0
 
 
@@ -414,17 +435,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive_int, default=100, help="number of images")
     p.add_argument("--class", dest="class_", default="all",
                    help="class name or index, a comma list, 'all' (cycle through the 10), or 'none' (unconditional)")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale w (0 = unconditional)")
+    p.add_argument("--recipe", choices=("shipped",),
+                   help="start from the shipped model's sampling recipe (nbutils.samplers.SHIPPED_RECIPE: sampler, "
+                        "steps, guided steps, guidance, interval, spacing); the flags below, when given, override it")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale w (0 = unconditional; default 3)")
     p.add_argument("--guidance-interval", metavar="LO,HI",
                    help="guide only at timesteps LO..HI, plain conditional elsewhere (e.g. 0,400; default: all)")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
                    help="bf16 = UNet under bfloat16 autocast (faster on CPUs with bf16 support); auto = bf16 where "
                         "supported natively, else fp32")
-    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm"), default="dpm")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm"), help="default: dpm (DPM-Solver++)")
     p.add_argument("--steps", type=_positive_int, help="sampling steps (default: ddpm 1000, ddim 50, dpm 20)")
     p.add_argument("--guided-steps", type=_positive_int, metavar="B",
                    help="of --steps, put B inside --guidance-interval 0,HI and the rest above it, instead of "
                         "spacing all evenly (e.g. --steps 16 --guided-steps 12)")
+    p.add_argument("--spacing", choices=SPACINGS,
+                   help="timestep spacing (default: the sampler's; with --guided-steps it spaces the guided part, "
+                        "trailing or logsnr)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=500)

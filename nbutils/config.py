@@ -82,6 +82,7 @@ class UNetConfig:
     num_heads: int = 4
     cross_attention_dim: int = 128
     context_tokens: int = 4  # learned context tokens per class (and for the null class)
+    class_embedding: bool = False  # also add a learned class vector to the timestep embedding (ADM-style AdaGN)
     num_classes: int = 10  # class index num_classes = the null class (classifier-free guidance)
     norm_num_groups: int = 8
     dropout: float = 0.1

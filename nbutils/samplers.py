@@ -21,7 +21,11 @@ step by step::
 * ``leading``  — 0, T/n, 2T/n, … reversed: for n = 10: 900, 800, …, 0;
 * ``trailing`` — T−1, T−1−T/n, …: for n = 10: 999, 899, …, 99 (starts at the noisiest step, which
   matters for few steps: with ``leading`` the first step is taken from t = 900, not pure noise);
-* ``linspace`` — evenly from T−1 to 0 inclusive: for n = 10: 999, 888, …, 111, 0.
+* ``linspace`` — evenly from T−1 to 0 inclusive: for n = 10: 999, 888, …, 111, 0;
+* ``logsnr``   — evenly in λ = log(α/σ) (half the log-SNR) from T−1 to 0, each rounded to the nearest
+  timestep: the spacing DPM-Solver was derived in (Lu et al. 2022 step in λ and recommend uniform λ for
+  small images; diffusers' ``use_lu_lambdas``). On the linear schedule it crowds the steps at low noise,
+  for n = 10: 999, 886, 757, 603, 410, 202, 73, 22, 5, 0.
 
 The step from t goes to the *next listed* timestep (and after the last one to ᾱ = 1, clean data). For
 ``leading`` and ``trailing`` with n dividing T this is exactly diffusers' ``t − T/n``.
@@ -41,7 +45,7 @@ import torch
 from .diffusion import PREDICTION_TYPES, to_epsilon, to_x0
 from .schedules import NoiseSchedule
 
-SPACINGS = ("leading", "trailing", "linspace")
+SPACINGS = ("leading", "trailing", "linspace", "logsnr")
 SAMPLERS = ("ddpm", "ddim", "dpm")
 
 #: The shipped model's sampling recipe, ``sample(unet, vae, n, classes, **SHIPPED_RECIPE, generator=…)``: DPM-Solver++
@@ -50,11 +54,38 @@ SAMPLERS = ("ddpm", "ddim", "dpm")
 SHIPPED_RECIPE = {"sampler": "dpm", "steps": 16, "guided_steps": 12, "guidance": 2.75, "guidance_interval": (0, 400)}
 
 
-def spaced_timesteps(num_train_timesteps: int, n: int, spacing: str = "trailing") -> torch.Tensor:
-    """The ``n`` timesteps a sampler visits, noisiest first (int64). See the module docstring."""
+def logsnr_timesteps(alphas_cumprod: torch.Tensor, n: int, top: int, bottom: int = 0) -> torch.Tensor:
+    """``n`` timesteps from ``top`` down to ``bottom`` (both included), evenly spaced in λ = ½·log(ᾱ/(1 − ᾱ)),
+    each the timestep whose λ is nearest; where two would round to the same timestep the lower one moves down
+    by one, so the result is strictly decreasing (near t = 0, where λ changes fastest, many steps end up on
+    consecutive timesteps). ``n = 1`` gives ``[top]``."""
+    if not 0 <= bottom <= top < len(alphas_cumprod):
+        raise ValueError(f"need 0 ≤ bottom ≤ top < {len(alphas_cumprod)}, got bottom {bottom}, top {top}")
+    if not 1 <= n <= top - bottom + 1:
+        raise ValueError(f"{n} steps do not fit on the {top - bottom + 1} timesteps {bottom}..{top}")
+    ac = alphas_cumprod.double()
+    lam = 0.5 * torch.log(ac / (1 - ac))
+    targets = torch.linspace(float(lam[top]), float(lam[bottom]), n, dtype=torch.float64) if n > 1 else lam[top:top + 1]
+    ts: list[int] = []
+    for target in targets:
+        t = bottom + int(torch.argmin((lam[bottom:top + 1] - target).abs()))
+        ts.append(min(t, ts[-1] - 1) if ts else t)
+    for i in range(n - 1, -1, -1):  # and back up from the bottom if that went below it (fits: n ≤ top − bottom + 1)
+        ts[i] = max(ts[i], ts[i + 1] + 1 if i + 1 < n else bottom)
+    return torch.tensor(ts, dtype=torch.long)
+
+
+def spaced_timesteps(num_train_timesteps: int, n: int, spacing: str = "trailing",
+                     alphas_cumprod: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``n`` timesteps a sampler visits, noisiest first (int64). See the module docstring; ``logsnr``
+    needs the schedule's ``alphas_cumprod``."""
     T = int(num_train_timesteps)
     if not 1 <= n <= T:
         raise ValueError(f"number of steps must be between 1 and {T}, got {n}")
+    if spacing == "logsnr":
+        if alphas_cumprod is None:
+            raise ValueError("timestep_spacing 'logsnr' needs the schedule's alphas_cumprod")
+        return logsnr_timesteps(alphas_cumprod, n, T - 1, 0)
     if spacing == "leading":
         ts = torch.arange(n) * (T // n)
     elif spacing == "trailing":
@@ -67,9 +98,12 @@ def spaced_timesteps(num_train_timesteps: int, n: int, spacing: str = "trailing"
     return ts.flip(0).long()
 
 
-def split_timesteps(num_train_timesteps: int, high: int, low: int, split: int) -> torch.Tensor:
-    """``high`` steps on (split, T − 1] followed by ``low`` steps on [0, split), noisiest first, each part spaced
-    like ``trailing`` (t = round(E − i·L/n) − 1 over a part of length L ending at E).
+def split_timesteps(num_train_timesteps: int, high: int, low: int, split: int, spacing: str = "trailing",
+                    alphas_cumprod: torch.Tensor | None = None) -> torch.Tensor:
+    """``high`` steps on (split, T − 1] followed by ``low`` steps on [0, split), noisiest first, the upper part
+    spaced like ``trailing`` (t = round(E − i·L/n) − 1 over a part of length L ending at E), the lower part by
+    ``spacing``: ``trailing`` likewise (it stops at t = split/low − 1), or ``logsnr`` (evenly in λ from
+    t = split − 1 down to t = 0, which needs ``alphas_cumprod``; :func:`logsnr_timesteps`).
 
     With guidance on t ≤ ``split`` only, the guided steps are where a guided ODE bends most (benchmarks/README.md,
     "Where the extra steps pay off"), so this spends the steps there. ``split_timesteps(1000, 12, 8, 400)`` is
@@ -81,8 +115,14 @@ def split_timesteps(num_train_timesteps: int, high: int, low: int, split: int) -
     T = int(num_train_timesteps)
     if not 0 < split < T - 1:
         raise ValueError(f"split must be a timestep in 1..{T - 2}, got {split}")
+    if spacing not in ("trailing", "logsnr"):
+        raise ValueError(f"the guided part can be spaced 'trailing' or 'logsnr', got {spacing!r}")
     hi = [round(T - i * (T - split) / high) - 1 for i in range(high)] if high >= 1 else []
     lo = [round(split - i * split / low) - 1 for i in range(low)] if low >= 1 else []
+    if spacing == "logsnr" and 1 <= low <= split:
+        if alphas_cumprod is None:
+            raise ValueError("spacing 'logsnr' needs the schedule's alphas_cumprod")
+        lo = logsnr_timesteps(alphas_cumprod, low, split - 1, 0).tolist()
     # each part must be non-empty, its steps distinct, and the upper part must stay above ``split``
     if not hi or not lo or hi[-1] <= split or len(set(hi)) < high or len(set(lo)) < low:
         raise ValueError(f"{high} steps do not fit on ({split}, {T - 1}] or {low} steps on [0, {split}) "
@@ -118,7 +158,7 @@ class _Sampler:
         else:
             self.num_inference_steps = int(num_inference_steps)
             self.timesteps = spaced_timesteps(self.num_train_timesteps, self.num_inference_steps,
-                                              self.timestep_spacing)
+                                              self.timestep_spacing, self.alphas_cumprod)
         self._index = {int(t): i for i, t in enumerate(self.timesteps)}
         self._reset()
 
@@ -305,7 +345,8 @@ def sample(
     ``guided_steps`` (with ``guidance_interval=(0, hi)``) splits the ``steps`` between the two parts instead of
     spacing them evenly: ``steps − guided_steps`` on (hi, T − 1], ``guided_steps`` on [0, hi)
     (:func:`split_timesteps`). Guided steps are where the solver's error is (benchmarks/README.md): at the same
-    number of UNet passes, 4 + 12 scores better than the even 20 steps' 12 + 8.
+    number of UNet passes, 4 + 12 scores better than the even 20 steps' 12 + 8. ``timestep_spacing`` then spaces
+    the guided part (``trailing``, the default, or ``logsnr``); the part above stays ``trailing``.
 
     ``init_latents`` (N, C_z, h, w), standardised like ``vae.encode``'s output, starts from given latents instead of
     pure noise (SDEdit, Meng et al. 2022; diffusers' image-to-image convention): of the sampler's n timesteps only
@@ -348,7 +389,8 @@ def sample(
     schedule = NoiseSchedule.from_config(dcfg)
     custom_timesteps = None
     if guided_steps is not None:
-        custom_timesteps = split_timesteps(schedule.num_train_timesteps, steps - guided_steps, guided_steps, hi)
+        custom_timesteps = split_timesteps(schedule.num_train_timesteps, steps - guided_steps, guided_steps, hi,
+                                           timestep_spacing or "trailing", schedule.alphas_cumprod)
     null = unet.null_label
     if classes is None:
         labels = torch.full((n,), -1, dtype=torch.long)

@@ -23,6 +23,10 @@ encoder and decoder stay aligned for any latent size, odd or even, without paddi
   the null class. Several tokens matter: with a single key, softmax attention puts weight 1 on it
   and cross-attention collapses into a class-dependent constant; with several, each position of the
   feature map chooses its own mixture of the class's tokens.
+* Class, optionally (``class_embedding=True``): a learned vector per class (null included) added to the
+  timestep embedding, so the class also scales and shifts every residual block, the 7×7 level included,
+  which cross-attention (at 4×4 only) does not reach directly (Dhariwal & Nichol 2021 condition on the
+  class this way). Off by default; the shipped UNet has cross-attention only.
 """
 
 from __future__ import annotations
@@ -183,6 +187,9 @@ class UNet(nn.Module):
         # context tokens: num_classes real classes + 1 null class, each a short learned sequence
         self.class_tokens = nn.Parameter(
             torch.randn(cfg.num_classes + 1, cfg.context_tokens, cfg.cross_attention_dim) * 0.02)
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, temb_dim) if cfg.class_embedding else None
+        if self.class_emb is not None:
+            nn.init.zeros_(self.class_emb.weight)  # starts as the cross-attention-only UNet
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -242,6 +249,8 @@ class UNet(nn.Module):
                              f"t {tuple(t.shape)}, labels {tuple(labels.shape)}")
         temb = self.time_mlp(timestep_embedding(t, self.cfg.block_out_channels[0]))
         context = self.context(labels).to(x.dtype)
+        if self.class_emb is not None:
+            temb = temb + self.class_emb(labels)
 
         h = self.conv_in(x)
         skips = [h]

@@ -47,6 +47,7 @@ def run(sampler, model, n=40_000, seed=0):
     ("ddpm", 1000, "leading"),  # ancestral: stochastic, needs many steps
     ("ddim", 250, "trailing"),  # first-order ODE solver
     ("dpm", 30, "trailing"),  # second-order: 30 steps reach what DDIM needs 250 for
+    ("dpm", 30, "logsnr"),  # the same solver stepping evenly in λ
 ])
 @pytest.mark.parametrize("schedule", ["linear", "squaredcos_cap_v2"])
 def test_samplers_recover_gaussian_data(name, steps, spacing, schedule):
@@ -149,9 +150,13 @@ def test_documented_timestep_spacings():
     assert Sm.spaced_timesteps(1000, 10, "trailing").tolist() == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
     assert Sm.spaced_timesteps(1000, 10, "linspace").tolist() == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
     assert Sm.spaced_timesteps(1000, 1000, "leading").tolist() == list(range(999, -1, -1))
+    ac = NoiseSchedule().alphas_cumprod
+    assert Sm.spaced_timesteps(1000, 10, "logsnr", ac).tolist() == [999, 886, 757, 603, 410, 202, 73, 22, 5, 0]
     for spacing in Sm.SPACINGS:
-        ts = Sm.spaced_timesteps(1000, 37, spacing)
+        ts = Sm.spaced_timesteps(1000, 37, spacing, ac)
         assert len(ts) == 37 and (ts[1:] < ts[:-1]).all() and ts.min() >= 0 and ts.max() <= 999
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        Sm.spaced_timesteps(1000, 10, "logsnr")
     with pytest.raises(ValueError, match="between 1 and 1000"):
         Sm.spaced_timesteps(1000, 0)
     with pytest.raises(ValueError, match="unknown timestep_spacing 'uniform'"):
@@ -228,11 +233,24 @@ def test_shipped_models_draw_the_requested_classes():
 
 def _recipe_of(argv: list[str]) -> dict:
     """The sampling recipe a `python -m nbutils sample …` command line asks for, read by the CLI's own parser."""
-    from nbutils.cli import build_parser
+    from nbutils.cli import build_parser, sampling_recipe
 
-    a = build_parser().parse_args(argv)
-    return {"sampler": a.sampler, "steps": a.steps, "guided_steps": a.guided_steps, "guidance": a.guidance,
-            "guidance_interval": tuple(int(v) for v in a.guidance_interval.split(","))}
+    return sampling_recipe(build_parser().parse_args(argv))
+
+
+def test_cli_recipe_flag_and_overrides():
+    """``--recipe shipped`` is ``SHIPPED_RECIPE``, each flag given explicitly overrides it, and without it the
+    plain defaults hold."""
+    from nbutils.cli import SAMPLE_DEFAULTS
+
+    shipped = {**SAMPLE_DEFAULTS, **Sm.SHIPPED_RECIPE}
+    assert _recipe_of(["sample", "--recipe", "shipped", "--out", "s.png"]) == shipped
+    overridden = _recipe_of(["sample", "--recipe", "shipped", "--guidance", "2", "--out", "s.png"])
+    assert overridden == {**shipped, "guidance": 2.0}
+    assert _recipe_of(["sample", "--recipe", "shipped", "--spacing", "trailing", "--steps", "20", "--out", "s.png"]) \
+        == {**shipped, "timestep_spacing": "trailing", "steps": 20}
+    assert _recipe_of(["sample", "--out", "s.png"]) == SAMPLE_DEFAULTS
+    assert _recipe_of(["sample", "--guidance", "0", "--out", "s.png"])["guidance"] == 0.0  # 0 is a value, not "unset"
 
 
 @pytest.mark.parametrize("document, marker", [("Makefile", "runs/demo/samples.png"),
@@ -245,7 +263,10 @@ def test_demo_and_readme_picture_use_the_shipped_recipe(document, marker):
 
     text = (project_root() / document).read_text().replace("\\\n", " ")
     line = next(ln for ln in text.splitlines() if "nbutils sample" in ln and marker in ln)
-    assert _recipe_of(shlex.split(line.split("-m nbutils", 1)[1].split("`")[0])) == Sm.SHIPPED_RECIPE
+    from nbutils.cli import SAMPLE_DEFAULTS
+
+    assert _recipe_of(shlex.split(line.split("-m nbutils", 1)[1].split("`")[0])) == {**SAMPLE_DEFAULTS,
+                                                                                      **Sm.SHIPPED_RECIPE}
 
 
 def test_remeasure_script_measures_the_shipped_recipe():
@@ -257,7 +278,10 @@ def test_remeasure_script_measures_the_shipped_recipe():
 
     text = (project_root() / "benchmarks" / "shipped_model.sh").read_text()
     flags = re.search(r'^RECIPE=\$\{RECIPE:-"([^"]+)"\}', text, re.M).group(1)
-    assert _recipe_of(["sample", *shlex.split(flags), "--sampler", "dpm", "--out", "s.npz"]) == Sm.SHIPPED_RECIPE
+    from nbutils.cli import SAMPLE_DEFAULTS
+
+    assert _recipe_of(["sample", *shlex.split(flags), "--sampler", "dpm", "--out", "s.npz"]) == {**SAMPLE_DEFAULTS,
+                                                                                                **Sm.SHIPPED_RECIPE}
 
 
 class _Recorder(torch.nn.Module):
@@ -375,7 +399,9 @@ def test_cli_guidance_interval_and_auto_precision(tmp_path, capsys):
     for extra, message in [(["--steps", "4", "--guided-steps", "3"], "--guidance-interval 0,HI"),
                            (["--steps", "4", "--guided-steps", "3", "--guidance-interval", "100,400"], "0,HI"),
                            (["--steps", "4", "--guided-steps", "4", "--guidance-interval", "0,400"], "less than"),
-                           (["--guided-steps", "4", "--guidance-interval", "0,400"], "less than")]:
+                           (["--guided-steps", "4", "--guidance-interval", "0,400"], "needs --steps (the total"),
+                           (["--recipe", "shipped", "--spacing", "leading"], "trailing or logsnr, got 'leading'"),
+                           (["--recipe", "shipped", "--steps", "10", "--guided-steps", "12"], "got 12 of 10")]:
         assert cli.main(["sample", "--checkpoint", str(checkpoints_dir()), "--n", "4", *extra, "--out", str(out)]) != 0
         assert message in capsys.readouterr().err
 
@@ -497,6 +523,33 @@ def test_split_timesteps_and_custom_timesteps():
             s.set_timesteps(timesteps=bad)
 
 
+def test_logsnr_timesteps_step_evenly_in_lambda():
+    """Evenly spaced λ = ½·log SNR between the two ends (each step within rounding of its target), strictly
+    decreasing even where λ moves faster than one timestep per step, and the split schedule's guided part."""
+    ac = NoiseSchedule().alphas_cumprod
+    lam = 0.5 * torch.log(ac / (1 - ac))
+    ts = Sm.logsnr_timesteps(ac, 12, 399, 0)
+    assert ts[0] == 399 and ts[-1] == 0 and bool((ts[1:] < ts[:-1]).all())
+    targets = torch.linspace(float(lam[399]), float(lam[0]), 12, dtype=torch.float64)
+    gaps = (lam[1:] - lam[:-1]).abs()  # λ between neighbouring timesteps: the rounding error's bound
+    for t, target in zip(ts.tolist(), targets, strict=True):
+        assert abs(float(lam[t]) - float(target)) <= float(gaps[max(t - 1, 0) : t + 1].max()) / 2 + 1e-12
+    for top, n in [(4, 5), (30, 31), (60, 40), (999, 200)]:  # crowded at the low-noise end
+        ts = Sm.logsnr_timesteps(ac, n, top, 0)
+        assert len(ts) == n and ts[0] == top and ts[-1] == 0 and bool((ts[1:] < ts[:-1]).all())
+    assert Sm.logsnr_timesteps(ac, 1, 30).tolist() == [30]
+    for bad in [(0, 30, 0), (32, 30, 0), (5, 30, 40), (5, 1000, 0)]:
+        with pytest.raises(ValueError, match="steps|bottom"):
+            Sm.logsnr_timesteps(ac, *bad)
+    split = Sm.split_timesteps(1000, 4, 12, 400, "logsnr", ac)
+    assert split[:4].tolist() == Sm.split_timesteps(1000, 4, 12, 400)[:4].tolist()
+    assert split[4:].tolist() == Sm.logsnr_timesteps(ac, 12, 399, 0).tolist()
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        Sm.split_timesteps(1000, 4, 12, 400, "logsnr")
+    with pytest.raises(ValueError, match="'trailing' or 'logsnr'"):
+        Sm.split_timesteps(1000, 4, 12, 400, "leading", ac)
+
+
 def test_guided_steps_put_the_steps_inside_the_interval():
     """``sample(…, guided_steps=B)`` visits exactly split_timesteps(T, steps − B, B, hi), guides (doubled passes)
     exactly the last B, and with the even split's B it is the plain schedule bit for bit."""
@@ -510,6 +563,10 @@ def test_guided_steps_put_the_steps_inside_the_interval():
 
     latents, calls = run(steps=16, guided_steps=12)
     assert [t for t, _ in calls] == Sm.split_timesteps(1000, 4, 12, 400).tolist()
+    assert [b for _, b in calls] == [6] * 4 + [12] * 12
+    _, calls = run(steps=16, guided_steps=12, timestep_spacing="logsnr")
+    ac = NoiseSchedule().alphas_cumprod
+    assert [t for t, _ in calls] == Sm.split_timesteps(1000, 4, 12, 400, "logsnr", ac).tolist()
     assert [b for _, b in calls] == [6] * 4 + [12] * 12
     assert torch.equal(run(steps=20, guided_steps=8)[0], run(steps=20)[0])
     assert not torch.equal(run(steps=20, guided_steps=12)[0], run(steps=20)[0])

@@ -60,6 +60,29 @@ def test_timestep_and_class_change_the_output_and_null_works():
     assert torch.allclose(batched, single, atol=1e-5)
 
 
+def test_class_embedding_starts_as_the_cross_attention_model_and_conditions_every_block():
+    """``class_embedding=True`` adds one zero-initialised table: a plain UNet's weights load into it (only the table
+    missing) and give the same outputs; once trained, the class moves the output even with cross-attention's
+    output projections zeroed, i.e. through the timestep path alone."""
+    from dataclasses import replace
+
+    plain = randomized()
+    m = UNet(replace(TINY, class_embedding=True)).eval()
+    missing, unexpected = m.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["class_emb.weight"] and unexpected == [] and m.class_emb.weight.abs().max() == 0
+    x, t, y = torch.randn(3, 4, 7, 7), torch.tensor([5, 500, 900]), torch.tensor([0, 4, 10])
+    assert torch.equal(m(x, t, y), plain(x, t, y))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "cross_attn.to_out" in name:
+                p.zero_()
+        no_xattn = m(x, t, y)
+        assert torch.allclose(no_xattn, m(x, t, torch.tensor([1, 2, 3])), atol=1e-6)  # class has no path left
+        m.class_emb.weight.normal_(0, 0.5)
+        assert not torch.allclose(m(x, t, y), m(x, t, torch.tensor([1, 2, 3])), atol=1e-4)
+    assert UNetConfig().class_embedding is False and plain.class_emb is None  # off by default
+
+
 def test_bad_labels_and_shapes():
     m = UNet(TINY)
     x = torch.randn(2, 4, 7, 7)
