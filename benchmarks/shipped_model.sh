@@ -19,7 +19,7 @@ PY=${PY:-.venv/bin/python}
 # guidance screening at 20 even steps, then with the shipped schedule (16 steps, 12 of them on t <= 400)
 SPECS=${SPECS:-"1 2 3 3@300-1000 3@0-600 2.5@0-400 3@0-400 3.5@0-400"}
 SPLIT_SPECS=${SPLIT_SPECS:-"2.5@0-400 2.75@0-400 3@0-400 2.75@0-400:bf16"}
-RECIPE=${RECIPE:-"--steps 16 --guided-steps 12 --guidance 2.75 --guidance-interval 0,400"}   # the shipped recipe
+RECIPE=${RECIPE:-"--recipe shipped"}   # nbutils.samplers.SHIPPED_RECIPE: 16 steps, 12 of them guided (w = 2.75) on t <= 400
 # README evaluation rows: "name|sample flags"
 ROWS=${ROWS:-"g2|--steps 20 --guidance 2
 g3|--steps 20 --guidance 3

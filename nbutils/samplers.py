@@ -50,7 +50,8 @@ SAMPLERS = ("ddpm", "ddim", "dpm")
 
 #: The shipped model's sampling recipe, ``sample(unet, vae, n, classes, **SHIPPED_RECIPE, generator=…)``: DPM-Solver++
 #: with 16 steps, 12 of them on t ≤ 400 where guidance w = 2.75 acts, 4 unguided above. Chosen by measurement for the
-#: shipped weights (README "Sampling" and "Evaluation"; benchmarks/README.md); ``make demo`` runs the same flags.
+#: shipped weights (README "Sampling" and "Evaluation"; benchmarks/README.md); on the command line
+#: ``python -m nbutils sample --recipe shipped``, which is what ``make demo`` runs.
 SHIPPED_RECIPE = {"sampler": "dpm", "steps": 16, "guided_steps": 12, "guidance": 2.75, "guidance_interval": (0, 400)}
 
 
