@@ -6,7 +6,8 @@ Each spec is ``W[@LO-HI][:bf16]``: guidance scale W, applied only at timesteps L
 sampling elsewhere; default all steps), the UNet optionally under bf16 autocast. Every spec samples the same
 ``--n`` images (classes cycling, seed 0, DPM-Solver++ ``--steps``) from one model and scores them against the
 10,000 test images. FID is biased upwards at small N: compare rows of one run. ``--steps 16 --guided-steps 12``
-puts 12 of the 16 steps inside the interval of each spec that starts at 0 (the shipped recipe's schedule).
+puts 12 of the 16 steps inside the interval of each spec that starts at 0 (the shipped recipe's schedule);
+``--spacing logsnr`` spaces steps evenly in log-SNR (with ``--guided-steps``: the guided ones).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def main() -> None:
                     help="of the --steps, this many inside the guidance interval (specs with an interval from 0, "
                          "e.g. 3@0-400; `sample(…, guided_steps=…)`); the other specs keep the plain schedule")
     ap.add_argument("--spacing", choices=SPACINGS, default=None,
-                    help="timestep spacing of the solver (default: the sampler's, trailing)")
+                    help="timestep spacing of the solver (default: the sampler's, trailing); with --guided-steps it "
+                         "spaces the guided part (trailing or logsnr)")
     args = ap.parse_args()
 
     unet, vae, meta = load_models(args.checkpoint, device="cpu")
