@@ -18,7 +18,7 @@ from . import __version__
 from .config import MIXED_PRECISION, PRESETS, default_preset_name, get_config, pick_device, project_root
 from .data import CLASS_NAMES, DATASETS, CorruptDatasetError, DatasetNotFoundError, find_raw_dir, load_split
 from .distributed import is_main_process
-from .samplers import SPACINGS
+from .samplers import SAMPLERS, SPACINGS
 
 
 class CLIError(Exception):
@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
                    help="bf16 = UNet under bfloat16 autocast (faster on CPUs with bf16 support); auto = bf16 where "
                         "supported natively, else fp32")
-    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm"), help="default: dpm (DPM-Solver++)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="default: dpm (DPM-Solver++)")
     p.add_argument("--steps", type=_positive_int, help="sampling steps (default: ddpm 1000, ddim 50, dpm 20)")
     p.add_argument("--guided-steps", type=_positive_int, metavar="B",
                    help="of --steps, put B inside --guidance-interval 0,HI and the rest above it, instead of "

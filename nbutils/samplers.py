@@ -66,7 +66,7 @@ def logsnr_timesteps(alphas_cumprod: torch.Tensor, n: int, top: int, bottom: int
         raise ValueError(f"{n} steps do not fit on the {top - bottom + 1} timesteps {bottom}..{top}")
     ac = alphas_cumprod.double()
     lam = 0.5 * torch.log(ac / (1 - ac))
-    targets = torch.linspace(float(lam[top]), float(lam[bottom]), n, dtype=torch.float64) if n > 1 else lam[top:top + 1]
+    targets = torch.linspace(float(lam[top]), float(lam[bottom]), n, dtype=torch.float64)  # n = 1: [λ(top)]
     ts: list[int] = []
     for target in targets:
         t = bottom + int(torch.argmin((lam[bottom:top + 1] - target).abs()))
@@ -118,12 +118,13 @@ def split_timesteps(num_train_timesteps: int, high: int, low: int, split: int, s
         raise ValueError(f"split must be a timestep in 1..{T - 2}, got {split}")
     if spacing not in ("trailing", "logsnr"):
         raise ValueError(f"the guided part can be spaced 'trailing' or 'logsnr', got {spacing!r}")
+    if spacing == "logsnr" and alphas_cumprod is None:
+        raise ValueError("spacing 'logsnr' needs the schedule's alphas_cumprod")
     hi = [round(T - i * (T - split) / high) - 1 for i in range(high)] if high >= 1 else []
-    lo = [round(split - i * split / low) - 1 for i in range(low)] if low >= 1 else []
     if spacing == "logsnr" and 1 <= low <= split:
-        if alphas_cumprod is None:
-            raise ValueError("spacing 'logsnr' needs the schedule's alphas_cumprod")
         lo = logsnr_timesteps(alphas_cumprod, low, split - 1, 0).tolist()
+    else:  # trailing (or a logsnr part that cannot fit, reported below like a trailing one)
+        lo = [round(split - i * split / low) - 1 for i in range(low)] if low >= 1 else []
     # each part must be non-empty, its steps distinct, and the upper part must stay above ``split``
     if not hi or not lo or hi[-1] <= split or len(set(hi)) < high or len(set(lo)) < low:
         raise ValueError(f"{high} steps do not fit on ({split}, {T - 1}] or {low} steps on [0, {split}) "
