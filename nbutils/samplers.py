@@ -30,6 +30,13 @@ step by step::
 The step from t goes to the *next listed* timestep (and after the last one to ᾱ = 1, clean data). For
 ``leading`` and ``trailing`` with n dividing T this is exactly diffusers' ``t − T/n``.
 
+The noisiest timestep a sampler starts from is ``top_timestep``: T − 1 unless the schedule's log-SNR falls below
+``LAMBDA_MIN`` there, as the cosine schedule's does (ᾱ_999 = 2.4·10⁻⁹). Every spacing then runs over 0..top instead of
+0..T − 1 (diffusers' ``lambda_min_clipped``). The reason: a step from t to s turns an error e in ε̂ into an error
+of about (√ᾱ_s/√ᾱ_t)·e in the next sample, so starting at √ᾱ_t = 5·10⁻⁵ amplifies the UNet's smallest errors
+a thousandfold (benchmarks/README.md measures it). The linear schedule's λ_999 = −5.06 is above the threshold, so
+its schedules are unchanged.
+
 :func:`sample` runs a sampler with classifier-free guidance (Ho & Salimans 2022):
 ε̂ = ε̂_uncond + w·(ε̂_cond − ε̂_uncond), both halves in one batched forward pass.
 """
@@ -48,11 +55,29 @@ from .schedules import NoiseSchedule
 SPACINGS = ("leading", "trailing", "linspace", "logsnr")
 SAMPLERS = ("ddpm", "ddim", "dpm")
 
+#: The lowest half-log-SNR λ = ½·log(ᾱ/(1 − ᾱ)) a sampler starts from: diffusers' value for the cosine schedule
+#: (``lambda_min_clipped=-5.1``), just below the linear schedule's λ_999 = −5.06, so that one is not clipped.
+LAMBDA_MIN = -5.1
+
 #: The shipped model's sampling recipe, ``sample(unet, vae, n, classes, **SHIPPED_RECIPE, generator=…)``: DPM-Solver++
 #: with 16 steps, 12 of them on t ≤ 400 where guidance w = 2.75 acts, 4 unguided above. Chosen by measurement for the
 #: shipped weights (README "Sampling" and "Evaluation"; benchmarks/README.md); on the command line
 #: ``python -m nbutils sample --recipe shipped``, which is what ``make demo`` runs.
 SHIPPED_RECIPE = {"sampler": "dpm", "steps": 16, "guided_steps": 12, "guidance": 2.75, "guidance_interval": (0, 400)}
+
+
+def top_timestep(alphas_cumprod: torch.Tensor, lambda_min: float = LAMBDA_MIN) -> int:
+    """The noisiest timestep sampling starts from: the largest t with λ(t) = ½·log(ᾱ_t/(1 − ᾱ_t)) ≥ ``lambda_min``.
+
+        >>> [top_timestep(NoiseSchedule(name).alphas_cumprod) for name in ("linear", "squaredcos_cap_v2")]
+        [999, 995]
+    """
+    ac = alphas_cumprod.double()
+    lam = 0.5 * (torch.log(ac) - torch.log1p(-ac))
+    ok = torch.nonzero(lam >= lambda_min)
+    if len(ok) == 0:
+        raise ValueError(f"no timestep of this schedule has log-SNR λ ≥ {lambda_min} (λ_0 = {float(lam[0]):.2f})")
+    return int(ok.max())
 
 
 def logsnr_timesteps(alphas_cumprod: torch.Tensor, n: int, top: int, bottom: int = 0) -> torch.Tensor:
@@ -77,31 +102,37 @@ def logsnr_timesteps(alphas_cumprod: torch.Tensor, n: int, top: int, bottom: int
 
 
 def spaced_timesteps(num_train_timesteps: int, n: int, spacing: str = "trailing",
-                     alphas_cumprod: torch.Tensor | None = None) -> torch.Tensor:
-    """The ``n`` timesteps a sampler visits, noisiest first (int64). See the module docstring; ``logsnr``
-    needs the schedule's ``alphas_cumprod``."""
+                     alphas_cumprod: torch.Tensor | None = None, top: int | None = None) -> torch.Tensor:
+    """The ``n`` timesteps a sampler visits, noisiest first (int64), spread over 0..``top`` (default T − 1; the
+    samplers pass :func:`top_timestep`). See the module docstring; ``logsnr`` needs the schedule's
+    ``alphas_cumprod``."""
     T = int(num_train_timesteps)
-    if not 1 <= n <= T:
-        raise ValueError(f"number of steps must be between 1 and {T}, got {n}")
+    top = T - 1 if top is None else int(top)
+    if not 0 <= top < T:
+        raise ValueError(f"top must be a timestep in 0..{T - 1}, got {top}")
+    if not 1 <= n <= top + 1:
+        raise ValueError(f"number of steps must be between 1 and {top + 1}, got {n}")
     if spacing == "logsnr":
         if alphas_cumprod is None:
             raise ValueError("timestep_spacing 'logsnr' needs the schedule's alphas_cumprod")
-        return logsnr_timesteps(alphas_cumprod, n, T - 1, 0)
+        return logsnr_timesteps(alphas_cumprod, n, top, 0)
+    span = top + 1  # the timesteps 0..top; T for an unclipped schedule
     if spacing == "leading":
-        ts = torch.arange(n) * (T // n)
+        ts = torch.arange(n) * (span // n)
     elif spacing == "trailing":
-        ts = torch.round(torch.arange(T, 0, -T / n, dtype=torch.float64)).long() - 1
+        ts = torch.round(torch.arange(span, 0, -span / n, dtype=torch.float64)).long() - 1
         return ts[:n]
     elif spacing == "linspace":
-        ts = torch.linspace(0, T - 1, n, dtype=torch.float64).round().long()
+        ts = torch.linspace(0, top, n, dtype=torch.float64).round().long()
     else:
         raise ValueError(f"unknown timestep_spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
     return ts.flip(0).long()
 
 
 def split_timesteps(num_train_timesteps: int, high: int, low: int, split: int, spacing: str = "trailing",
-                    alphas_cumprod: torch.Tensor | None = None) -> torch.Tensor:
-    """``high`` steps on (split, T − 1] followed by ``low`` steps on [0, split), noisiest first, the upper part
+                    alphas_cumprod: torch.Tensor | None = None, top: int | None = None) -> torch.Tensor:
+    """``high`` steps on (split, top] followed by ``low`` steps on [0, split), noisiest first (``top`` as in
+    :func:`spaced_timesteps`, default T − 1), the upper part
     spaced like ``trailing`` (t = round(E − i·L/n) − 1 over a part of length L ending at E), the lower part by
     ``spacing``: ``trailing`` likewise (it stops at t = split/low − 1), or ``logsnr`` (evenly in λ from
     t = split − 1 down to t = 0, which needs ``alphas_cumprod``; :func:`logsnr_timesteps`).
@@ -114,20 +145,23 @@ def split_timesteps(num_train_timesteps: int, high: int, low: int, split: int, s
         [999, 849, 699, 549, 399, 366]
     """
     T = int(num_train_timesteps)
-    if not 0 < split < T - 1:
-        raise ValueError(f"split must be a timestep in 1..{T - 2}, got {split}")
+    top = T - 1 if top is None else int(top)
+    if not 0 <= top < T:
+        raise ValueError(f"top must be a timestep in 0..{T - 1}, got {top}")
+    if not 0 < split < top:
+        raise ValueError(f"split must be a timestep in 1..{top - 1}, got {split}")
     if spacing not in ("trailing", "logsnr"):
         raise ValueError(f"the guided part can be spaced 'trailing' or 'logsnr', got {spacing!r}")
     if spacing == "logsnr" and alphas_cumprod is None:
         raise ValueError("spacing 'logsnr' needs the schedule's alphas_cumprod")
-    hi = [round(T - i * (T - split) / high) - 1 for i in range(high)] if high >= 1 else []
+    hi = [round(top + 1 - i * (top + 1 - split) / high) - 1 for i in range(high)] if high >= 1 else []
     if spacing == "logsnr" and 1 <= low <= split:
         lo = logsnr_timesteps(alphas_cumprod, low, split - 1, 0).tolist()
     else:  # trailing (or a logsnr part that cannot fit, reported below like a trailing one)
         lo = [round(split - i * split / low) - 1 for i in range(low)] if low >= 1 else []
     # each part must be non-empty, its steps distinct, and the upper part must stay above ``split``
     if not hi or not lo or hi[-1] <= split or len(set(hi)) < high or len(set(lo)) < low:
-        raise ValueError(f"{high} steps do not fit on ({split}, {T - 1}] or {low} steps on [0, {split}) "
+        raise ValueError(f"{high} steps do not fit on ({split}, {top}] or {low} steps on [0, {split}) "
                          "(each part needs at least one step and distinct timesteps)")
     return torch.tensor(hi + lo, dtype=torch.long)
 
@@ -145,11 +179,12 @@ class _Sampler:
         self.prediction_type = prediction_type
         self.timestep_spacing = timestep_spacing or self.default_spacing
         self.num_train_timesteps = schedule.num_train_timesteps
-        self.set_timesteps(self.num_train_timesteps)
+        self.top = top_timestep(self.alphas_cumprod)  # where sampling starts (T − 1 unless λ is clipped)
+        self.set_timesteps(self.top + 1)
 
     def set_timesteps(self, num_inference_steps: int | None = None, timesteps: Sequence[int] | None = None) -> None:
-        """``num_inference_steps`` spaced by ``timestep_spacing``, or exactly the given ``timesteps`` (strictly
-        decreasing, within 0..T − 1; diffusers' custom-timesteps convention)."""
+        """``num_inference_steps`` spaced by ``timestep_spacing`` over 0..``top``, or exactly the given ``timesteps``
+        (strictly decreasing, within 0..T − 1; diffusers' custom-timesteps convention)."""
         if timesteps is not None:
             ts = torch.as_tensor(list(timesteps), dtype=torch.long)
             if ts.ndim != 1 or len(ts) == 0 or int(ts.max()) > self.num_train_timesteps - 1 or int(ts.min()) < 0 \
@@ -160,7 +195,7 @@ class _Sampler:
         else:
             self.num_inference_steps = int(num_inference_steps)
             self.timesteps = spaced_timesteps(self.num_train_timesteps, self.num_inference_steps,
-                                              self.timestep_spacing, self.alphas_cumprod)
+                                              self.timestep_spacing, self.alphas_cumprod, self.top)
         self._index = {int(t): i for i, t in enumerate(self.timesteps)}
         self._reset()
 
@@ -260,8 +295,8 @@ class DPMSolverSampler(_Sampler):
 
 def make_sampler(name: str, schedule: NoiseSchedule, prediction_type: str = "epsilon", steps: int | None = None,
                  timestep_spacing: str | None = None, eta: float = 0.0) -> _Sampler:
-    """``ddpm`` | ``ddim`` | ``dpm`` with ``set_timesteps(steps)`` already called (default: T for ddpm,
-    50 for ddim, 20 for dpm)."""
+    """``ddpm`` | ``ddim`` | ``dpm`` with ``set_timesteps(steps)`` already called (default: every timestep
+    0..top for ddpm — T for the linear schedule —, 50 for ddim, 20 for dpm)."""
     if name == "ddpm":
         s = DDPMSampler(schedule, prediction_type, timestep_spacing)
     elif name == "ddim":
@@ -270,7 +305,7 @@ def make_sampler(name: str, schedule: NoiseSchedule, prediction_type: str = "eps
         s = DPMSolverSampler(schedule, prediction_type, timestep_spacing)
     else:
         raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
-    default = {"ddpm": schedule.num_train_timesteps, "ddim": 50, "dpm": 20}[name]
+    default = {"ddpm": s.top + 1, "ddim": 50, "dpm": 20}[name]
     s.set_timesteps(default if steps is None else steps)
     return s
 
@@ -392,7 +427,8 @@ def sample(
     custom_timesteps = None
     if guided_steps is not None:
         custom_timesteps = split_timesteps(schedule.num_train_timesteps, steps - guided_steps, guided_steps, hi,
-                                           timestep_spacing or "trailing", schedule.alphas_cumprod)
+                                           timestep_spacing or "trailing", schedule.alphas_cumprod,
+                                           top_timestep(schedule.alphas_cumprod))
     null = unet.null_label
     if classes is None:
         labels = torch.full((n,), -1, dtype=torch.long)

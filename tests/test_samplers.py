@@ -44,7 +44,7 @@ def run(sampler, model, n=40_000, seed=0):
 
 
 @pytest.mark.parametrize("name, steps, spacing", [
-    ("ddpm", 1000, "leading"),  # ancestral: stochastic, needs many steps
+    ("ddpm", None, "leading"),  # ancestral: stochastic, needs many steps (default: all, 0..top)
     ("ddim", 250, "trailing"),  # first-order ODE solver
     ("dpm", 30, "trailing"),  # second-order: 30 steps reach what DDIM needs 250 for
     ("dpm", 30, "logsnr"),  # the same solver stepping evenly in λ
@@ -161,6 +161,45 @@ def test_documented_timestep_spacings():
         Sm.spaced_timesteps(1000, 0)
     with pytest.raises(ValueError, match="unknown timestep_spacing 'uniform'"):
         Sm.spaced_timesteps(1000, 10, "uniform")
+
+
+def test_sampling_starts_where_the_log_snr_is_above_lambda_min():
+    """The cosine schedule ends at ᾱ_999 = 2.4e-9: samplers start at the last timestep with λ ≥ −5.1 instead (995);
+    the linear and scaled-linear schedules (λ_999 = −5.06 and −2.68) are not clipped."""
+    for name, top in [("linear", 999), ("scaled_linear", 999), ("squaredcos_cap_v2", 995)]:
+        ac = NoiseSchedule(name).alphas_cumprod
+        lam = 0.5 * torch.log(ac / (1 - ac))
+        assert Sm.top_timestep(ac) == top and lam[top] >= Sm.LAMBDA_MIN
+        assert top == 999 or lam[top + 1] < Sm.LAMBDA_MIN
+        assert Sm.DDIMSampler(NoiseSchedule(name)).top == top
+        assert len(Sm.make_sampler("ddpm", NoiseSchedule(name)).timesteps) == top + 1  # every timestep 0..top
+    ac = NoiseSchedule("squaredcos_cap_v2").alphas_cumprod
+    assert Sm.spaced_timesteps(1000, 10, "trailing", ac, 995).tolist() == [995, 895, 796, 696, 597, 497, 397, 298,
+                                                                          198, 99]
+    for spacing in Sm.SPACINGS:
+        s = Sm.make_sampler("dpm", NoiseSchedule("squaredcos_cap_v2"), steps=20, timestep_spacing=spacing)
+        assert s.timesteps.max() <= 995 and (spacing == "leading" or s.timesteps[0] == 995)
+    assert Sm.split_timesteps(1000, 4, 12, 707, "trailing", ac, 995)[0] == 995
+    with pytest.raises(ValueError, match="between 1 and 996"):
+        Sm.spaced_timesteps(1000, 997, "leading", ac, 995)
+    with pytest.raises(ValueError, match="no timestep of this schedule has log-SNR"):
+        Sm.top_timestep(ac, lambda_min=10.0)
+
+
+def test_starting_at_zero_snr_amplifies_the_models_error():
+    """Why the clip: a step from t to s turns an ε̂ error e into ≈ (√ᾱ_s/√ᾱ_t)·e. With the cosine schedule and an
+    oracle off by 1e-3, 20 DPM-Solver++ steps from t = 999 (√ᾱ = 5e-5) shift the samples' mean by −0.75; from
+    t = 995 (√ᾱ = 6e-3) by about −0.01."""
+    sch = NoiseSchedule("squaredcos_cap_v2")
+
+    class Off(GaussianOracle):
+        def forward(self, x, t, labels):
+            return super().forward(x, t, labels) + 1e-3
+
+    s = Sm.make_sampler("dpm", sch, "epsilon", 20, "trailing")
+    assert run(s, Off(sch), n=10_000).mean().item() == pytest.approx(MU, abs=0.03)
+    s.set_timesteps(timesteps=Sm.spaced_timesteps(1000, 20, "trailing"))  # unclipped: 999, 949, …
+    assert run(s, Off(sch), n=10_000).mean().item() < MU - 0.5
 
 
 def test_respaced_ddpm_uses_respaced_betas():
