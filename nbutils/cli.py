@@ -445,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 = UNet under bfloat16 autocast (faster on CPUs with bf16 support); auto = bf16 where "
                         "supported natively, else fp32")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: dpm (DPM-Solver++)")
-    p.add_argument("--steps", type=_positive_int, help="sampling steps (default: ddpm 1000, ddim 50, dpm 20)")
+    p.add_argument("--steps", type=_positive_int,
+                   help="sampling steps (default: ddpm all, 1000 on the linear schedule; ddim 50; dpm 20)")
     p.add_argument("--guided-steps", type=_positive_int, metavar="B",
                    help="of --steps, put B inside --guidance-interval 0,HI and the rest above it, instead of "
                         "spacing all evenly (e.g. --steps 16 --guided-steps 12)")
