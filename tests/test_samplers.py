@@ -238,10 +238,12 @@ def test_unknown_sampler():
         Sm.make_sampler("euler", NoiseSchedule())
 
 
-@pytest.mark.parametrize("folder", ["checkpoints", "benchmarks/candidates/first-ship"])
+@pytest.mark.parametrize("folder", ["checkpoints", "benchmarks/candidates/first-ship",
+                                    "benchmarks/candidates/cosv-e16"])
 def test_shipped_models_sample_deterministically(folder):
-    """The shipped UNet + VAE (and the first shipped UNet, kept for the benchmarks that measured it, whose VAE is
-    a link to the shipped one) load together (digest checked) and a seed fixes the output."""
+    """The shipped UNet + VAE (and the candidates kept for the benchmarks that measured them, whose VAE is a link to
+    the shipped one; cosv-e16 is a cosine-schedule v-prediction UNet) load together (digest checked) and a seed fixes
+    the output."""
     from nbutils.config import make_generator, project_root
     from nbutils.train import load_models
 
