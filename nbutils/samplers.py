@@ -33,9 +33,9 @@ The step from t goes to the *next listed* timestep (and after the last one to �
 The noisiest timestep a sampler starts from is ``top_timestep``: T − 1 unless the schedule's log-SNR falls below
 ``LAMBDA_MIN`` there, as the cosine schedule's does (ᾱ_999 = 2.4·10⁻⁹). Every spacing then runs over 0..top instead of
 0..T − 1 (diffusers' ``lambda_min_clipped``). The reason: a step from t to s turns an error e in ε̂ into an error
-of about (√ᾱ_s/√ᾱ_t)·e in the next sample, so starting at √ᾱ_t = 5·10⁻⁵ amplifies the UNet's smallest errors
-a thousandfold (benchmarks/README.md measures it). The linear schedule's λ_999 = −5.06 is above the threshold, so
-its schedules are unchanged.
+of about (√ᾱ_s/√ᾱ_t)·e in the next sample, so starting at √ᾱ_t = 5·10⁻⁵ multiplies the UNet's errors by about
+1,600 in the first of 20 ``trailing`` steps (benchmarks/README.md measures the effect). The linear schedule's
+λ_999 = −5.06 is above the threshold, so its schedules are unchanged.
 
 :func:`sample` runs a sampler with classifier-free guidance (Ho & Salimans 2022):
 ε̂ = ε̂_uncond + w·(ε̂_cond − ε̂_uncond), both halves in one batched forward pass.
@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .diffusion import PREDICTION_TYPES, to_epsilon, to_x0
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, log_snr
 
 SPACINGS = ("leading", "trailing", "linspace", "logsnr")
 SAMPLERS = ("ddpm", "ddim", "dpm")
@@ -72,8 +72,7 @@ def top_timestep(alphas_cumprod: torch.Tensor, lambda_min: float = LAMBDA_MIN) -
         >>> [top_timestep(NoiseSchedule(name).alphas_cumprod) for name in ("linear", "squaredcos_cap_v2")]
         [999, 995]
     """
-    ac = alphas_cumprod.double()
-    lam = 0.5 * (torch.log(ac) - torch.log1p(-ac))
+    lam = 0.5 * log_snr(alphas_cumprod.double())
     ok = torch.nonzero(lam >= lambda_min)
     if len(ok) == 0:
         raise ValueError(f"no timestep of this schedule has log-SNR λ ≥ {lambda_min} (λ_0 = {float(lam[0]):.2f})")
@@ -89,8 +88,7 @@ def logsnr_timesteps(alphas_cumprod: torch.Tensor, n: int, top: int, bottom: int
         raise ValueError(f"need 0 ≤ bottom ≤ top < {len(alphas_cumprod)}, got bottom {bottom}, top {top}")
     if not 1 <= n <= top - bottom + 1:
         raise ValueError(f"{n} steps do not fit on the {top - bottom + 1} timesteps {bottom}..{top}")
-    ac = alphas_cumprod.double()
-    lam = 0.5 * torch.log(ac / (1 - ac))
+    lam = 0.5 * log_snr(alphas_cumprod.double())
     targets = torch.linspace(float(lam[top]), float(lam[bottom]), n, dtype=torch.float64)  # n = 1: [λ(top)]
     ts: list[int] = []
     for target in targets:
