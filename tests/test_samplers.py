@@ -239,11 +239,11 @@ def test_unknown_sampler():
 
 
 @pytest.mark.parametrize("folder", ["checkpoints", "benchmarks/candidates/first-ship",
-                                    "benchmarks/candidates/cosv-e16"])
+                                    "benchmarks/candidates/cosv-e16", "benchmarks/candidates/cosv-e32"])
 def test_shipped_models_sample_deterministically(folder):
     """The shipped UNet + VAE (and the candidates kept for the benchmarks that measured them, whose VAE is a link to
-    the shipped one; cosv-e16 is a cosine-schedule v-prediction UNet) load together (digest checked) and a seed fixes
-    the output."""
+    the shipped one; cosv-e16 and cosv-e32 are cosine-schedule v-prediction UNets) load together (digest checked)
+    and a seed fixes the output."""
     from nbutils.config import make_generator, project_root
     from nbutils.train import load_models
 
