@@ -25,8 +25,7 @@ data: $(STAMP)
 	    fi; }
 
 # The main job: new clothes from the shipped model, one row per class — the shipped recipe (README "Sampling"):
-# DPM-Solver++, 16 steps of which 12 on the low-noise part t ≤ 400, guidance 2.75 there only. --checkpoint
-# checkpoints: the shipped weights even when runs/ holds your own (sample/reconstruct default to your latest run).
+# DPM-Solver++, 20 steps, guidance 3.25 on the lower-noise part t ≤ 600 only. --checkpoint checkpoints: the shipped weights even when runs/ holds your own (sample/reconstruct default to your latest run).
 demo: $(STAMP) data
 	@mkdir -p runs/demo
 	$(BIN)/python -m nbutils sample --checkpoint checkpoints --recipe shipped --n 100 --class all --seed 0 \

@@ -5,30 +5,33 @@
 #
 #   OUT=runs/remeasure bash benchmarks/shipped_model.sh                   # ≈ 55 min on the 2-core dev machine
 #   OUT=runs/remeasure CKPT=runs/candidate bash benchmarks/shipped_model.sh   # a candidate before shipping it
+#   OUT=runs/remeasure PARTS="vae screening rows" bash benchmarks/shipped_model.sh   # some parts only
 #
-# Steps: VAE quality; the VAE ceiling (10,000 reconstructions, evaluated); the sampler table (1,000 samples
-# per sampler, DDPM 1000 steps included: ≈ 17 of the minutes); the guidance screening at N = 2,000 (20 even steps,
-# then the shipped 4 + 12 schedule); 10,000
-# samples per README evaluation row, each evaluated; the end-to-end CLI timings; the two README pictures
-# (only when CKPT is checkpoints/). SKIP_SAMPLERS=1 leaves out the sampler table; N_EVAL, N_SWEEP, N_SAMPLERS
-# and N_CLI (default 10000, 2000, 1000, 1000) shrink it for a check of the script, e.g. with CKPT=runs/smoke.
+# Parts (PARTS, default all, in this order): vae — VAE quality and the VAE ceiling (10,000 reconstructions,
+# evaluated); samplers — the sampler table (1,000 samples per sampler, SAMPLER_CONFIGS; DDPM 1000 steps is ≈ 17 of
+# the minutes on dev-cpu, ≈ 35 on dev-cpu-amd); screening — the guidance screening at N = 2,000 (20 even steps, then
+# SPLIT_SPECS with 4 + 12 steps, if any); rows — 10,000 samples per README evaluation row, each evaluated; cli — the
+# end-to-end CLI timings; pictures — the two README pictures (only when CKPT is checkpoints/). The timed parts
+# (samplers, cli) want the machine to themselves; the others can share it. N_EVAL, N_SWEEP, N_SAMPLERS and N_CLI
+# (default 10000, 2000, 1000, 1000) shrink it for a check of the script, e.g. with CKPT=runs/smoke.
 set -euo pipefail
 OUT=${OUT:?set OUT to a folder for the results}
 CKPT=${CKPT:-checkpoints}
 PY=${PY:-.venv/bin/python}
-# guidance screening at 20 even steps, then with the shipped schedule (16 steps, 12 of them on t <= 400)
-SPECS=${SPECS:-"1 2 3 3@300-1000 3@0-600 2.5@0-400 3@0-400 3.5@0-400"}
-SPLIT_SPECS=${SPLIT_SPECS:-"2.5@0-400 2.75@0-400 3@0-400 2.75@0-400:bf16"}
-RECIPE=${RECIPE:-"--recipe shipped"}   # nbutils.samplers.SHIPPED_RECIPE: 16 steps, 12 of them guided (w = 2.75) on t <= 400
+PARTS=${PARTS:-"vae samplers screening rows cli pictures"}
+SAMPLER_CONFIGS=${SAMPLER_CONFIGS:-dpm:10,dpm:20,dpm:50,ddim:20,ddim:50,ddpm:1000}
+# guidance screening at 20 even steps, then with 4 + 12 steps (16, 12 of them on the guided part t <= LO-HI's HI)
+SPECS=${SPECS:-"1 2 3 3@0-707 3@0-600 3.25@0-600 3.5@0-600 3.5@0-500"}
+SPLIT_SPECS=${SPLIT_SPECS:-"3@0-600 3.25@0-600"}
+RECIPE=${RECIPE:-"--recipe shipped"}   # nbutils.samplers.SHIPPED_RECIPE: 20 steps, guidance w = 3.25 on t <= 600
 # README evaluation rows: "name|sample flags"
 ROWS=${ROWS:-"g2|--steps 20 --guidance 2
-g3|--steps 20 --guidance 3
-g3_0-400|--steps 20 --guidance 3 --guidance-interval 0,400
+g3_0-600|--steps 20 --guidance 3 --guidance-interval 0,600
 recipe|$RECIPE
-recipe_bf16|$RECIPE --precision bf16
-g3_0-400_s50|--steps 50 --guidance 3 --guidance-interval 0,400"}
+recipe_bf16|$RECIPE --precision bf16"}
 N_EVAL=${N_EVAL:-10000}; N_SWEEP=${N_SWEEP:-2000}; N_SAMPLERS=${N_SAMPLERS:-1000}; N_CLI=${N_CLI:-1000}
 CLI_FLAGS=("--steps 20" "$RECIPE" "$RECIPE --precision bf16")
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/shipped_model.log") 2>&1
@@ -43,43 +46,52 @@ if [ "$($PY -c "from nbutils.config import bf16_supported; print(int(bf16_suppor
     CLI_FLAGS=("--steps 20" "$RECIPE")
 fi
 
-echo "== VAE quality"
-$PY benchmarks/vae_quality.py --checkpoint "$CKPT"
-
-echo "== VAE ceiling: 10,000 test reconstructions"
-$PY -m nbutils reconstruct --n "$N_EVAL" --checkpoint "$CKPT" --out "$OUT/rec10k.npz"
-$PY -m nbutils evaluate "$OUT/rec10k.npz" --no-novelty
-
-if [ -z "${SKIP_SAMPLERS:-}" ]; then
-    echo "== samplers (1,000 samples each, guidance 3)"
-    $PY benchmarks/sampling.py --checkpoint "$CKPT" --n "$N_SAMPLERS" --configs dpm:10,dpm:20,dpm:50,ddim:20,ddim:50,ddpm:1000
+if part vae; then
+    echo "== VAE quality"
+    $PY benchmarks/vae_quality.py --checkpoint "$CKPT"
+    echo "== VAE ceiling: 10,000 test reconstructions"
+    $PY -m nbutils reconstruct --n "$N_EVAL" --checkpoint "$CKPT" --out "$OUT/rec10k.npz"
+    $PY -m nbutils evaluate "$OUT/rec10k.npz" --no-novelty
 fi
 
-echo "== guidance screening, N = 2,000"
-# shellcheck disable=SC2086
-$PY benchmarks/guidance_sweep.py --checkpoint "$CKPT" --n "$N_SWEEP" $SPECS
-# shellcheck disable=SC2086
-$PY benchmarks/guidance_sweep.py --checkpoint "$CKPT" --n "$N_SWEEP" --steps 16 --guided-steps 12 $SPLIT_SPECS
+if part samplers; then
+    echo "== samplers (1,000 samples each, guidance 3)"
+    $PY benchmarks/sampling.py --checkpoint "$CKPT" --n "$N_SAMPLERS" --configs "$SAMPLER_CONFIGS"
+fi
 
-echo "== README evaluation rows, N = 10,000"
-while IFS='|' read -r name flags; do
-    echo "-- $name: $flags"
+if part screening; then
+    echo "== guidance screening, N = 2,000"
     # shellcheck disable=SC2086
-    $PY -m nbutils sample --checkpoint "$CKPT" --n "$N_EVAL" --class all $flags --sampler dpm --seed 0 \
-        --no-progress --out "$OUT/s10k_$name.npz"
-    $PY -m nbutils evaluate "$OUT/s10k_$name.npz"
-done <<< "$ROWS"
-
-echo "== CLI end to end, 1,000 samples (wall seconds)"
-for flags in "${CLI_FLAGS[@]}"; do
-    for i in 1 2; do
+    $PY benchmarks/guidance_sweep.py --checkpoint "$CKPT" --n "$N_SWEEP" $SPECS
+    if [ -n "${SPLIT_SPECS// }" ]; then
         # shellcheck disable=SC2086
-        /usr/bin/time -f "cli wall %e s: $flags" $PY -m nbutils sample --checkpoint "$CKPT" --n "$N_CLI" \
-            $flags --no-progress --out "$OUT/cli.npz" > /dev/null
-    done
-done
+        $PY benchmarks/guidance_sweep.py --checkpoint "$CKPT" --n "$N_SWEEP" --steps 16 --guided-steps 12 $SPLIT_SPECS
+    fi
+fi
 
-if [ "$CKPT" = checkpoints ]; then
+if part rows; then
+    echo "== README evaluation rows, N = 10,000"
+    while IFS='|' read -r name flags; do
+        echo "-- $name: $flags"
+        # shellcheck disable=SC2086
+        $PY -m nbutils sample --checkpoint "$CKPT" --n "$N_EVAL" --class all $flags --sampler dpm --seed 0 \
+            --no-progress --out "$OUT/s10k_$name.npz"
+        $PY -m nbutils evaluate "$OUT/s10k_$name.npz"
+    done <<< "$ROWS"
+fi
+
+if part cli; then
+    echo "== CLI end to end, 1,000 samples (wall seconds)"
+    for flags in "${CLI_FLAGS[@]}"; do
+        for i in 1 2; do
+            # shellcheck disable=SC2086
+            /usr/bin/time -f "cli wall %e s: $flags" $PY -m nbutils sample --checkpoint "$CKPT" --n "$N_CLI" \
+                $flags --no-progress --out "$OUT/cli.npz" > /dev/null
+        done
+    done
+fi
+
+if part pictures && [ "$CKPT" = checkpoints ]; then
     echo "== README pictures"
     # shellcheck disable=SC2086
     $PY -m nbutils sample --checkpoint checkpoints --n 100 --class all $RECIPE --sampler dpm --seed 0 \

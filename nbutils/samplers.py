@@ -60,10 +60,11 @@ SAMPLERS = ("ddpm", "ddim", "dpm")
 LAMBDA_MIN = -5.1
 
 #: The shipped model's sampling recipe, ``sample(unet, vae, n, classes, **SHIPPED_RECIPE, generator=…)``: DPM-Solver++
-#: with 16 steps, 12 of them on t ≤ 400 where guidance w = 2.75 acts, 4 unguided above. Chosen by measurement for the
-#: shipped weights (README "Sampling" and "Evaluation"; benchmarks/README.md); on the command line
-#: ``python -m nbutils sample --recipe shipped``, which is what ``make demo`` runs.
-SHIPPED_RECIPE = {"sampler": "dpm", "steps": 16, "guided_steps": 12, "guidance": 2.75, "guidance_interval": (0, 400)}
+#: with 20 evenly spaced steps, classifier-free guidance w = 3.25 on t ≤ 600 only (the conditional model alone above).
+#: Chosen by measurement for the shipped weights, a cosine-schedule v-prediction UNet (README "Sampling" and
+#: "Evaluation"; benchmarks/README.md); on the command line ``python -m nbutils sample --recipe shipped``, which is what
+#: ``make demo`` runs.
+SHIPPED_RECIPE = {"sampler": "dpm", "steps": 20, "guidance": 3.25, "guidance_interval": (0, 600)}
 
 
 def top_timestep(alphas_cumprod: torch.Tensor, lambda_min: float = LAMBDA_MIN) -> int:

@@ -239,11 +239,11 @@ def test_unknown_sampler():
 
 
 @pytest.mark.parametrize("folder", ["checkpoints", "benchmarks/candidates/first-ship",
-                                    "benchmarks/candidates/cosv-e16", "benchmarks/candidates/cosv-e32"])
+                                    "benchmarks/candidates/second-ship", "benchmarks/candidates/cosv-e16"])
 def test_shipped_models_sample_deterministically(folder):
-    """The shipped UNet + VAE (and the candidates kept for the benchmarks that measured them, whose VAE is a link to
-    the shipped one; cosv-e16 and cosv-e32 are cosine-schedule v-prediction UNets) load together (digest checked)
-    and a seed fixes the output."""
+    """The shipped UNet + VAE (and the earlier UNets kept for the benchmarks that measured them, whose VAE is a link
+    to the shipped one; the shipped UNet and cosv-e16 use the cosine schedule and v-prediction, first-ship and
+    second-ship the linear one and ε) load together (digest checked) and a seed fixes the output."""
     from nbutils.config import make_generator, project_root
     from nbutils.train import load_models
 
@@ -441,7 +441,8 @@ def test_cli_guidance_interval_and_auto_precision(tmp_path, capsys):
                            (["--steps", "4", "--guided-steps", "3", "--guidance-interval", "100,400"], "0,HI"),
                            (["--steps", "4", "--guided-steps", "4", "--guidance-interval", "0,400"], "less than"),
                            (["--guided-steps", "4", "--guidance-interval", "0,400"], "needs --steps (the total"),
-                           (["--recipe", "shipped", "--spacing", "leading"], "trailing or logsnr, got 'leading'"),
+                           (["--recipe", "shipped", "--guided-steps", "12", "--spacing", "leading"],
+                            "trailing or logsnr, got 'leading'"),
                            (["--recipe", "shipped", "--steps", "10", "--guided-steps", "12"], "got 12 of 10")]:
         assert cli.main(["sample", "--checkpoint", str(checkpoints_dir()), "--n", "4", *extra, "--out", str(out)]) != 0
         assert message in capsys.readouterr().err
