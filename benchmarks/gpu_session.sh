@@ -23,7 +23,7 @@ SKIP_BENCH=${SKIP_BENCH:-}  # 1: leave out the speed rows (throughput, samplers,
 VARIANTS=${VARIANTS:-"48,96x1 64,128x2 32,64x2"}
 PY=${PY:-python3}
 BENCH_STEPS=${BENCH_STEPS:-50}
-SAMPLERS=${SAMPLERS:-dpm:10,dpm:20,dpm:50,ddim:20,ddim:50,ddpm:1000}
+SAMPLERS=${SAMPLERS:-dpm:10,dpm:20,dpm:50,ddim:20,ddim:50,ddpm:all}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT" runs/gpu
 LOG=$OUT/session.log

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Every number the top-level README quotes about the shipped models, re-measured in one go (run it alone on the
-# machine: the timings are part of it). What each step prints goes to $OUT/shipped_model.log; the sample files
+# Every number the top-level README quotes about the shipped models, re-measured in one go (run the timed parts
+# alone on the machine: the timings are part of it). What each step prints goes to $OUT/shipped_model.log; the sample files
 # stay in $OUT.
 #
-#   OUT=runs/remeasure bash benchmarks/shipped_model.sh                   # ≈ 55 min on the 2-core dev machine
+#   OUT=runs/remeasure bash benchmarks/shipped_model.sh                   # ≈ 55 min on dev-cpu, ≈ 80 on dev-cpu-amd
 #   OUT=runs/remeasure CKPT=runs/candidate bash benchmarks/shipped_model.sh   # a candidate before shipping it
 #   OUT=runs/remeasure PARTS="vae screening rows" bash benchmarks/shipped_model.sh   # some parts only
 #
 # Parts (PARTS, default all, in this order): vae — VAE quality and the VAE ceiling (10,000 reconstructions,
-# evaluated); samplers — the sampler table (1,000 samples per sampler, SAMPLER_CONFIGS; DDPM 1000 steps is ≈ 17 of
-# the minutes on dev-cpu, ≈ 35 on dev-cpu-amd); screening — the guidance screening at N = 2,000 (20 even steps, then
+# evaluated); samplers — the sampler table (1,000 samples per sampler, SAMPLER_CONFIGS; DDPM with all its steps is
+# ≈ 17 of the minutes on dev-cpu, ≈ 35 on dev-cpu-amd); screening — the guidance screening at N = 2,000 (20 even steps, then
 # SPLIT_SPECS with 4 + 12 steps, if any); rows — 10,000 samples per README evaluation row, each evaluated; cli — the
 # end-to-end CLI timings; pictures — the two README pictures (only when CKPT is checkpoints/). The timed parts
 # (samplers, cli) want the machine to themselves; the others can share it. N_EVAL, N_SWEEP, N_SAMPLERS and N_CLI
@@ -19,7 +19,7 @@ OUT=${OUT:?set OUT to a folder for the results}
 CKPT=${CKPT:-checkpoints}
 PY=${PY:-.venv/bin/python}
 PARTS=${PARTS:-"vae samplers screening rows cli pictures"}
-SAMPLER_CONFIGS=${SAMPLER_CONFIGS:-dpm:10,dpm:20,dpm:50,ddim:20,ddim:50,ddpm:1000}
+SAMPLER_CONFIGS=${SAMPLER_CONFIGS:-dpm:10,dpm:20,dpm:50,ddim:20,ddim:50,ddpm:all}
 # guidance screening at 20 even steps, then with 4 + 12 steps (16, 12 of them on the guided part t <= LO-HI's HI)
 SPECS=${SPECS:-"1 2 3 3@0-707 3@0-600 3.25@0-600 3.5@0-600 3.5@0-500"}
 SPLIT_SPECS=${SPLIT_SPECS:-"3@0-600 3.25@0-600"}
