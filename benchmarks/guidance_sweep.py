@@ -4,9 +4,9 @@
 
 Each spec is ``W[@LO-HI][:bf16]``: guidance scale W, applied only at timesteps LO ≤ t ≤ HI (plain conditional
 sampling elsewhere; default all steps), the UNet optionally under bf16 autocast. Every spec samples the same
-``--n`` images (classes cycling, seed 0, DPM-Solver++ ``--steps``) from one model and scores them against the
-10,000 test images. FID is biased upwards at small N: compare rows of one run. ``--steps 16 --guided-steps 12``
-puts 12 of the 16 steps inside the interval of each spec that starts at 0 (the shipped recipe's schedule);
+``--n`` images (classes cycling, seed 0, ``--sampler`` (DPM-Solver++) with ``--steps``) from one model and scores
+them against the 10,000 test images. FID is biased upwards at small N: compare rows of one run.
+``--steps 16 --guided-steps 12`` puts 12 of the 16 steps inside the interval of each spec that starts at 0;
 ``--spacing logsnr`` spaces steps evenly in log-SNR (with ``--guided-steps``: the guided ones).
 """
 
@@ -20,7 +20,7 @@ import torch
 
 from nbutils.config import make_generator
 from nbutils.metrics import Evaluator
-from nbutils.samplers import SPACINGS, sample
+from nbutils.samplers import SAMPLERS, SPACINGS, sample
 from nbutils.train import load_models
 
 
@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="checkpoints")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--sampler", choices=SAMPLERS, default="dpm",
+                    help="default: dpm (DPM-Solver++(2M)); dpm-sde is its stochastic (SDE) version")
     ap.add_argument("--guided-steps", type=int, default=None,
                     help="of the --steps, this many inside the guidance interval (specs with an interval from 0, "
                          "e.g. 3@0-400; `sample(…, guided_steps=…)`); the other specs keep the plain schedule")
@@ -54,7 +56,7 @@ def main() -> None:
         w, interval, precision = parse_spec(spec)
         split = args.guided_steps if interval is not None and interval[0] == 0 else None
         t0 = time.perf_counter()
-        out = sample(unet, vae, args.n, labels, guidance=w, sampler="dpm", steps=args.steps,
+        out = sample(unet, vae, args.n, labels, guidance=w, sampler=args.sampler, steps=args.steps,
                      generator=make_generator(0), guidance_interval=interval, precision=precision,
                      timestep_spacing=args.spacing, guided_steps=split)
         seconds = time.perf_counter() - t0
@@ -65,7 +67,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     spacing = args.spacing or "trailing"
-    print(f"\nmodel {meta['path']}, DPM-Solver++ {args.steps} steps ({spacing}), N = {args.n}, "
+    print(f"\nmodel {meta['path']}, {args.sampler} {args.steps} steps ({spacing}), N = {args.n}, "
           f"{torch.get_num_threads()} threads")
     print("| spec | FID | KID | conditional accuracy | sampling s |\n|---|---|---|---|---|")
     for r in rows:

@@ -444,9 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
                    help="bf16 = UNet under bfloat16 autocast (faster on CPUs with bf16 support); auto = bf16 where "
                         "supported natively, else fp32")
-    p.add_argument("--sampler", choices=SAMPLERS, help="default: dpm (DPM-Solver++)")
+    p.add_argument("--sampler", choices=SAMPLERS,
+                   help="default: dpm (DPM-Solver++); dpm-sde is its stochastic version")
     p.add_argument("--steps", type=_positive_int,
-                   help="sampling steps (default: ddpm all, 1000 on the linear schedule; ddim 50; dpm 20)")
+                   help="sampling steps (default: ddpm all, 1000 on the linear schedule; ddim 50; dpm 20; dpm-sde 50)")
     p.add_argument("--guided-steps", type=_positive_int, metavar="B",
                    help="of --steps, put B inside --guidance-interval 0,HI and the rest above it, instead of "
                         "spacing all evenly (e.g. --steps 16 --guided-steps 12)")

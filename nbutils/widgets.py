@@ -14,7 +14,7 @@ import torch
 
 from .data import CLASS_NAMES, class_index, class_labels
 
-SAMPLERS = {"DPM-Solver++ (2M)": "dpm", "DDIM": "ddim", "DDPM (ancestral)": "ddpm"}
+SAMPLERS = {"DPM-Solver++ (2M)": "dpm", "SDE-DPM-Solver++ (2M)": "dpm-sde", "DDIM": "ddim", "DDPM (ancestral)": "ddpm"}
 
 
 def show_samples(unet, vae, class_name: str | int = "all", guidance: float = 3.0, sampler: str = "dpm",

@@ -48,6 +48,7 @@ def run(sampler, model, n=40_000, seed=0):
     ("ddim", 250, "trailing"),  # first-order ODE solver
     ("dpm", 30, "trailing"),  # second-order: 30 steps reach what DDIM needs 250 for
     ("dpm", 30, "logsnr"),  # the same solver stepping evenly in λ
+    ("dpm-sde", 100, "trailing"),  # its SDE version: stochastic like DDPM (100 steps: 1-3% off; DDPM: 13%)
 ])
 @pytest.mark.parametrize("schedule", ["linear", "squaredcos_cap_v2"])
 def test_samplers_recover_gaussian_data(name, steps, spacing, schedule):
@@ -145,6 +146,37 @@ def test_ddim_eta1_is_stochastic_but_correct():
     assert not torch.equal(run(s, GaussianOracle(sch), n=100, seed=1), run(s, GaussianOracle(sch), n=100, seed=2))
 
 
+@pytest.mark.parametrize("schedule", ["linear", "squaredcos_cap_v2"])
+def test_sde_dpm_solver_first_order_step_is_the_ddpm_posterior(schedule):
+    """Without history (the first step) SDE-DPM-Solver++ draws from q(x_prev | x_t, x̂_0) — the DDPM step between
+    the same two timesteps, with the same noise — and its later steps add the second-order correction on top."""
+    sch = NoiseSchedule(schedule)
+    model = GaussianOracle(sch)
+    sde, ddpm = Sm.make_sampler("dpm-sde", sch, steps=10), Sm.make_sampler("ddpm", sch, steps=10)
+    ddpm.set_timesteps(timesteps=sde.timesteps.tolist())
+    x = torch.randn(256, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t0, t1 = (int(t) for t in sde.timesteps[:2])
+    out = model(x, torch.full((256,), t0), None)
+    a = sde.step(out, t0, x, generator=torch.Generator().manual_seed(1))
+    b = ddpm.step(out, t0, x, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(a, b, atol=1e-12)
+    # second step: D = x̂0 + (x̂0 − x̂0_prev)/(2r) replaces x̂0 in the same update
+    out1 = model(a, torch.full((256,), t1), None)
+    c = sde.step(out1, t1, a, generator=torch.Generator().manual_seed(2))
+    d = ddpm.step(out1, t1, a, generator=torch.Generator().manual_seed(2))
+    lam = sch.log_snr() / 2
+    t2 = int(sde.timesteps[2])
+    h, r = (lam[t2] - lam[t1]).item(), ((lam[t1] - lam[t0]) / (lam[t2] - lam[t1])).item()
+    abar = sch.alphas_cumprod
+    x0_prev = (x - (1 - abar[t0]).sqrt() * out) / abar[t0].sqrt()
+    x0 = (a - (1 - abar[t1]).sqrt() * out1) / abar[t1].sqrt()
+    correction = abar[t2].sqrt() * (-math.expm1(-2 * h)) * (x0 - x0_prev) / (2 * r)
+    assert torch.allclose(c, d + correction, atol=1e-10)
+    # stochastic: the same seed repeats a run, another seed does not
+    runs = [run(Sm.make_sampler("dpm-sde", sch, steps=10), model, n=100, seed=k) for k in (1, 1, 2)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
 def test_documented_timestep_spacings():
     assert Sm.spaced_timesteps(1000, 10, "leading").tolist() == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
     assert Sm.spaced_timesteps(1000, 10, "trailing").tolist() == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
@@ -234,7 +266,7 @@ def test_guidance_endpoints():
 
 
 def test_unknown_sampler():
-    with pytest.raises(ValueError, match="unknown sampler 'euler'; valid: ddpm, ddim, dpm"):
+    with pytest.raises(ValueError, match="unknown sampler 'euler'; valid: ddpm, ddim, dpm, dpm-sde"):
         Sm.make_sampler("euler", NoiseSchedule())
 
 
