@@ -9,8 +9,9 @@
 #
 # Parts (PARTS, default all, in this order): vae — VAE quality and the VAE ceiling (10,000 reconstructions,
 # evaluated); samplers — the sampler table (1,000 samples per sampler, SAMPLER_CONFIGS; DDPM with all its steps is
-# ≈ 17 of the minutes on dev-cpu, ≈ 35 on dev-cpu-amd); screening — the guidance screening at N = 2,000 (20 even steps, then
-# SPLIT_SPECS with 4 + 12 steps, if any); rows — 10,000 samples per README evaluation row, each evaluated; cli — the
+# ≈ 17 of the minutes on dev-cpu, ≈ 35 on dev-cpu-amd); screening — the guidance screening at N = 2,000 (SPECS with
+# 20 even steps, LOGSNR_SPECS with 20 steps spaced evenly in log-SNR, SPLIT_SPECS with 4 + 12 steps; an empty list
+# is skipped); rows — 10,000 samples per README evaluation row, each evaluated; cli — the
 # end-to-end CLI timings; pictures — the two README pictures (only when CKPT is checkpoints/). The timed parts
 # (samplers, cli) want the machine to themselves; the others can share it. N_EVAL, N_SWEEP, N_SAMPLERS and N_CLI
 # (default 10000, 2000, 1000, 1000) shrink it for a check of the script, e.g. with CKPT=runs/smoke.
@@ -20,10 +21,12 @@ CKPT=${CKPT:-checkpoints}
 PY=${PY:-.venv/bin/python}
 PARTS=${PARTS:-"vae samplers screening rows cli pictures"}
 SAMPLER_CONFIGS=${SAMPLER_CONFIGS:-dpm:10,dpm:20,dpm:50,ddim:20,ddim:50,ddpm:all}
-# guidance screening at 20 even steps, then with 4 + 12 steps (16, 12 of them on the guided part t <= LO-HI's HI)
-SPECS=${SPECS:-"1 2 3 3@0-707 3@0-600 3.25@0-600 3.5@0-600 3.5@0-500"}
-SPLIT_SPECS=${SPLIT_SPECS:-"3@0-600 3.25@0-600"}
-RECIPE=${RECIPE:-"--recipe shipped"}   # nbutils.samplers.SHIPPED_RECIPE: 20 steps, guidance w = 3.25 on t <= 600
+# guidance screening at 20 even steps, at 20 log-SNR-spaced steps, then with 4 + 12 steps (16, 12 of them on the
+# guided part t <= LO-HI's HI)
+SPECS=${SPECS-"1 2 3 3@0-707 3@0-600 3.25@0-600 3.5@0-600 3.5@0-500"}
+LOGSNR_SPECS=${LOGSNR_SPECS-"3@0-600 3.25@0-600 3@30-600 3.25@30-600 3.5@30-600"}
+SPLIT_SPECS=${SPLIT_SPECS-""}
+RECIPE=${RECIPE:-"--recipe shipped"}   # nbutils.samplers.SHIPPED_RECIPE: 20 log-SNR steps, w = 3.25 on 30 <= t <= 600
 # README evaluation rows: "name|sample flags"
 ROWS=${ROWS:-"g2|--steps 20 --guidance 2
 g3_0-600|--steps 20 --guidance 3 --guidance-interval 0,600
@@ -61,8 +64,14 @@ fi
 
 if part screening; then
     echo "== guidance screening, N = 2,000"
-    # shellcheck disable=SC2086
-    $PY benchmarks/guidance_sweep.py --checkpoint "$CKPT" --n "$N_SWEEP" $SPECS
+    if [ -n "${SPECS// }" ]; then
+        # shellcheck disable=SC2086
+        $PY benchmarks/guidance_sweep.py --checkpoint "$CKPT" --n "$N_SWEEP" $SPECS
+    fi
+    if [ -n "${LOGSNR_SPECS// }" ]; then
+        # shellcheck disable=SC2086
+        $PY benchmarks/guidance_sweep.py --checkpoint "$CKPT" --n "$N_SWEEP" --spacing logsnr $LOGSNR_SPECS
+    fi
     if [ -n "${SPLIT_SPECS// }" ]; then
         # shellcheck disable=SC2086
         $PY benchmarks/guidance_sweep.py --checkpoint "$CKPT" --n "$N_SWEEP" --steps 16 --guided-steps 12 $SPLIT_SPECS

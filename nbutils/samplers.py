@@ -63,11 +63,13 @@ SAMPLERS = ("ddpm", "ddim", "dpm", "dpm-sde")
 LAMBDA_MIN = -5.1
 
 #: The shipped model's sampling recipe, ``sample(unet, vae, n, classes, **SHIPPED_RECIPE, generator=…)``: DPM-Solver++
-#: with 20 evenly spaced steps, classifier-free guidance w = 3.25 on t ≤ 600 only (the conditional model alone above).
-#: Chosen by measurement for the shipped weights, a cosine-schedule v-prediction UNet (README "Sampling" and
+#: with 20 steps spaced evenly in log-SNR (995, 992, …, 584, 415, 266, 159, 91, 51, 27, 13, 5, 2, 0 on the cosine
+#: schedule), classifier-free guidance w = 3.25 on 30 ≤ t ≤ 600 only — 6 of the 20 steps; the conditional model alone
+#: elsewhere. Chosen by measurement for the shipped weights, a cosine-schedule v-prediction UNet (README "Sampling" and
 #: "Evaluation"; benchmarks/README.md); on the command line ``python -m nbutils sample --recipe shipped``, which is what
 #: ``make demo`` runs.
-SHIPPED_RECIPE = {"sampler": "dpm", "steps": 20, "guidance": 3.25, "guidance_interval": (0, 600)}
+SHIPPED_RECIPE = {"sampler": "dpm", "steps": 20, "timestep_spacing": "logsnr", "guidance": 3.25,
+                  "guidance_interval": (30, 600)}
 
 
 def top_timestep(alphas_cumprod: torch.Tensor, lambda_min: float = LAMBDA_MIN) -> int:

@@ -473,9 +473,11 @@ def test_cli_guidance_interval_and_auto_precision(tmp_path, capsys):
                            (["--steps", "4", "--guided-steps", "3", "--guidance-interval", "100,400"], "0,HI"),
                            (["--steps", "4", "--guided-steps", "4", "--guidance-interval", "0,400"], "less than"),
                            (["--guided-steps", "4", "--guidance-interval", "0,400"], "needs --steps (the total"),
-                           (["--recipe", "shipped", "--guided-steps", "12", "--spacing", "leading"],
-                            "trailing or logsnr, got 'leading'"),
-                           (["--recipe", "shipped", "--steps", "10", "--guided-steps", "12"], "got 12 of 10")]:
+                           (["--recipe", "shipped", "--guided-steps", "12"], "--guidance-interval 0,HI"),  # 30,600
+                           (["--recipe", "shipped", "--guided-steps", "12", "--guidance-interval", "0,600",
+                             "--spacing", "leading"], "trailing or logsnr, got 'leading'"),
+                           (["--recipe", "shipped", "--steps", "10", "--guided-steps", "12", "--guidance-interval",
+                             "0,600"], "got 12 of 10")]:
         assert cli.main(["sample", "--checkpoint", str(checkpoints_dir()), "--n", "4", *extra, "--out", str(out)]) != 0
         assert message in capsys.readouterr().err
 
