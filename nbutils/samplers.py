@@ -318,8 +318,8 @@ class DPMSolverSDESampler(DPMSolverSampler):
 
 def make_sampler(name: str, schedule: NoiseSchedule, prediction_type: str = "epsilon", steps: int | None = None,
                  timestep_spacing: str | None = None, eta: float = 0.0) -> _Sampler:
-    """``ddpm`` | ``ddim`` | ``dpm`` with ``set_timesteps(steps)`` already called (default: every timestep
-    0..top for ddpm — T for the linear schedule —, 50 for ddim, 20 for dpm)."""
+    """``ddpm`` | ``ddim`` | ``dpm`` | ``dpm-sde`` with ``set_timesteps(steps)`` already called (default: every
+    timestep 0..top for ddpm — T for the linear schedule —, 50 for ddim, 20 for dpm, 50 for dpm-sde)."""
     if name == "ddpm":
         s = DDPMSampler(schedule, prediction_type, timestep_spacing)
     elif name == "ddim":
