@@ -220,6 +220,12 @@ def _optimize(what: str, loss: torch.Tensor, parts: dict[str, float], model: nn.
     ema.update(model)
 
 
+def _adam(params, tc: TrainConfig, device: torch.device) -> torch.optim.Adam:
+    """Adam; on CUDA the fused implementation (one kernel for every tensor's update instead of a handful of
+    launches per tensor: the UNet's step is launch-bound on a GPU). Same update rule, same state dict."""
+    return torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
+
+
 def autocast_dtype(setting: str, device: torch.device, log: Callable[[str], None] = print) -> torch.dtype | None:
     """The autocast dtype a training run uses for ``mixed_precision=setting`` (None = float32 throughout).
 
@@ -413,7 +419,7 @@ def train_vae(
     torch.manual_seed(tc.seed)
     vae = VAE(cfg.vae).to(device)
     ema = EMA(vae, tc.ema_decay, tc.ema_warmup_steps)
-    opt = torch.optim.Adam(vae.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = _adam(vae.parameters(), tc, device)
     shuffle_gen = torch.Generator().manual_seed(tc.seed)
     noise_gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
     gens = {"shuffle": shuffle_gen, "noise": noise_gen}
@@ -727,7 +733,7 @@ def train_unet(
     torch.manual_seed(tc.seed)
     unet = UNet(cfg.unet).to(device)
     ema = EMA(unet, tc.ema_decay, tc.ema_warmup_steps)
-    opt = torch.optim.Adam(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = _adam(unet.parameters(), tc, device)
     diffusion = GaussianDiffusion(cfg.diffusion, cfg.unet.num_classes)
     shuffle_gen = torch.Generator().manual_seed(tc.seed)
     latent_gen = torch.Generator().manual_seed(tc.seed + 2)

@@ -330,6 +330,28 @@ def test_autocast_dtype_rules(monkeypatch):
         T.autocast_dtype("bf16", cuda)
 
 
+def test_adam_is_fused_on_cuda_with_the_same_update_and_state():
+    """On CUDA training uses fused Adam (fewer kernel launches); elsewhere the default. Both follow the same rule
+    and keep the same state, so a GPU run resumes on a CPU and back. (The fused kernel is run on the CPU here.)"""
+    tc = T.TrainConfig(lr=1e-2, weight_decay=0.01)
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    b.load_state_dict(a.state_dict())
+    plain, fused = T._adam(a.parameters(), tc, torch.device("cpu")), T._adam(b.parameters(), tc, torch.device("cuda"))
+    assert not plain.defaults["fused"] and fused.defaults["fused"]
+    for _ in range(3):
+        x = torch.randn(8, 5)
+        for model, opt in ((a, plain), (b, fused)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    s1, s2 = plain.state_dict(), fused.state_dict()
+    assert [sorted(v) for v in s1["state"].values()] == [sorted(v) for v in s2["state"].values()]
+    fused.load_state_dict(s1)  # a CPU run's optimizer state loads into the fused optimizer
+
+
 def test_init_from_starts_a_new_run_from_another_runs_weights(smoke_run, tmp_path):
     """With lr 0 the optimizer cannot move the weights: a run started from another run's raw weights ends with
     exactly them; a source trained on another VAE is refused."""
