@@ -52,18 +52,29 @@ def worker(args: argparse.Namespace) -> None:
         f"train_unet.compile={args.compile}",
     ])
     stamps: dict[int, float] = {}
+    profiler = None
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        profiler = profile(activities=[ProfilerActivity.CPU]
+                           + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
 
     def on_step(step: int, parts: dict) -> None:
         if step in (args.warmup, args.warmup + args.steps):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             stamps[step] = time.perf_counter()
+            if profiler is not None:
+                profiler.start() if step == args.warmup else profiler.stop()
 
     device = torch.device(args.device) if args.device else pick_device()
     train_unet(cfg, run_dir=args.run_dir, epochs=1, vae_checkpoint=ROOT / "checkpoints", device=device,
                progress=False, log=lambda m: None, on_step=on_step)
     if not is_main_process():
         return
+    if profiler is not None:  # where the timed steps' time went, per operator (the timings above include it)
+        Path(args.profile).write_text(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+                                      + "\n" + profiler.key_averages().table(sort_by="count", row_limit=10))
     seconds = stamps[args.warmup + args.steps] - stamps[args.warmup]
     per_step = seconds / args.steps
     steps_per_epoch = -(-60000 // args.batch_size)
@@ -79,6 +90,7 @@ def worker(args: argparse.Namespace) -> None:
         .removeprefix("torch."),  # what the setting means on this device
         "compile": args.compile and device.type == "cuda",
         "timed_steps": args.steps,
+        "profiled": bool(args.profile),
         "seconds_per_step": round(per_step, 5),
         "latent_samples_per_s": round(args.batch_size / per_step, 1),
         "epoch_minutes": round(steps_per_epoch * per_step / 60, 2),
@@ -105,6 +117,8 @@ def main() -> None:
     p.add_argument("--device", help="cpu or cuda (default: auto)")
     p.add_argument("--mixed-precision", default="no", choices=MIXED_PRECISION)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--profile", metavar="FILE", help="profile the timed steps (torch.profiler) into FILE: "
+                   "per-operator tables; the timings then include the profiler's own cost")
     p.add_argument("--threads", type=int, help="threads per process (default: cores / processes)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -118,7 +132,8 @@ def main() -> None:
         own = ["--preset", args.preset, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--epochs", str(args.epochs), "--mixed-precision", args.mixed_precision,
                "--worker", *(["--device", args.device] if args.device else []),
-               *(["--compile"] if args.compile else [])]
+               *(["--compile"] if args.compile else []),
+               *(["--profile", str(Path(args.profile).resolve())] if args.profile else [])]
         if n == 1:
             cmd = [sys.executable, __file__, *own]
         else:
