@@ -86,7 +86,8 @@ def worker(args: argparse.Namespace) -> None:
         "unet_parameters": count_parameters(UNet(cfg.unet)),
         "global_batch": args.batch_size,
         "mixed_precision": args.mixed_precision,
-        "autocast": str(autocast_dtype(args.mixed_precision, device, log=lambda m: None) or "float32")
+        "autocast": str(autocast_dtype(args.mixed_precision, device, log=lambda m: None, compile=args.compile)
+                        or "float32")
         .removeprefix("torch."),  # what the setting means on this device
         "compile": args.compile and device.type == "cuda",
         "timed_steps": args.steps,

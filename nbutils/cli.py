@@ -378,8 +378,8 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--mixed-precision", choices=MIXED_PRECISION,
-                   help="autocast dtype on CUDA: auto = bf16 where the GPU has it (default: the preset's); "
-                        "no effect, with a notice, on a CPU")
+                   help="autocast dtype on CUDA: auto = bf16 with --compile on a GPU that has it, else float32 "
+                        "(default: the preset's); no effect, with a notice, on a CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a notice elsewhere)")
     p.add_argument("--dataset", choices=tuple(DATASETS),
                    help="train on another dataset (default fashion_mnist; cifar10 = 3×32×32 via torchvision, "

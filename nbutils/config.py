@@ -115,7 +115,7 @@ class TrainConfig:
     ema_warmup_steps: int = 1000  # EMA decay ramps up from 0 over these steps
     seed: int = 0
     sample_every: int = 1  # epochs between sample grids / metrics (0 = never)
-    mixed_precision: str = "auto"  # "auto" (bf16 on a CUDA GPU that has it), "bf16", "fp16", "no"; CUDA only
+    mixed_precision: str = "auto"  # "auto" (bf16 if compiled on a GPU that has it), "bf16", "fp16", "no"; CUDA only
     compile: bool = False  # torch.compile the training forward pass (CUDA only; ignored with a notice on CPU)
 
 

@@ -226,13 +226,21 @@ def _adam(params, tc: TrainConfig, device: torch.device) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
 
 
-def autocast_dtype(setting: str, device: torch.device, log: Callable[[str], None] = print) -> torch.dtype | None:
+def autocast_dtype(setting: str, device: torch.device, log: Callable[[str], None] = print,
+                   compile: bool = False) -> torch.dtype | None:
     """The autocast dtype a training run uses for ``mixed_precision=setting`` (None = float32 throughout).
 
     Mixed precision is a CUDA feature here: on a CPU or MPS any setting trains in float32, with a one-line
-    notice when ``bf16``/``fp16`` was asked for. On CUDA: ``auto`` = bf16 where the GPU supports it (Ampere
-    and newer), else float32; ``bf16`` = bf16, an error on a GPU without it; ``fp16`` = float16 with a
-    gradient scaler; ``no`` = float32. Model outputs are cast to float32 before the loss either way.
+    notice when ``bf16``/``fp16`` was asked for. On CUDA: ``auto`` = bf16 when the forward pass is compiled
+    (``compile``) on a GPU that supports bf16 (Ampere and newer), else float32; ``bf16`` = bf16, an error on a
+    GPU without it; ``fp16`` = float16 with a gradient scaler; ``no`` = float32. Model outputs are cast to
+    float32 before the loss either way.
+
+    Why ``auto`` depends on compile: these models are small enough that a GPU step is bound by kernel launches,
+    and uncompiled bf16 autocast adds launches (the casts): on an H200 it trained the `cpu` preset's UNet at
+    0.03664 s / step against float32's 0.02333, the `full` preset's at 0.05333 against 0.04578; compiled (the
+    casts fused away) bf16 was the fastest of the three, 0.02211 and 0.03783 (benchmarks/README.md, "Training
+    on one GPU").
     """
     if setting not in MIXED_PRECISION:
         raise ValueError(f"mixed_precision must be one of {', '.join(map(repr, MIXED_PRECISION))}, got {setting!r}")
@@ -249,13 +257,15 @@ def autocast_dtype(setting: str, device: torch.device, log: Callable[[str], None
         name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
         raise ValueError(f"mixed_precision='bf16' needs a GPU with bfloat16 support (Ampere or newer); {name} has "
                          "none: use 'fp16' or 'no'")
+    if setting == "auto" and not compile:
+        return None
     return torch.bfloat16 if supported else None
 
 
 def _precision(tc: TrainConfig, model: nn.Module, device: torch.device, log: Callable[[str], None]
                ) -> tuple[torch.dtype | None, torch.amp.GradScaler | None, nn.Module]:
     """``(autocast dtype, fp16 gradient scaler or None, the module to call for the forward pass)``."""
-    dtype = autocast_dtype(tc.mixed_precision, device, log)
+    dtype = autocast_dtype(tc.mixed_precision, device, log, compile=tc.compile)
     if dtype is not None:
         log(f"mixed precision: {str(dtype).removeprefix('torch.')} autocast on {device}")
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
