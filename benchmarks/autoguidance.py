@@ -27,7 +27,7 @@ import torch
 
 from nbutils.config import make_generator
 from nbutils.metrics import Evaluator
-from nbutils.samplers import sample
+from nbutils.samplers import SPACINGS, sample
 from nbutils.train import load_models, load_unet
 
 
@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--guide", required=True, help="run folder of the bad model, or 'dropout'")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--spacing", choices=SPACINGS, default=None,
+                    help="timestep spacing of the solver (default trailing; the shipped recipe's is logsnr)")
     args = ap.parse_args()
 
     unet, vae, meta = load_models(args.checkpoint, device="cpu")
@@ -91,10 +93,12 @@ def main() -> None:
         torch.manual_seed(0)  # dropout's random numbers (``--guide dropout``) come from the global generator
         t0 = time.perf_counter()
         out = sample(unet, vae, args.n, classes, guidance=w, guidance_interval=interval, sampler="dpm",
-                     steps=args.steps, generator=make_generator(0), guide=autoguide(unet, bad, scale))
+                     steps=args.steps, generator=make_generator(0), guide=autoguide(unet, bad, scale),
+                     timestep_spacing=args.spacing)
         seconds = time.perf_counter() - t0
         res = ev.evaluate(out.images, out.labels, with_novelty=False)
-        print(json.dumps({"spec": spec, "guide": args.guide, "n": args.n, "fid": round(res["fid"], 4),
+        print(json.dumps({"spec": spec, "guide": args.guide, "spacing": args.spacing or "trailing",
+                          "n": args.n, "fid": round(res["fid"], 4),
                           "kid": round(res["kid"], 5), "cond_acc": round(res["cond_acc"], 4),
                           "floor_fid": round(res["floor"]["fid"], 4), "sampling_s": round(seconds, 1)}), flush=True)
 
