@@ -15,6 +15,7 @@
 #   OUT=/tmp/o BUDGET=500 bash benchmarks/gpu_unet.sh                                  # on the GPU machine
 #   OUT=/tmp/x DEVICE=cpu BUDGET=60 SUBSET=1024 PY=.venv/bin/python bash benchmarks/gpu_unet.sh   # a check on a CPU
 #
+# SETS="section.field=value …" changes the model or recipe for both phases (a wider UNet, say).
 # PRECISION (default no = float32) and COMPILE=1 choose the training settings: on an H200 float32 uncompiled
 # trained this UNet at 0.02333 s / step and bf16 + compile at 0.02211 after a ~40 s warm-up per phase
 # (benchmarks/README.md, "Training on one GPU"), so the default skips compile. On the first H200 machine an epoch
@@ -28,6 +29,7 @@ SHARE1=${SHARE1:-50}  # percent of the budget for phase 1
 PRECISION=${PRECISION:-no}
 COMPILE=${COMPILE:-}
 SUBSET=${SUBSET:-}
+SETS=${SETS:-}  # more config changes for both phases, e.g. SETS="unet.block_out_channels=64,128 unet.layers_per_block=2"
 RUNS=${RUNS:-runs/gpu_unet}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT/p1" "$OUT/p2"
@@ -43,6 +45,7 @@ FLAGS=(--preset cpu --vae checkpoints --device "$DEVICE" --no-progress --mixed-p
        --set train_unet.sample_every=0)
 [ -n "$COMPILE" ] && FLAGS+=(--compile)
 [ -n "$SUBSET" ] && FLAGS+=(--set "data.train_subset=$SUBSET")
+for assignment in $SETS; do FLAGS+=(--set "$assignment"); done
 
 timeout "$T1" $PY -m nbutils train-unet "${FLAGS[@]}" --run-dir "$RUNS/p1"
 cp "$RUNS/p1/unet.json" "$RUNS/p1/unet.safetensors" "$OUT/p1/" || exit 1
