@@ -64,8 +64,10 @@ def worker(args: argparse.Namespace) -> None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             stamps[step] = time.perf_counter()
-            if profiler is not None:
-                profiler.start() if step == args.warmup else profiler.stop()
+            if profiler is not None and step == args.warmup:
+                profiler.start()
+            elif profiler is not None:
+                profiler.stop()
 
     device = torch.device(args.device) if args.device else pick_device()
     train_unet(cfg, run_dir=args.run_dir, epochs=1, vae_checkpoint=ROOT / "checkpoints", device=device,
