@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The shipped UNet's recipe, trained longer on one GPU (issue: evaluation). The shipped UNet is the `cpu` preset's
-# architecture on the cosine schedule with v-prediction, trained 16 epochs at lr 1e-3 and 16 more at 1e-4 on a
-# 2-core CPU (README "Evaluation"). This script trains the same model from scratch in the same two phases, each for
+# architecture on the cosine schedule with v-prediction, trained 16 epochs at lr 1e-3, 16 more at 1e-4 and 4 more at
+# 1e-4 with dropout off on a 2-core CPU (README "The latent UNet"). This script trains the same model from scratch in
+# its first two phases (SETS="unet.dropout=0" turns dropout off in both, what the third phase suggests), each for
 # a share of BUDGET seconds rather than a number of epochs: phase 1 runs until SHARE1 of the budget is spent and is
 # stopped there (SIGTERM: the trainer saves a resumable checkpoint, mid-epoch if need be), phase 2 starts from its
 # raw and EMA weights at lr 1e-4 and is stopped at the end of the budget. It copies back what the CPU then
