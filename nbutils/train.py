@@ -297,10 +297,19 @@ def _set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]
         g.set_state(state[k])
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
+def _progress(iterable, total: int, desc: str, enabled: bool, done: int = 0):
+    """A progress bar over ``iterable``; ``done`` items are drawn first without showing them (a resumed epoch).
+
+    The skipped items are still drawn, so that the shuffling generator ends where an uninterrupted epoch
+    leaves it; the bar then starts at ``done`` and its rate and time left count only the batches run now.
+    """
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+    items = iter(iterable)
+    for _ in range(done):
+        next(items)
+    return tqdm(items, total=total, initial=done, desc=desc, disable=not enabled, leave=False,
+                dynamic_ncols=True)
 
 
 def _resume(state_path: Path, cfg: Config, sections: tuple[str, ...], model: nn.Module, ema: EMA,
@@ -459,10 +468,9 @@ def train_vae(
             t0 = time.perf_counter()
             epoch_rng, skip, running = _epoch_start(partial, {"shuffle": shuffle_gen})
             partial = None
-            bar = _progress(loader, len(loader), f"VAE epoch {epoch + 1}/{epochs}", progress)
-            for b, (x, _) in enumerate(bar):
-                if b < skip:  # resuming inside this epoch: these batches were done before the interrupt
-                    continue
+            # resuming inside this epoch: the first ``skip`` batches were done before the interrupt
+            bar = _progress(loader, len(loader), f"VAE epoch {epoch + 1}/{epochs}", progress, done=skip)
+            for b, (x, _) in enumerate(bar, start=skip):
                 if len(x) < procs.world_size:  # a last batch too small to split (several processes only)
                     continue
                 x = x.to(device, non_blocking=True)
@@ -492,6 +500,8 @@ def train_vae(
             bar.close()
             record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0, "train_loss": running,
                       "processes": procs.world_size}
+            if skip:  # "seconds" then covers only the batches run after resuming
+                record["resumed_at_batch"] = skip
             if procs.is_main:
                 metrics = evaluate_vae(ema.model, test_x.to(device))
                 record.update({f"test_{k}": v for k, v in metrics.items()})
@@ -789,10 +799,9 @@ def train_unet(
             z = (z - shift) * scale
             loader = D.TensorLoader((z, cache["labels"]), batch_size=tc.batch_size, shuffle=True,
                                     generator=shuffle_gen)
-            bar = _progress(loader, len(loader), f"UNet epoch {epoch + 1}/{epochs}", progress)
-            for b, (x0, labels) in enumerate(bar):
-                if b < skip:  # resuming inside this epoch: these batches were done before the interrupt
-                    continue
+            # resuming inside this epoch: the first ``skip`` batches were done before the interrupt
+            bar = _progress(loader, len(loader), f"UNet epoch {epoch + 1}/{epochs}", progress, done=skip)
+            for b, (x0, labels) in enumerate(bar, start=skip):
                 if len(x0) < procs.world_size:  # a last batch too small to split (several processes only)
                     continue
                 x0, labels = x0.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -821,6 +830,8 @@ def train_unet(
             bar.close()
             record = {"epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t0, "train_loss": running,
                       "processes": procs.world_size}
+            if skip:  # "seconds" then covers only the batches run after resuming
+                record["resumed_at_batch"] = skip
             history.epochs.append(record)
             log(f"epoch {epoch + 1}/{epochs}: train loss {running:.4f} ({record['seconds']:.0f} s)")
             if not procs.is_main:

@@ -235,6 +235,15 @@ def test_vae_interrupt_mid_epoch_then_resume_is_exact(smoke_run, tmp_path, monke
     assert T.load_vae(run, device="cpu")[1]["extra"]["step"] == 11  # the weights file was written too
     T.train_vae(cfg, run_dir=run, epochs=2, resume=True, device="cpu", progress=False, log=lambda m: None)
     _assert_same_state(run / "vae_state.pt", whole / "vae_state.pt")
+    epochs = torch.load(run / "vae_state.pt", weights_only=False)["history"]["epochs"]
+    assert "resumed_at_batch" not in epochs[0] and epochs[1]["resumed_at_batch"] == 3  # its seconds: 5 batches
+
+
+def test_progress_skips_the_batches_done_before_an_interrupt():
+    bar = T._progress(iter(range(8)), 8, "epoch", enabled=True, done=3)
+    assert bar.n == 3 and bar.total == 8
+    assert list(bar) == [3, 4, 5, 6, 7] and bar.n == 8
+    assert list(T._progress(range(4), 4, "epoch", enabled=False)) == [0, 1, 2, 3]
 
 
 def test_unet_sigterm_mid_epoch_then_resume_is_exact(smoke_run, tmp_path, monkeypatch):
