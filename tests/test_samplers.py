@@ -272,12 +272,13 @@ def test_unknown_sampler():
 
 @pytest.mark.parametrize("folder", ["checkpoints", "benchmarks/candidates/first-ship",
                                     "benchmarks/candidates/second-ship", "benchmarks/candidates/cosv-e16",
-                                    "benchmarks/candidates/cosv-e32", "benchmarks/candidates/nodrop-e4"])
+                                    "benchmarks/candidates/cosv-e32", "benchmarks/candidates/nodrop-e4",
+                                    "benchmarks/candidates/wide-e24"])
 def test_shipped_models_sample_deterministically(folder):
     """The shipped UNet + VAE (and the earlier UNets kept for the benchmarks that measured them, whose VAE is a link
     to the shipped one; the shipped UNet (nodrop-e4's weights), cosv-e16 and cosv-e32 (shipped before it) use the
-    cosine schedule and v-prediction, first-ship and second-ship the linear one and ε) load together (digest
-    checked) and a seed fixes the output."""
+    cosine schedule and v-prediction, first-ship and second-ship the linear one and ε; wide-e24, a candidate, is
+    the (64, 128) UNet on the cosine schedule) load together (digest checked) and a seed fixes the output."""
     from nbutils.config import make_generator, project_root
     from nbutils.train import load_models
 
