@@ -25,7 +25,7 @@ data: $(STAMP)
 	    fi; }
 
 # The main job: new clothes from the shipped model, one row per class — the shipped recipe (README "Sampling"):
-# DPM-Solver++, 20 steps spaced evenly in log-SNR, guidance 3.25 on the middle part 30 ≤ t ≤ 600 only. --checkpoint checkpoints: the shipped weights even when runs/ holds your own (sample/reconstruct default to your latest run).
+# DPM-Solver++, 20 steps spaced evenly in log-SNR, guidance 2.9375 on the middle part 30 ≤ t ≤ 600 only. --checkpoint checkpoints: the shipped weights even when runs/ holds your own (sample/reconstruct default to your latest run).
 demo: $(STAMP) data
 	@mkdir -p runs/demo
 	$(BIN)/python -m nbutils sample --checkpoint checkpoints --recipe shipped --n 100 --class all --seed 0 \

@@ -26,7 +26,7 @@ SAMPLER_CONFIGS=${SAMPLER_CONFIGS:-dpm:10,dpm:20,dpm:50,ddim:20,ddim:50,ddpm:all
 SPECS=${SPECS-"1 2 3 3@0-707 3@0-600 3.25@0-600 3.5@0-600 3.5@0-500"}
 LOGSNR_SPECS=${LOGSNR_SPECS-"3@0-600 3.25@0-600 3@30-600 3.25@30-600 3.5@30-600"}
 SPLIT_SPECS=${SPLIT_SPECS-""}
-RECIPE=${RECIPE:-"--recipe shipped"}   # nbutils.samplers.SHIPPED_RECIPE: 20 log-SNR steps, w = 3.25 on 30 <= t <= 600
+RECIPE=${RECIPE:-"--recipe shipped"}   # nbutils.samplers.SHIPPED_RECIPE: 20 log-SNR steps, w = 2.9375 on 30 <= t <= 600
 # README evaluation rows: "name|sample flags"
 ROWS=${ROWS:-"g2|--steps 20 --guidance 2
 g3_0-600|--steps 20 --guidance 3 --guidance-interval 0,600

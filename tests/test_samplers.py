@@ -276,9 +276,9 @@ def test_unknown_sampler():
                                     "benchmarks/candidates/wide-e24"])
 def test_shipped_models_sample_deterministically(folder):
     """The shipped UNet + VAE (and the earlier UNets kept for the benchmarks that measured them, whose VAE is a link
-    to the shipped one; the shipped UNet (nodrop-e4's weights), cosv-e16 and cosv-e32 (shipped before it) use the
-    cosine schedule and v-prediction, first-ship and second-ship the linear one and ε; wide-e24, a candidate, is
-    the (64, 128) UNet on the cosine schedule) load together (digest checked) and a seed fixes the output."""
+    to the shipped one; the shipped UNet (wide-e24's weights, the (64, 128) UNet), nodrop-e4, cosv-e16 and cosv-e32
+    (the (48, 96) UNets shipped before it) use the cosine schedule and v-prediction, first-ship and second-ship the
+    linear one and ε) load together (digest checked) and a seed fixes the output."""
     from nbutils.config import make_generator, project_root
     from nbutils.train import load_models
 
