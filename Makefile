@@ -1,4 +1,4 @@
-# FashionMNIST Latent Diffusion — `make demo`, `make test`, `make train`, `make lab`.
+# FashionMNIST Latent Diffusion — `make demo`, `make test`, `make test-all`, `make train`, `make reproduce`, `make lab`.
 # Each target builds .venv on demand (python3 -m venv + pip install -e '.[dev]').
 
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test train lab venv data lint clean-venv
+.PHONY: demo test test-all train reproduce lab venv data lint clean-venv
 
 venv: $(STAMP)
 
@@ -24,11 +24,12 @@ data: $(STAMP)
 	      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) || true; \
 	    fi; }
 
-# The main job: new clothes from the shipped model, one row per class — the shipped recipe (README "Sampling"):
-# DPM-Solver++, 20 steps spaced evenly in log-SNR, guidance 2.9375 on the middle part 30 ≤ t ≤ 600 only. --checkpoint checkpoints: the shipped weights even when runs/ holds your own (sample/reconstruct default to your latest run).
+# The main job: new clothes from the shipped model, one row per class, with the recipe stored beside its weights
+# (docs/sampling.md). --checkpoint checkpoints: the shipped weights even when runs/ holds your own
+# (sample/reconstruct default to your latest run).
 demo: $(STAMP) data
 	@mkdir -p runs/demo
-	$(BIN)/python -m nbutils sample --checkpoint checkpoints --recipe shipped --n 100 --class all --seed 0 \
+	$(BIN)/python -m nbutils sample --checkpoint checkpoints --n 100 --class all --seed 0 \
 	  --out runs/demo/samples.png
 	$(BIN)/python -m nbutils reconstruct --checkpoint checkpoints --n 100 --out runs/demo/vae_reconstructions.png
 	@echo "demo done: runs/demo/samples.png (10 new garments per class, one row per class)"
@@ -43,8 +44,23 @@ train: $(STAMP) data
 	$(BIN)/python -m nbutils evaluate runs/cpu/samples_1000.npz > runs/cpu/evaluation.json
 	@echo "train done: runs/cpu/samples.png, runs/cpu/evaluation.json"
 
-# The test command of README.md. Unit tests + every notebook through nbval, smoke preset.
+# Retrain the shipped models from scratch (the `shipped` preset: every phase), then measure them like the release.
+# Hours on a 2-core CPU; interrupt and re-run with RESUME=--resume to continue.
+reproduce: $(STAMP) data
+	$(BIN)/python -m nbutils train-vae --preset shipped --run-dir runs/shipped $(RESUME)
+	$(BIN)/python -m nbutils train-unet --preset shipped --run-dir runs/shipped $(RESUME)
+	$(BIN)/python -m nbutils sample --checkpoint runs/shipped --recipe shipped --n 10000 --class all --seed 0 \
+	  --out runs/shipped/samples_10000.npz
+	$(BIN)/python -m nbutils evaluate runs/shipped/samples_10000.npz > runs/shipped/evaluation.json
+	@echo "reproduce done: runs/shipped/ (compare runs/shipped/evaluation.json with docs/results.md)"
+
+# The test command of README.md: ruff, the fast unit tests and every notebook through nbval (smoke preset).
 test: $(STAMP)
+	$(BIN)/ruff check .
+	NBUTILS_PRESET=$${NBUTILS_PRESET:-smoke} $(BIN)/python -m pytest -m "not slow"
+
+# Everything, the slow tests too (real training runs, several processes, full feature extraction): what CI runs.
+test-all: $(STAMP)
 	$(BIN)/ruff check .
 	NBUTILS_PRESET=$${NBUTILS_PRESET:-smoke} $(BIN)/python -m pytest
 

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load, save
 
-from .config import Config, checkpoints_dir, runs_dir
+from .config import Config, checkpoints_dir, default_preset_name, runs_dir
 
 FORMAT_VERSION = 1
 
@@ -86,8 +88,6 @@ def save_model(
 
     ``dtype`` (e.g. ``torch.float16``) stores floating tensors at lower precision (shipped weights).
     """
-    from safetensors.torch import save
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
@@ -110,17 +110,12 @@ def save_model(
 
 def read_model(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(tensors, metadata)`` of a checkpoint, with clear errors for every way it can be wrong."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     raw = path.read_bytes()
     try:
         tensors = load(raw)
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
     except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
@@ -227,8 +222,6 @@ def resolve_checkpoint(filename: str, checkpoint: str | os.PathLike | None = Non
             raise CheckpointError(f"no checkpoint at {p}")
         return p
     if preset is None:
-        from .config import default_preset_name
-
         preset = default_preset_name()
     latest = latest_run_file(filename, preset)
     if latest is not None:
@@ -246,7 +239,9 @@ def export_model(src: str | os.PathLike, dst: str | os.PathLike, kind: str, dtyp
                  **notes: Any) -> Path:
     """Copy a model checkpoint (weights + metadata), optionally storing floats as ``dtype`` (e.g.
     ``torch.float16`` for shipped weights; loading converts back to float32). ``notes`` (e.g.
-    ``trained="…"``) are added to the metadata's ``extra``, for what the run's own metadata cannot know."""
+    ``trained="…"``, ``sampling_recipe=recipe.to_dict()``) are added to the metadata's ``extra``, for what the run's
+    own metadata cannot know. Nothing machine-local (such as the source path) is recorded."""
     tensors, meta = read_model(src, kind)
-    extra = dict(meta["extra"], exported_from=str(src), stored_dtype=str(dtype or "as trained"), **notes)
+    extra = {k: v for k, v in meta["extra"].items() if k != "exported_from"}
+    extra = dict(extra, stored_dtype=str(dtype or extra.get("stored_dtype", "as trained")), **notes)
     return save_model(dst, kind, tensors, Config.from_dict(meta["config"]), extra, dtype=dtype)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import data as D
 from .checkpoints import CheckpointError, load_state_strict, read_model, save_model
@@ -167,8 +168,6 @@ def train_classifier(
     label smoothing, flip/shift augmentation; weights saved atomically after the last epoch and
     after every epoch (so an interrupted run keeps its last finished epoch).
     """
-    from tqdm.auto import tqdm
-
     cfg = cfg or ClassifierConfig()
     out = Path(out) if out is not None else runs_dir() / "classifier" / CLASSIFIER_FILE
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,8 @@
 """The command line: ``python -m nbutils COMMAND [options]`` (each command has ``--help``).
 
+Longer than the ~400 lines a module aims at because it holds one short function per command plus the one
+argument parser that documents them all; each command only wires library calls together.
+
 Errors a person can fix (missing data, bad arguments, a damaged file) are printed to stderr as one
 ``error: …`` message and the process exits with status 1 (2 for argument-parsing errors, as argparse
 does); nothing is written half-way.
@@ -8,17 +11,54 @@ does); nothing is written half-way.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
+import re
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from . import __version__
-from .config import MIXED_PRECISION, PRESETS, default_preset_name, get_config, pick_device, project_root
-from .data import CLASS_NAMES, DATASETS, CorruptDatasetError, DatasetNotFoundError, find_raw_dir, load_split
+from .checkpoints import CheckpointError, read_model, resolve_checkpoint
+from .classifier import ClassifierConfig, train_classifier
+from .config import (
+    MIXED_PRECISION,
+    PRESETS,
+    Config,
+    default_preset_name,
+    get_config,
+    make_generator,
+    pick_device,
+    project_root,
+)
+from .data import (
+    CLASS_NAMES,
+    DATASETS,
+    CorruptDatasetError,
+    DatasetNotFoundError,
+    find_raw_dir,
+    load_images,
+    load_split,
+    per_class,
+    save_grid,
+    to_model_range,
+    to_uint8,
+)
 from .distributed import is_main_process
+from .evaluation import Evaluator, evaluate_file, load_sample_file, to_json
+from .metrics import reconstruction_metrics
+from .nbtools import fix_notebook, notebook_paths, notebook_problems, write_solutions
+from .pipeline import PRECISIONS, SHIPPED_RECIPE, SamplingRecipe, load_pipeline, load_vae, sample
 from .samplers import SAMPLERS, SPACINGS
+from .train_unet import train_unet
+from .train_vae import train_vae
+from .training import NonFiniteLossError, TrainingInterrupted
 
 
 class CLIError(Exception):
@@ -43,8 +83,6 @@ def _output_path(text: str, suffixes: tuple[str, ...]) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise CLIError(f"output folder {str(folder)!r} does not exist (create it first)")
-    import os
-
     if not os.access(folder, os.W_OK):
         raise CLIError(f"output folder {str(folder)!r} is not writable")
     return path
@@ -56,8 +94,6 @@ def _output_path(text: str, suffixes: tuple[str, ...]) -> Path:
 
 
 def _version_of(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(package)
     except PackageNotFoundError:
@@ -65,15 +101,6 @@ def _version_of(package: str) -> str | None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
-    try:
-        import torchvision
-
-        tv = torchvision.__version__
-    except Exception as exc:  # pragma: no cover - torchvision is a dependency
-        tv = f"unavailable ({exc})"
     preset = args.preset or default_preset_name()
     cfg = get_config(preset, dataset=args.dataset)
     try:
@@ -84,7 +111,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "nbutils": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchvision": tv,
+        "torchvision": _version_of("torchvision"),
         "accelerate": _version_of("accelerate") or "not installed (only needed for several processes: .[distributed])",
         "numpy": np.__version__,
         "device": str(pick_device()),
@@ -93,8 +120,6 @@ def cmd_info(args: argparse.Namespace) -> int:
         "project_root": str(project_root()),
         "data": data,
     }
-    from .checkpoints import CheckpointError, read_model, resolve_checkpoint
-
     for kind in ("vae", "unet"):
         try:
             path = resolve_checkpoint(f"{kind}.safetensors", None)
@@ -116,8 +141,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     """Check the dataset files, print per-split statistics, optionally write a grid of real images."""
-    from .plotting import save_grid
-
     out = _output_path(args.out, (".png",)) if args.out else None
     t0 = time.perf_counter()
     folder = find_raw_dir(args.data_root, download=not args.no_download)
@@ -134,8 +157,6 @@ def cmd_data(args: argparse.Namespace) -> int:
     stats["seconds"] = round(time.perf_counter() - t0, 2)
     print(json.dumps(stats, indent=2))
     if out is not None:
-        from .data import per_class
-
         images, labels = load_split("train", root=folder)
         save_grid(per_class(images, labels, args.per_class), out, nrow=args.per_class)
         print(f"wrote {out} (one row per class: {', '.join(CLASS_NAMES)})", file=sys.stderr)
@@ -144,8 +165,6 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def _preset_config(args: argparse.Namespace, section: str):
     """The preset's config for ``--dataset``, with the ``--set`` assignments and precision flags applied."""
-    import dataclasses
-
     cfg = get_config(args.preset, dataset=args.dataset).override(args.set or [])
     tc = getattr(cfg, section)
     if args.mixed_precision:
@@ -156,8 +175,6 @@ def _preset_config(args: argparse.Namespace, section: str):
 
 
 def cmd_train_vae(args: argparse.Namespace) -> int:
-    from .train import train_vae
-
     cfg = _preset_config(args, "train_vae")
     run_dir = Path(args.run_dir) if args.run_dir else None
     t0 = time.perf_counter()
@@ -172,8 +189,6 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
 
 
 def cmd_train_unet(args: argparse.Namespace) -> int:
-    from .train import train_unet
-
     cfg = _preset_config(args, "train_unet")
     run_dir = Path(args.run_dir) if args.run_dir else None
     t0 = time.perf_counter()
@@ -188,13 +203,6 @@ def cmd_train_unet(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
-    from .config import Config
-    from .data import load_images, to_model_range, to_uint8
-    from .train import load_vae
-
     out = _output_path(args.out, (".npz", ".png"))
     vae, meta = load_vae(args.checkpoint, device=args.device)
     data_cfg = Config.from_dict(meta["config"]).data  # the dataset the VAE was trained on
@@ -209,15 +217,12 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
             recons.append(to_uint8(vae.decode(vae.encode(x))))
     recon = torch.cat(recons)  # uint8 (N, H, W), or (N, H, W, C) for colour: the file layout
     images = images.permute(0, 2, 3, 1) if shape[0] > 1 else images[:, 0]  # originals in the same layout
-    from .metrics import reconstruction_metrics
 
     def chw(u8: torch.Tensor) -> torch.Tensor:
         return u8[:, None] if u8.ndim == 3 else u8.permute(0, 3, 1, 2)
 
     m = reconstruction_metrics(chw(images), chw(recon))
     if out.suffix == ".png":
-        from .plotting import save_grid
-
         k = min(args.n, 10)
         pairs = torch.stack([images[:k * 5], recon[:k * 5]], 1).flatten(0, 1)
         save_grid(pairs, out, nrow=10)
@@ -228,18 +233,11 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-#: What ``sample`` does for a flag that is neither given nor set by ``--recipe``.
-SAMPLE_DEFAULTS = {"sampler": "dpm", "steps": None, "guided_steps": None, "guidance": 3.0, "guidance_interval": None,
-                   "timestep_spacing": None}
-
-
-def sampling_recipe(args: argparse.Namespace) -> dict:
-    """The ``sample(…)`` keyword arguments a ``sample`` command line asks for: ``--recipe shipped`` starts from
-    ``SHIPPED_RECIPE``, plain ``sample`` from :data:`SAMPLE_DEFAULTS`, and every flag given explicitly wins."""
-    from .samplers import SHIPPED_RECIPE
-
-    if args.guidance is not None and args.guidance < 0:
-        raise CLIError(f"--guidance must be ≥ 0, got {args.guidance}")
+def sampling_recipe(args: argparse.Namespace, own: SamplingRecipe) -> SamplingRecipe:
+    """The recipe a ``sample`` command line asks for: ``--recipe model`` (the default) starts from ``own``, the
+    recipe stored with the checkpoint, ``shipped`` from the one ``checkpoints/`` was released with, ``default``
+    from :class:`~nbutils.pipeline.SamplingRecipe`'s defaults; every flag given explicitly wins."""
+    base = {"model": own, "shipped": SHIPPED_RECIPE, "default": SamplingRecipe()}[args.recipe]
     interval = None
     if args.guidance_interval:
         try:
@@ -249,60 +247,43 @@ def sampling_recipe(args: argparse.Namespace) -> dict:
         if len(interval) != 2 or not 0 <= interval[0] <= interval[1]:
             raise CLIError(f"--guidance-interval must be LO,HI with 0 ≤ LO ≤ HI (timesteps), "
                            f"got {args.guidance_interval!r}")
-    recipe = {**SAMPLE_DEFAULTS, **(SHIPPED_RECIPE if args.recipe == "shipped" else {})}
     given = {"sampler": args.sampler, "steps": args.steps, "guided_steps": args.guided_steps,
-             "guidance": args.guidance, "guidance_interval": interval, "timestep_spacing": args.spacing}
-    recipe.update({k: v for k, v in given.items() if v is not None})
-    if recipe["guided_steps"] is not None:
-        if recipe["guidance_interval"] is None or recipe["guidance_interval"][0] != 0:
-            raise CLIError("--guided-steps needs --guidance-interval 0,HI (the guided steps end the schedule)")
-        if recipe["steps"] is None:
-            raise CLIError("--guided-steps needs --steps (the total, e.g. --steps 16 --guided-steps 12)")
-        if recipe["guided_steps"] >= recipe["steps"]:
-            raise CLIError(f"--guided-steps must be less than --steps, got {recipe['guided_steps']} of "
-                           f"{recipe['steps']}")
-        if recipe["timestep_spacing"] not in (None, "trailing", "logsnr"):
-            raise CLIError(f"with --guided-steps, --spacing spaces the guided part: trailing or logsnr, got "
-                           f"{recipe['timestep_spacing']!r}")
-    return recipe
+             "guidance": args.guidance, "guidance_interval": interval, "timestep_spacing": args.spacing,
+             "eta": args.eta, "precision": args.precision}
+    try:
+        return base.replace(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:  # the recipe's own check, worded with the flags that set each field
+        fields = "|".join(_RECIPE_FLAGS)
+        raise CLIError(re.sub(rf"(?<![\w-])({fields})(?![\w-])", lambda m: _RECIPE_FLAGS[m[1]], str(exc))) from None
+
+
+#: Recipe fields and the ``sample`` flags that set them.
+_RECIPE_FLAGS = {"guided_steps": "--guided-steps", "guidance_interval": "--guidance-interval",
+                 "timestep_spacing": "--spacing", "guidance": "--guidance", "steps": "--steps", "eta": "--eta",
+                 "precision": "--precision", "sampler": "--sampler"}
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .config import make_generator
-    from .data import to_uint8
-    from .samplers import sample
-    from .train import load_models
-
-    recipe = sampling_recipe(args)
     out = _output_path(args.out, (".npz", ".png"))
-    from .data import class_labels, dataset_spec
-
     t0 = time.perf_counter()
-    unet, vae, meta = load_models(args.checkpoint, device=args.device)
-    dataset = meta["config"].get("data", {}).get("dataset", "fashion_mnist")
-    labels = class_labels(args.class_, args.n, dataset_spec(dataset).class_names)
-    result = sample(unet, vae, args.n, labels, **recipe, precision=args.precision, generator=make_generator(args.seed),
-                    eta=args.eta, batch_size=args.batch_size, progress=not args.no_progress)
-    images = to_uint8(result.images).numpy()
+    pipe = load_pipeline(args.checkpoint, device=args.device)
+    recipe = sampling_recipe(args, pipe.recipe)
+    result = sample(pipe, args.n, args.class_, recipe, make_generator(args.seed), batch_size=args.batch_size,
+                    progress=not args.no_progress)
+    images, labels = to_uint8(result.images).numpy(), result.labels.numpy()
     if out.suffix == ".png":
-        from .plotting import save_grid
-
         nrow = 10 if args.class_.strip().lower() == "all" and args.n % 10 == 0 else None
-        order = np.argsort(np.array(labels), kind="stable") if nrow else np.arange(args.n)
+        order = np.argsort(labels, kind="stable") if nrow else np.arange(args.n)
         save_grid(images[order], out, nrow=nrow)
     else:
-        np.savez_compressed(out, images=images, labels=np.asarray(labels, dtype=np.int64))
+        np.savez_compressed(out, images=images, labels=labels.astype(np.int64))
     seconds = time.perf_counter() - t0
-    print(json.dumps({"out": str(out), "n": args.n, **recipe, "precision": result.precision, "seed": args.seed,
-                      "checkpoint": meta["path"], "seconds": round(seconds, 2)}))
+    print(json.dumps({"out": str(out), "n": args.n, **recipe.to_dict(), "precision": result.precision,
+                      "seed": args.seed, "checkpoint": pipe.meta["path"], "seconds": round(seconds, 2)}))
     return 0
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
-    from .classifier import ClassifierConfig, train_classifier
-
     cfg = ClassifierConfig()
     if args.epochs:
         cfg.epochs = args.epochs
@@ -317,12 +298,8 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .metrics import Evaluator, evaluate_file, to_json
-
     if args.n_ref is not None and args.n_ref < 2:
         raise CLIError(f"--n-ref must be ≥ 2, got {args.n_ref}")
-    from .metrics import load_sample_file
-
     load_sample_file(args.file)  # fail on a malformed file before loading anything else
     evaluator = Evaluator(classifier_path=args.classifier, data_root=args.data_root)
     result = evaluate_file(args.file, n_ref=args.n_ref, evaluator=evaluator, with_novelty=not args.no_novelty)
@@ -332,8 +309,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_notebooks(args: argparse.Namespace) -> int:
     """Check (or with --fix, rewrite) every notebook's Colab badge and setup cell."""
-    from .nbtools import fix_notebook, notebook_paths, notebook_problems
-
     problems = []
     for path in notebook_paths():
         if args.fix and fix_notebook(path):
@@ -348,8 +323,6 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
 
 def cmd_solutions(args: argparse.Namespace) -> int:
     """Write solution copies of the notebooks (every exercise stub filled in)."""
-    from .nbtools import write_solutions
-
     out = Path(args.out) if args.out else project_root() / "notebooks" / "solutions"
     if args.out is None:
         out.mkdir(parents=True, exist_ok=True)
@@ -435,13 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive_int, default=100, help="number of images")
     p.add_argument("--class", dest="class_", default="all",
                    help="class name or index, a comma list, 'all' (cycle through the 10), or 'none' (unconditional)")
-    p.add_argument("--recipe", choices=("shipped",),
-                   help="start from the shipped model's sampling recipe (nbutils.samplers.SHIPPED_RECIPE: sampler, "
-                        "steps, guided steps, guidance, interval, spacing); the flags below, when given, override it")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale w (0 = unconditional; default 3)")
+    p.add_argument("--recipe", choices=("model", "shipped", "default"), default="model",
+                   help="where the sampling settings start: model = the recipe stored with the checkpoint (default), "
+                        "shipped = the one checkpoints/ was released with, default = DPM-Solver++ 20 steps, w = 3; "
+                        "the flags below, when given, override it")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale w (0 = unconditional)")
     p.add_argument("--guidance-interval", metavar="LO,HI",
                    help="guide only at timesteps LO..HI, plain conditional elsewhere (e.g. 0,400; default: all)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS,
                    help="bf16 = UNet under bfloat16 autocast (faster on CPUs with bf16 support); auto = bf16 where "
                         "supported natively, else fp32")
     p.add_argument("--sampler", choices=SAMPLERS,
@@ -454,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", choices=SPACINGS,
                    help="timestep spacing (default: the sampler's; with --guided-steps it spaces the guided part, "
                         "trailing or logsnr)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 = deterministic)")
+    p.add_argument("--eta", type=float, help="DDIM η (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--checkpoint", help="run folder or unet.safetensors (default: latest run, else shipped)")
@@ -496,23 +470,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # e.g. `python -m nbutils info | head`: the reader left; not an error worth a traceback
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
         return 141
     except (CLIError, DatasetNotFoundError, CorruptDatasetError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except RuntimeError as exc:
-        from .train import NonFiniteLossError
-
-        if not isinstance(exc, NonFiniteLossError):
-            raise
+    except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        from .train import TrainingInterrupted
-
         if not is_main_process():
             pass  # several training processes: process 0 says it once
         elif isinstance(exc, TrainingInterrupted):

@@ -1,6 +1,9 @@
-"""Configuration: typed dataclasses, the three presets, device choice and seeding.
+"""Configuration: typed dataclasses, the presets (smoke, cpu, shipped, full), device choice and seeding.
 
-Every knob of the project lives in one of four small dataclasses (data + the two models +
+Longer than the ~400 lines a module aims at because the config is read in one place: the dataclasses, the
+presets, the ``--set`` parser and (de)serialisation belong together.
+
+Every knob of the project lives in a few small dataclasses (data + the two models +
 the diffusion process + training), grouped in :class:`Config`. A preset is a function that returns
 a ``Config``; ``get_config()`` picks one by name, by ``$NBUTILS_PRESET``, or automatically
 (``full`` when CUDA is available, else ``cpu``). Configs are plain data: they print readably,
@@ -24,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-PRESETS = ("smoke", "cpu", "full")
-MIXED_PRECISION = ("auto", "bf16", "fp16", "no")  # TrainConfig.mixed_precision (nbutils.train.autocast_dtype)
+PRESETS = ("smoke", "cpu", "shipped", "full")
+MIXED_PRECISION = ("auto", "bf16", "fp16", "no")  # TrainConfig.mixed_precision (nbutils.training.autocast_dtype)
 PRESET_ENV = "NBUTILS_PRESET"
 DEVICE_ENV = "NBUTILS_DEVICE"
 
@@ -110,13 +113,24 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
-    lr_warmup_steps: int = 200  # linear warm-up, then constant (see train.lr_at)
+    lr_warmup_steps: int = 200  # linear warm-up, then constant (see training.lr_at)
     ema_decay: float = 0.9999
     ema_warmup_steps: int = 1000  # EMA decay ramps up from 0 over these steps
     seed: int = 0
     sample_every: int = 1  # epochs between sample grids / metrics (0 = never)
     mixed_precision: str = "auto"  # "auto" (bf16 if compiled on a GPU that has it), "bf16", "fp16", "no"; CUDA only
     compile: bool = False  # torch.compile the training forward pass (CUDA only; ignored with a notice on CPU)
+
+
+@dataclass
+class PhaseConfig:
+    """A second training phase: after its ``epochs`` the run continues for ``epochs`` more with a fresh Adam at
+    ``lr`` (after its own warm-up) and freshly seeded data order; the weights and their EMA carry on.
+    ``epochs = 0``: no second phase. The shipped UNet was trained this way: a constant rate, then a lower one."""
+
+    epochs: int = 0
+    lr: float = 1e-4
+    lr_warmup_steps: int = 50
 
 
 @dataclass
@@ -130,6 +144,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train_vae: TrainConfig = field(default_factory=TrainConfig)
     train_unet: TrainConfig = field(default_factory=TrainConfig)
+    finetune_unet: PhaseConfig = field(default_factory=PhaseConfig)  # the UNet's second phase, if any
 
     # -- (de)serialisation -------------------------------------------------------------------
 
@@ -278,38 +293,64 @@ def smoke_config() -> Config:
 
 
 def cpu_config() -> Config:
-    """The best quality reachable in about 20 minutes of 2-core CPU time for both models."""
+    """The best recipe known for about 20 minutes of 2-core CPU time for both models: the cosine schedule with
+    v-prediction (Nichol & Dhariwal 2021; Salimans & Ho 2022) and no dropout, as measured in docs/results.md."""
     return Config(
         preset="cpu",
         data=DataConfig(train_subset=None, test_subset=2000),
         # small batches at a higher rate and a narrow 28×28 level train fastest per CPU-second
-        # (benchmarks/vae_probe.py); the shipped VAE is this model trained for more epochs
         vae=VAEConfig(block_out_channels=(16, 64, 128), kl_weight=1e-6),
-        # ~1.9M parameters: a training step at batch 128 and a guided sampling step are both bound by
-        # per-op overhead and conv FLOPs on a CPU; this size samples 1,000 images × 20 guided steps in
-        # 14-18 s end to end with guidance on t ≤ 400 (README "Sampling"; benchmarks/unet_throughput.py
-        # compares it with wider and deeper variants)
-        unet=UNetConfig(block_out_channels=(48, 96), layers_per_block=1, cross_attention_dim=128),
-        diffusion=DiffusionConfig(),
+        unet=UNetConfig(block_out_channels=(48, 96), layers_per_block=1, cross_attention_dim=128, dropout=0.0),
+        diffusion=DiffusionConfig(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"),
         train_vae=TrainConfig(epochs=1, batch_size=32, lr=2e-3, ema_decay=0.999),
-        train_unet=TrainConfig(epochs=6, batch_size=128, lr=1e-3, ema_decay=0.999),  # ≈ 2 min per epoch here
+        train_unet=TrainConfig(epochs=6, batch_size=128, lr=1e-3, ema_decay=0.999),
+    )
+
+
+def shipped_config() -> Config:
+    """Exactly how ``checkpoints/`` was trained: the ``cpu`` VAE for 4 epochs; a wider (64, 128) UNet for 16
+    epochs at lr 1e-3, then 24 more at lr 1e-4 (``finetune_unet``). Hours on a 2-core CPU (``make reproduce``)."""
+    cfg = cpu_config()
+    return cfg.replace(
+        preset="shipped",
+        unet=dataclasses.replace(cfg.unet, block_out_channels=(64, 128)),
+        train_vae=dataclasses.replace(cfg.train_vae, epochs=4),
+        train_unet=dataclasses.replace(cfg.train_unet, epochs=16, sample_every=0),
+        finetune_unet=PhaseConfig(epochs=24, lr=1e-4, lr_warmup_steps=50),
     )
 
 
 def full_config() -> Config:
-    """The reference configuration (a GPU): 100 epochs, batch 128, Adam 1e-4, 1000 DDPM steps."""
+    """The seed's reference configuration (a GPU): 100 epochs, batch 128, Adam 1e-4, 1000 diffusion steps, with
+    the schedule, prediction target and dropout measured best (those of ``cpu``)."""
     return Config(
         preset="full",
         data=DataConfig(),
         vae=VAEConfig(block_out_channels=(64, 128, 256), layers_per_block=2),
-        unet=UNetConfig(block_out_channels=(128, 256), layers_per_block=2, cross_attention_dim=256),
-        diffusion=DiffusionConfig(),
+        unet=UNetConfig(block_out_channels=(128, 256), layers_per_block=2, cross_attention_dim=256, dropout=0.0),
+        diffusion=DiffusionConfig(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"),
         train_vae=TrainConfig(epochs=100, batch_size=128, lr=1e-4),
         train_unet=TrainConfig(epochs=100, batch_size=128, lr=1e-4),
     )
 
 
-_PRESET_FACTORIES = {"smoke": smoke_config, "cpu": cpu_config, "full": full_config}
+_PRESET_FACTORIES = {"smoke": smoke_config, "cpu": cpu_config, "shipped": shipped_config, "full": full_config}
+
+
+#: The datasets the models can be shaped for: ``(image_size, channels, number of classes)``. The loaders and
+#: class names live in :mod:`nbutils.data`; ``fake`` (torchvision's ``FakeData``) takes any shape.
+DATASET_SHAPES = {"fashion_mnist": (28, 1, 10), "cifar10": (32, 3, 10), "fake": (32, 3, 10)}
+ANY_SHAPE_DATASETS = ("fake",)
+_DATASET_ALIASES = {"fashionmnist": "fashion_mnist", "cifar": "cifar10", "cifar_10": "cifar10"}
+
+
+def dataset_name(name: str) -> str:
+    """The canonical name of a dataset (``FashionMNIST`` → ``fashion_mnist``); an error lists the valid ones."""
+    key = name.strip().lower().replace("-", "_")
+    key = _DATASET_ALIASES.get(key, key)
+    if key not in DATASET_SHAPES:
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASET_SHAPES)}")
+    return key
 
 
 def for_dataset(cfg: Config, dataset: str, image_size: int | None = None, channels: int | None = None) -> Config:
@@ -320,19 +361,18 @@ def for_dataset(cfg: Config, dataset: str, image_size: int | None = None, channe
     >>> c = for_dataset(get_config("smoke"), "cifar10"); (c.vae.in_channels, c.vae.image_size)
     (3, 32)
     """
-    from .data import dataset_spec
-
-    spec = dataset_spec(dataset)
-    size, ch = image_size or spec.image_size, channels or spec.channels
-    if not spec.any_shape and (size, ch) != (spec.image_size, spec.channels):
-        raise ValueError(f"{spec.name} images are {spec.channels}×{spec.image_size}×{spec.image_size}; "
+    name = dataset_name(dataset)
+    own_size, own_channels, num_classes = DATASET_SHAPES[name]
+    size, ch = image_size or own_size, channels or own_channels
+    if name not in ANY_SHAPE_DATASETS and (size, ch) != (own_size, own_channels):
+        raise ValueError(f"{name} images are {own_channels}×{own_size}×{own_size}; "
                          f"got image_size={size}, channels={ch}")
     if size % 4:
         raise ValueError(f"image_size must be a multiple of 4 (the VAE halves it twice), got {size}")
     return cfg.replace(
-        data=dataclasses.replace(cfg.data, dataset=spec.name, image_size=size, channels=ch),
+        data=dataclasses.replace(cfg.data, dataset=name, image_size=size, channels=ch),
         vae=dataclasses.replace(cfg.vae, in_channels=ch, image_size=size),
-        unet=dataclasses.replace(cfg.unet, num_classes=len(spec.class_names)),
+        unet=dataclasses.replace(cfg.unet, num_classes=num_classes),
     )
 
 

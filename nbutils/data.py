@@ -1,5 +1,8 @@
 """FashionMNIST: finding the files, checking them, loading them, batching them.
 
+Longer than the ~400 lines a module aims at because file checking (every byte of the IDX files), the
+datasets, batching and grid files are all small and belong to the same job: images in, images out.
+
 The dataset is four gzip'd IDX files (LeCun's MNIST format: a big-endian header of a magic number
 and the dimensions, then raw uint8 bytes). We read them ourselves — 30 lines, no download needed —
 and check every file completely (gzip CRC, magic number, dimensions, exact length), so a damaged file
@@ -29,9 +32,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.image
+import numpy as np
 import torch
 
-from .config import data_dir
+from .config import ANY_SHAPE_DATASETS, DATASET_SHAPES, data_dir, dataset_name
 
 CLASS_NAMES: tuple[str, ...] = (
     "T-shirt/top",
@@ -347,8 +352,7 @@ FAKE_SIZES = {"train": 512, "test": 256}
 @functools.lru_cache(maxsize=4)
 def _load_fake(split: str, root, download: bool, shape) -> tuple[torch.Tensor, torch.Tensor]:
     """torchvision's ``FakeData``: random images of ``shape``, the same every call (seeded per index)."""
-    import numpy as np
-    from torchvision.datasets import FakeData
+    from torchvision.datasets import FakeData  # torchvision's datasets load slowly: only when used
 
     ds = FakeData(size=FAKE_SIZES[split], image_size=tuple(shape), num_classes=NUM_CLASSES,
                   random_offset=0 if split == "train" else 10**6)
@@ -358,19 +362,21 @@ def _load_fake(split: str, root, download: bool, shape) -> tuple[torch.Tensor, t
 
 
 CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+_LOADERS = {
+    "fashion_mnist": (CLASS_NAMES, _load_fashion),
+    "cifar10": (CIFAR10_CLASS_NAMES, _load_cifar10),
+    "fake": (tuple(f"class {i}" for i in range(NUM_CLASSES)), _load_fake),
+}
 DATASETS: dict[str, DatasetSpec] = {
-    "fashion_mnist": DatasetSpec("fashion_mnist", 28, 1, CLASS_NAMES, _load_fashion),
-    "cifar10": DatasetSpec("cifar10", 32, 3, CIFAR10_CLASS_NAMES, _load_cifar10),
-    "fake": DatasetSpec("fake", 32, 3, tuple(f"class {i}" for i in range(NUM_CLASSES)), _load_fake, any_shape=True),
+    name: DatasetSpec(name, DATASET_SHAPES[name][0], DATASET_SHAPES[name][1], names, load,
+                      any_shape=name in ANY_SHAPE_DATASETS)
+    for name, (names, load) in _LOADERS.items()
 }
 
 
 def dataset_spec(name: str) -> DatasetSpec:
-    key = name.strip().lower().replace("-", "_")
-    key = {"fashionmnist": "fashion_mnist", "cifar": "cifar10", "cifar_10": "cifar10"}.get(key, key)
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
-    return DATASETS[key]
+    """The loader, class names and image shape of a dataset, by name (aliases such as ``FashionMNIST`` work)."""
+    return DATASETS[dataset_name(name)]
 
 
 def load_images(data_cfg, split: str = "train", root: str | os.PathLike | None = None, subset: int | None = None,
@@ -471,78 +477,59 @@ def per_class(images: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tenso
 
 
 # --------------------------------------------------------------------------------------------
-# The latent cache: the training set encoded once by a VAE (the UNet never re-encodes images)
+# Image grids as files (on screen: nbutils.plotting)
 # --------------------------------------------------------------------------------------------
 
-LATENT_CACHE_FILE = "latents.safetensors"
+
+def as_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """uint8 numpy (N, H, W) — or (N, H, W, 3) for colour — from uint8 or [-1, 1] float images, with or
+    without a channel axis."""
+    x = torch.as_tensor(np.asarray(images) if isinstance(images, np.ndarray) else images)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim == 4 and x.dtype == torch.uint8:
+        if x.shape[1] == 1:
+            x = x[:, 0]
+        elif x.shape[1] == 3 and x.shape[-1] != 3:
+            x = x.permute(0, 2, 3, 1)
+    if x.ndim == 4 and x.dtype != torch.uint8 and x.shape[1] not in (1, 3):
+        raise ValueError(f"expected 1 or 3 channels, got shape {tuple(x.shape)}")
+    if x.ndim not in (3, 4) or (x.ndim == 4 and x.dtype == torch.uint8 and x.shape[-1] != 3):
+        raise ValueError(f"expected images (N, H, W), (N, 1, H, W) or colour (N, 3, H, W), got shape {tuple(x.shape)}")
+    if x.dtype != torch.uint8:
+        x = to_uint8(x)
+    return x.cpu().numpy()
 
 
-def write_latent_cache(path: str | os.PathLike, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor,
-                       vae_path: str | os.PathLike) -> Path:
-    """Save the posterior ``mean`` and ``std`` (raw, unstandardised, (N, C_z, 7, 7)) and ``labels``,
-    stamped with the SHA-256 of the VAE file that made them."""
-    from safetensors.torch import save
+def image_grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile images into one uint8 array, ``nrow`` images per row (default: a near-square grid).
 
-    from .checkpoints import atomic_write_bytes, file_digest
-
-    payload = save({"mean": mean.float().contiguous(), "std": std.float().contiguous(),
-                    "labels": labels.long().contiguous()}, metadata={"vae_digest": file_digest(vae_path)})
-    return atomic_write_bytes(Path(path), payload)
-
-
-def load_latent_cache(path: str | os.PathLike, vae_path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
-    """``{"mean", "std", "labels"}`` from a latent cache; with ``vae_path`` it must come from that VAE."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from .checkpoints import CheckpointError, file_digest
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"latent cache {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            digest = (f.metadata() or {}).get("vae_digest")
-        tensors = load_file(str(path))
-    except Exception as exc:
-        raise CheckpointError(f"latent cache {path} is unreadable ({exc}); delete it to rebuild") from exc
-    if vae_path is not None and digest != file_digest(vae_path):
-        raise CheckpointError(f"latent cache {path} was made by a different VAE than {vae_path}; delete it")
-    return tensors
-
-
-def latent_dataset(vae, vae_path: str | os.PathLike, subset: int | None = None, root=None,
-                   progress: bool = True, data_cfg=None) -> dict[str, torch.Tensor]:
-    """The training set encoded by ``vae`` (loaded from ``vae_path``), from cache when possible.
-
-    Looks for ``latents.safetensors`` beside the VAE file, then ``runs/latent_cache/<digest>.safetensors``;
-    computes and writes the latter when neither matches. ``subset`` keeps the first N. ``data_cfg`` (a
-    ``DataConfig``) names the dataset; default FashionMNIST.
+    Padding is white-ish grey (200) so black garments on a black background stay separable.
     """
-    from .checkpoints import CheckpointError, file_digest
-    from .config import runs_dir
-    from .train import encode_dataset
+    imgs = as_uint8(images)
+    n, h, w = imgs.shape[:3]
+    ncol = nrow or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncol))
+    grid = np.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad, *imgs.shape[3:]), 200, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        top, left = pad + r * (h + pad), pad + c * (w + pad)
+        grid[top : top + h, left : left + w] = imgs[i]
+    return grid
 
-    vae_path = Path(vae_path)
-    shared = runs_dir() / "latent_cache" / f"{file_digest(vae_path)}.safetensors"  # always the full set
-    candidates = [vae_path.parent / LATENT_CACHE_FILE, shared]
-    for path in candidates:
-        try:
-            cache = load_latent_cache(path, vae_path)
-        except CheckpointError:
-            continue
-        if subset is None or len(cache["labels"]) >= subset:
-            break
+
+def save_grid(
+    images: torch.Tensor | np.ndarray, path: str | os.PathLike, nrow: int | None = None, scale: int = 2
+) -> Path:
+    """Write an image grid as a PNG (``scale``× nearest-neighbour upsampling). Returns the path."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {path.parent} does not exist")
+    grid = image_grid(images, nrow=nrow)
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    if grid.ndim == 3:  # colour
+        matplotlib.image.imsave(path, grid)
     else:
-        if data_cfg is None:
-            from .config import DataConfig
-
-            data_cfg = DataConfig()
-        images, labels = load_images(data_cfg, "train", root=root)
-        mean, std = encode_dataset(vae, to_model_range(images, data_cfg.image_shape), progress=progress)
-        shared.parent.mkdir(parents=True, exist_ok=True)
-        write_latent_cache(shared, mean, std, labels, vae_path)
-        cache = {"mean": mean, "std": std, "labels": labels}
-    if subset is not None:
-        cache = {k: v[:subset] for k, v in cache.items()}
-    return cache
+        matplotlib.image.imsave(path, grid, cmap="gray", vmin=0, vmax=255)
+    return path

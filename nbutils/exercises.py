@@ -1,5 +1,8 @@
 """Exercises with automatic checks: the course kit of notebooks 01–06.
 
+Longer than the ~400 lines a module aims at because it is a catalogue: one short entry (text, stub,
+check) per exercise, read one at a time.
+
 Each notebook ends with a few exercises. A code cell holds a stub the student fills in; right below it,
 ``check_<name>(fn)`` runs the student's function on several random inputs (fixed seeds, edge cases such as
 t = 0 and t = T − 1 included), compares the output with the library's own implementation or a closed form,
@@ -24,6 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import linalg
+
+from .diffusion import add_noise
+from .metrics import fid
+from .samplers import DDIMSampler
+from .schedules import NoiseSchedule, alphas_cumprod, make_betas
+from .unet import timestep_embedding
+from .vae import kl_divergence, latent_stats
 
 STRICT_ENV = "NBUTILS_STRICT_CHECKS"
 
@@ -218,7 +229,6 @@ def check_reparameterize(fn: Callable, strict: bool | None = None) -> CheckResul
     "return 0.5 * (mean**2 + logvar.exp() - logvar - 1).flatten(1).sum(dim=1)",
 )
 def check_kl_divergence(fn: Callable, strict: bool | None = None) -> CheckResult:
-    from .vae import kl_divergence
 
     cases = [Case({"mean": _randn(*s, seed=i), "logvar": 0.5 * _randn(*s, seed=i + 10)}, f"shape {s}")
              for i, s in enumerate([(3, 4, 7, 7), (5, 2, 3, 3), (1, 4, 7, 7)])]
@@ -253,7 +263,6 @@ def check_kl_divergence(fn: Callable, strict: bool | None = None) -> CheckResult
     """,
 )
 def check_latent_stats(fn: Callable, strict: bool | None = None) -> CheckResult:
-    from .vae import latent_stats
 
     def ref(mean, std):
         shift, scale = latent_stats(mean, std)
@@ -335,8 +344,6 @@ def check_slerp(fn: Callable, strict: bool | None = None) -> CheckResult:
     """,
 )
 def check_add_noise(fn: Callable, strict: bool | None = None) -> CheckResult:
-    from .diffusion import add_noise
-    from .schedules import NoiseSchedule
 
     cases = []
     for i, (name, t) in enumerate([("linear", [0, 999, 500]), ("squaredcos_cap_v2", [1, 250, 998]),
@@ -376,7 +383,6 @@ def check_add_noise(fn: Callable, strict: bool | None = None) -> CheckResult:
     """,
 )
 def check_cosine_alphas_cumprod(fn: Callable, strict: bool | None = None) -> CheckResult:
-    from .schedules import alphas_cumprod, make_betas
 
     def ref(T, s=0.008):
         # the library clips every β at 0.999, which changes only ᾱ_T (exactly 0 unclipped): compare the rest
@@ -421,7 +427,6 @@ def check_cosine_alphas_cumprod(fn: Callable, strict: bool | None = None) -> Che
     """,
 )
 def check_timestep_embedding(fn: Callable, strict: bool | None = None) -> CheckResult:
-    from .unet import timestep_embedding
 
     cases = [Case({"t": torch.tensor(t), "dim": d}, f"t = {t}, dim = {d}")
              for t, d in [([0, 1, 500, 999], 64), ([3, 42], 8), ([999], 128)]]
@@ -524,8 +529,6 @@ def _ddim_reference(eps, x_t, alpha_bar_t, alpha_bar_prev):
     """,
 )
 def check_ddim_step(fn: Callable, strict: bool | None = None) -> CheckResult:
-    from .samplers import DDIMSampler
-    from .schedules import NoiseSchedule
 
     # the closed form below is the library's DDIMSampler.step at η = 0 (tests/test_exercises.py checks that)
     sch = NoiseSchedule("linear")
@@ -576,10 +579,6 @@ def check_ddim_step(fn: Callable, strict: bool | None = None) -> CheckResult:
     """,
 )
 def check_fid_from_features(fn: Callable, strict: bool | None = None) -> CheckResult:
-    from scipy import linalg
-
-    from .metrics import fid
-
     rng = np.random.default_rng(0)
     cases = []
     for i, (n, m, d) in enumerate([(40, 60, 6), (300, 200, 12), (25, 25, 4)]):

@@ -8,12 +8,14 @@ from it; ``python -m nbutils notebooks --fix`` rewrites both after the setting c
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import tomllib
 from pathlib import Path
 
 from .config import project_root
+from .exercises import EXERCISES
 
 COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 SETUP_MARKER = "# Setup: on Colab"
@@ -130,8 +132,6 @@ def _cell(kind: str, source: str, cell_id: str, metadata: dict | None = None) ->
 def exercise_cells(notebook: str) -> list[dict]:
     """The "Exercises" section of notebook ``notebook`` ("01" … "06"): a heading and imports, then per
     exercise its goal (markdown), the stub (code, tagged with its key) and the check call (code)."""
-    from .exercises import EXERCISES
-
     chosen = [ex for ex in EXERCISES.values() if ex.notebook == notebook]
     if not chosen:
         raise ValueError(f"no exercises for notebook {notebook!r}")
@@ -170,10 +170,6 @@ def add_exercises(path: Path, replace: bool = False) -> bool:
 
 def solution_notebook(nb: dict) -> dict:
     """A copy of notebook ``nb`` with every exercise stub replaced by its solution (outputs cleared)."""
-    import copy
-
-    from .exercises import EXERCISES
-
     out = copy.deepcopy(nb)
     for cell in out["cells"]:
         key = cell.get("metadata", {}).get(EXERCISE_KEY)

@@ -1,4 +1,4 @@
-"""Pictures: image grids (on screen and as PNG files), and the small charts the notebooks use.
+"""Pictures: image grids on screen, and the small charts the notebooks use (PNG grids: ``nbutils.data``).
 
 Images may be given as uint8 (N, 28, 28), or float (N, 1, 28, 28) / (N, 28, 28) in [-1, 1]
 (the models' range); :func:`as_uint8` converts either way. Colour images (another dataset, e.g. CIFAR-10)
@@ -7,70 +7,14 @@ work the same: float (N, 3, H, W) in [-1, 1], or uint8 (N, 3, H, W) / channel-la
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
+import matplotlib.image
 import numpy as np
 import torch
 
-from .data import CLASS_NAMES, NUM_CLASSES, to_uint8
-
-
-def as_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """uint8 numpy (N, H, W) — or (N, H, W, 3) for colour — from uint8 or [-1, 1] float images, with or
-    without a channel axis."""
-    x = torch.as_tensor(np.asarray(images) if isinstance(images, np.ndarray) else images)
-    if x.ndim == 2:
-        x = x[None]
-    if x.ndim == 4 and x.dtype == torch.uint8:
-        if x.shape[1] == 1:
-            x = x[:, 0]
-        elif x.shape[1] == 3 and x.shape[-1] != 3:
-            x = x.permute(0, 2, 3, 1)
-    if x.ndim == 4 and x.dtype != torch.uint8 and x.shape[1] not in (1, 3):
-        raise ValueError(f"expected 1 or 3 channels, got shape {tuple(x.shape)}")
-    if x.ndim not in (3, 4) or (x.ndim == 4 and x.dtype == torch.uint8 and x.shape[-1] != 3):
-        raise ValueError(f"expected images (N, H, W), (N, 1, H, W) or colour (N, 3, H, W), got shape {tuple(x.shape)}")
-    if x.dtype != torch.uint8:
-        x = to_uint8(x)
-    return x.cpu().numpy()
-
-
-def image_grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tile images into one uint8 array, ``nrow`` images per row (default: a near-square grid).
-
-    Padding is white-ish grey (200) so black garments on a black background stay separable.
-    """
-    imgs = as_uint8(images)
-    n, h, w = imgs.shape[:3]
-    ncol = nrow or int(np.ceil(np.sqrt(n)))
-    nrows = int(np.ceil(n / ncol))
-    grid = np.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad, *imgs.shape[3:]), 200, dtype=np.uint8)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        top, left = pad + r * (h + pad), pad + c * (w + pad)
-        grid[top : top + h, left : left + w] = imgs[i]
-    return grid
-
-
-def save_grid(
-    images: torch.Tensor | np.ndarray, path: str | os.PathLike, nrow: int | None = None, scale: int = 2
-) -> Path:
-    """Write an image grid as a PNG (``scale``× nearest-neighbour upsampling). Returns the path."""
-    import matplotlib.image
-
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder {path.parent} does not exist")
-    grid = image_grid(images, nrow=nrow)
-    if scale > 1:
-        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    if grid.ndim == 3:  # colour
-        matplotlib.image.imsave(path, grid)
-    else:
-        matplotlib.image.imsave(path, grid, cmap="gray", vmin=0, vmax=255)
-    return path
+from .data import CLASS_NAMES, NUM_CLASSES, as_uint8, image_grid, save_grid  # noqa: F401 (re-exported)
+from .data import per_class as select_per_class
 
 
 def show_grid(
@@ -109,9 +53,7 @@ def show_grid(
 
 def show_class_grid(images, labels, per_class: int = 10, title: str | None = None, ax=None):
     """One row per class, the first ``per_class`` images of each, class names on the left."""
-    from .data import per_class as pick
-
-    return show_grid(pick(images, labels, per_class), nrow=per_class, title=title,
+    return show_grid(select_per_class(images, labels, per_class), nrow=per_class, title=title,
                      row_labels=CLASS_NAMES, ax=ax)
 
 
@@ -244,8 +186,6 @@ class TrainingMonitor:
         ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"{self.title}: step {len(y)}")
         ax.legend(loc="upper right")
         if has_grid:
-            import matplotlib.image
-
             axes[1].imshow(matplotlib.image.imread(self.grid_path), cmap="gray")
             axes[1].set_axis_off()
             axes[1].set_title(f"samples after epoch {len(self.epoch_ends)} (EMA, DDIM)")

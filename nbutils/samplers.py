@@ -37,18 +37,16 @@ The noisiest timestep a sampler starts from is ``top_timestep``: T − 1 unless 
 ``LAMBDA_MIN`` there, as the cosine schedule's does (ᾱ_999 = 2.4·10⁻⁹). Every spacing then runs over 0..top instead of
 0..T − 1 (diffusers' ``lambda_min_clipped``). The reason: a step from t to s turns an error e in ε̂ into an error
 of about (√ᾱ_s/√ᾱ_t)·e in the next sample, so starting at √ᾱ_t = 5·10⁻⁵ multiplies the UNet's errors by about
-1,600 in the first of 20 ``trailing`` steps (benchmarks/README.md measures the effect). The linear schedule's
+1,600 in the first of 20 ``trailing`` steps. The linear schedule's
 λ_999 = −5.06 is above the threshold, so its schedules are unchanged.
 
-:func:`sample` runs a sampler with classifier-free guidance (Ho & Salimans 2022):
-ε̂ = ε̂_uncond + w·(ε̂_cond − ε̂_uncond), both halves in one batched forward pass.
+:func:`nbutils.pipeline.sample` runs a sampler with classifier-free guidance and decodes the result.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 
@@ -61,17 +59,6 @@ SAMPLERS = ("ddpm", "ddim", "dpm", "dpm-sde")
 #: The lowest half-log-SNR λ = ½·log(ᾱ/(1 − ᾱ)) a sampler starts from: diffusers' value for the cosine schedule
 #: (``lambda_min_clipped=-5.1``), just below the linear schedule's λ_999 = −5.06, so that one is not clipped.
 LAMBDA_MIN = -5.1
-
-#: The shipped model's sampling recipe, ``sample(unet, vae, n, classes, **SHIPPED_RECIPE, generator=…)``: DPM-Solver++
-#: with 20 steps spaced evenly in log-SNR (995, 992, …, 584, 415, 266, 159, 91, 51, 27, 13, 5, 2, 0 on the cosine
-#: schedule), classifier-free guidance w = 2.9375 on 30 ≤ t ≤ 600 only — 6 of the 20 steps; the conditional model alone
-#: elsewhere. Chosen by measurement for the shipped weights, a cosine-schedule v-prediction UNet (README "Sampling" and
-#: "Evaluation"; benchmarks/README.md): the steps and the interval on the UNets shipped before, w = 2.9375 (= 47/16)
-#: for this one, the lowest w measured to keep its conditional accuracy above 97% with a margin at N = 10,000 (w = 2.875
-#: kept it by one sample). On the command line ``python -m nbutils sample --recipe shipped``, which is what
-#: ``make demo`` runs.
-SHIPPED_RECIPE = {"sampler": "dpm", "steps": 20, "timestep_spacing": "logsnr", "guidance": 2.9375,
-                  "guidance_interval": (30, 600)}
 
 
 def top_timestep(alphas_cumprod: torch.Tensor, lambda_min: float = LAMBDA_MIN) -> int:
@@ -143,8 +130,8 @@ def split_timesteps(num_train_timesteps: int, high: int, low: int, split: int, s
     ``spacing``: ``trailing`` likewise (it stops at t = split/low − 1), or ``logsnr`` (evenly in λ from
     t = split − 1 down to t = 0, which needs ``alphas_cumprod``; :func:`logsnr_timesteps`).
 
-    With guidance on t ≤ ``split`` only, the guided steps are where a guided ODE bends most (benchmarks/README.md,
-    "Where the extra steps pay off"), so this spends the steps there. ``split_timesteps(1000, 12, 8, 400)`` is
+    With guidance on t ≤ ``split`` only, the guided steps are where a guided ODE bends most (docs/sampling.md),
+    so this spends the steps there. ``split_timesteps(1000, 12, 8, 400)`` is
     exactly the 20-step ``trailing`` schedule and ``(1000, 30, 20, 400)`` the 50-step one.
 
         >>> split_timesteps(1000, 4, 12, 400).tolist()[:6]
@@ -335,185 +322,3 @@ def make_sampler(name: str, schedule: NoiseSchedule, prediction_type: str = "eps
     default = {"ddpm": s.top + 1, "ddim": 50, "dpm": 20, "dpm-sde": 50}[name]
     s.set_timesteps(default if steps is None else steps)
     return s
-
-
-def guided_output(model, x: torch.Tensor, t, labels: torch.Tensor, guidance: float, null_label: int) -> torch.Tensor:
-    """Classifier-free guidance: out_u + w·(out_c − out_u), one forward pass over [cond; uncond].
-
-    w = 1 is the plain conditional model, w = 0 the unconditional one. Examples whose label already is
-    the null label are unconditional whatever w is. Linear in the output, so valid for ε and v alike.
-    """
-    b = x.shape[0]
-    tt = torch.full((b,), int(t), dtype=torch.long, device=x.device)
-    if guidance == 1.0:
-        return model(x, tt, labels)
-    null = torch.full_like(labels, null_label)
-    if guidance == 0.0:
-        return model(x, tt, null)
-    out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
-    cond, uncond = out[:b], out[b:]
-    return uncond + guidance * (cond - uncond)
-
-
-@dataclass
-class SampleResult:
-    images: torch.Tensor  # (N, C, H, W) in [-1, 1] (decoded): (N, 1, 28, 28) for FashionMNIST
-    latents: torch.Tensor  # (N, C_z, H/4, W/4), standardised
-    labels: torch.Tensor  # (N,), −1 = unconditional
-    trajectory: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (t, decoded x̂_0) pairs
-    precision: str = "fp32"  # what the UNet ran in ("auto" resolved)
-
-
-@torch.no_grad()
-def sample(
-    unet,
-    vae,
-    n: int,
-    classes: int | Sequence[int] | torch.Tensor | None = None,
-    guidance: float = 3.0,
-    sampler: str = "dpm",
-    steps: int | None = None,
-    generator: torch.Generator | None = None,
-    guidance_interval: tuple[int, int] | None = None,
-    precision: str = "fp32",
-    diffusion_cfg=None,
-    eta: float = 0.0,
-    timestep_spacing: str | None = None,
-    batch_size: int = 500,
-    return_trajectory: bool = False,
-    trajectory_points: int = 8,
-    progress: bool = False,
-    guide=None,
-    init_latents: torch.Tensor | None = None,
-    strength: float = 1.0,
-    guided_steps: int | None = None,
-) -> SampleResult:
-    """Generate ``n`` images. ``classes``: one int for all, a sequence of n ints, or None/−1 for
-    unconditional samples. Noise comes from ``generator`` (CPU generators reproduce across devices).
-
-    ``guidance_interval=(lo, hi)`` applies guidance only at timesteps lo ≤ t ≤ hi and samples with the plain
-    conditional model (w = 1, one forward pass instead of two) elsewhere: guidance is what fixes the class
-    early on, while at low noise it mostly strips detail diversity (Kynkäänniemi et al. 2024, "Applying
-    Guidance in a Limited Interval Improves Sample and Distribution Quality in Diffusion Models").
-
-    ``precision="bf16"`` runs the UNet under bfloat16 autocast (its output is cast back to float32 before the
-    sampler's arithmetic; the VAE decode stays float32): ~1.5× faster on CPUs with bf16 support, at a small
-    cost in fidelity (benchmarks/README.md measures both); ``"auto"`` = bf16 where the device supports it
-    natively, else fp32.
-
-    ``guide`` replaces classifier-free guidance by another rule (an experiment hook; autoguidance in
-    benchmarks/autoguidance.py uses it): it is called as ``guide(model, x, t, labels, w, null_label)`` at every
-    step, like :func:`guided_output` (the default), where ``model`` is the UNet in the sampling precision and
-    ``w`` this step's guidance scale (1 outside ``guidance_interval``), and returns the model output to step with.
-
-    ``guided_steps`` (with ``guidance_interval=(0, hi)``) splits the ``steps`` between the two parts instead of
-    spacing them evenly: ``steps − guided_steps`` on (hi, T − 1], ``guided_steps`` on [0, hi)
-    (:func:`split_timesteps`). Guided steps are where the solver's error is (benchmarks/README.md): at the same
-    number of UNet passes, 4 + 12 scores better than the even 20 steps' 12 + 8. ``timestep_spacing`` then spaces
-    the guided part (``trailing``, the default, or ``logsnr``); the part above stays ``trailing``.
-
-    ``init_latents`` (N, C_z, h, w), standardised like ``vae.encode``'s output, starts from given latents instead of
-    pure noise (SDEdit, Meng et al. 2022; diffusers' image-to-image convention): of the sampler's n timesteps only
-    the last round(n·``strength``) are run, and the latents are first noised to the first of them,
-    x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε. ``strength`` 1 starts from (almost) pure noise, small values keep the input's shape.
-
-    ``diffusion_cfg`` is the :class:`~nbutils.config.DiffusionConfig` the UNet was trained with
-    (default: the UNet's ``diffusion_cfg`` attribute set by ``load_unet``, else the defaults).
-    """
-    from .config import DiffusionConfig
-
-    if n < 1:
-        raise ValueError(f"n must be ≥ 1, got {n}")
-    if guidance < 0:
-        raise ValueError(f"guidance must be ≥ 0, got {guidance}")
-    if steps is not None and steps < 1:
-        raise ValueError(f"steps must be ≥ 1, got {steps}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    if precision not in ("fp32", "bf16", "auto"):
-        raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    if init_latents is not None:
-        if init_latents.ndim != 4 or tuple(init_latents.shape[1:]) != tuple(vae.latent_shape) or len(init_latents) != n:
-            raise ValueError(f"init_latents must have shape ({n}, {', '.join(map(str, vae.latent_shape))}), "
-                             f"got {tuple(init_latents.shape)}")
-    elif strength != 1.0:
-        raise ValueError("strength needs init_latents")
-    if guidance_interval is not None:
-        lo, hi = (int(v) for v in guidance_interval)
-        if not 0 <= lo <= hi:
-            raise ValueError(f"guidance_interval must be (lo, hi) with 0 ≤ lo ≤ hi, got {guidance_interval}")
-    if guided_steps is not None:
-        if guidance_interval is None or lo != 0:
-            raise ValueError("guided_steps needs guidance_interval=(0, hi): the guided part must end the schedule")
-        if steps is None or not 1 <= guided_steps < steps:
-            raise ValueError(f"guided_steps must be in 1..steps − 1 (steps = {steps}), got {guided_steps}")
-    dcfg = diffusion_cfg or getattr(unet, "diffusion_cfg", None) or DiffusionConfig()
-    schedule = NoiseSchedule.from_config(dcfg)
-    custom_timesteps = None
-    if guided_steps is not None:
-        custom_timesteps = split_timesteps(schedule.num_train_timesteps, steps - guided_steps, guided_steps, hi,
-                                           timestep_spacing or "trailing", schedule.alphas_cumprod,
-                                           top_timestep(schedule.alphas_cumprod))
-    null = unet.null_label
-    if classes is None:
-        labels = torch.full((n,), -1, dtype=torch.long)
-    elif isinstance(classes, int):
-        labels = torch.full((n,), classes, dtype=torch.long)
-    else:
-        labels = torch.as_tensor(list(classes) if not isinstance(classes, torch.Tensor) else classes).long()
-        if labels.shape != (n,):
-            raise ValueError(f"classes must be one label or {n} labels, got shape {tuple(labels.shape)}")
-    if ((labels < -1) | (labels >= null)).any():
-        raise ValueError(f"class labels must be in 0..{null - 1} (or −1 for unconditional)")
-    device = next(unet.parameters()).device
-    from .config import bf16_supported
-
-    if precision == "auto":
-        precision = "bf16" if bf16_supported(device) else "fp32"
-    amp = precision == "bf16"
-    if amp:
-        if not bf16_supported(device):
-            raise ValueError(f"precision='bf16' needs native bf16 support, which {device} lacks (it would only be "
-                             "emulated, i.e. slower); use precision='fp32'")
-
-    def model(x, t, y):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            return unet(x, t, y).float()
-
-    images, latents, trajectory = [], [], []
-    guide = guide or guided_output
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=n, desc=f"{sampler} {steps or ''}".strip(), disable=not progress, leave=False)
-    for start in range(0, n, batch_size):
-        lab = labels[start : start + batch_size]
-        model_labels = torch.where(lab < 0, torch.full_like(lab, null), lab).to(device)
-        s = make_sampler(sampler, schedule, dcfg.prediction_type, steps, timestep_spacing, eta)
-        if custom_timesteps is not None:
-            s.set_timesteps(timesteps=custom_timesteps)
-        shape = (len(lab), *vae.latent_shape)
-        x = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu").to(device)
-        timesteps = s.timesteps
-        if init_latents is not None:  # SDEdit: noise the given latents to the first timestep run
-            timesteps = timesteps[len(timesteps) - max(1, round(len(timesteps) * strength)):]
-            a = float(s.alphas_cumprod[int(timesteps[0])])
-            x = math.sqrt(a) * init_latents[start : start + batch_size].to(device, torch.float32) + math.sqrt(1 - a) * x
-        record = set()
-        if return_trajectory and start == 0:
-            idx = torch.linspace(0, len(timesteps) - 1, min(trajectory_points, len(timesteps))).round().long().tolist()
-            record = {int(timesteps[i]) for i in idx}
-        for t in timesteps:
-            w = guidance if guidance_interval is None or lo <= int(t) <= hi else 1.0
-            out = guide(model, x, t, model_labels, w, null)
-            if int(t) in record:
-                tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
-                x0 = to_x0(out, x, tt, s.alphas_cumprod, dcfg.prediction_type)
-                trajectory.append((int(t), vae.decode(x0).cpu()))
-            x = s.step(out, t, x, generator=generator)
-        latents.append(x.cpu())
-        images.append(vae.decode(x).cpu())
-        bar.update(len(lab))
-    bar.close()
-    return SampleResult(torch.cat(images), torch.cat(latents), labels, trajectory, precision)

@@ -1,6 +1,6 @@
 """An interactive sampler for notebooks: pick a class, guidance, sampler, steps and seed, press Generate.
 
-``sampler_widget(unet, vae)`` shows the controls (ipywidgets) and a first grid with the starting settings.
+``sampler_widget(pipe)`` shows the controls (ipywidgets) and a first grid with the starting settings.
 Where ipywidgets is not installed, or there is no notebook front end to draw widgets, it says so and falls
 back to a plain call of :func:`show_samples` with the same arguments, so the notebook still runs top to
 bottom (nbval, scripts).
@@ -10,28 +10,28 @@ from __future__ import annotations
 
 import time
 
+import matplotlib.pyplot as plt
 import torch
 
+from .config import make_generator
 from .data import CLASS_NAMES, class_index, class_labels
+from .pipeline import Pipeline, SamplingRecipe, sample
+from .plotting import show_grid
 
 SAMPLERS = {"DPM-Solver++ (2M)": "dpm", "SDE-DPM-Solver++ (2M)": "dpm-sde", "DDIM": "ddim", "DDPM (ancestral)": "ddpm"}
 
 
-def show_samples(unet, vae, class_name: str | int = "all", guidance: float = 3.0, sampler: str = "dpm",
+def show_samples(pipe: Pipeline, class_name: str | int = "all", guidance: float = 3.0, sampler: str = "dpm",
                  steps: int = 20, seed: int = 0, n: int = 20, ax=None):
     """Sample ``n`` images and show them as a grid titled with the settings and the wall time.
 
     ``class_name``: a class name or index, ``"all"`` (cycle through the ten) or ``"none"`` (unconditional).
-    Returns the :class:`~nbutils.samplers.SampleResult`.
+    Returns the :class:`~nbutils.pipeline.SampleResult`.
     """
-    from .config import make_generator
-    from .plotting import show_grid
-    from .samplers import sample
-
     labels = torch.tensor(class_labels(class_name, n))
     t0 = time.perf_counter()
-    result = sample(unet, vae, n, labels, guidance=guidance, sampler=sampler, steps=steps,
-                    generator=make_generator(seed))
+    recipe = SamplingRecipe(sampler=sampler, steps=steps, guidance=guidance)
+    result = sample(pipe, n, labels, recipe, make_generator(seed))
     seconds = time.perf_counter() - t0
     what = class_name if not isinstance(class_name, int) else CLASS_NAMES[class_name]
     show_grid(result.images, nrow=10 if n >= 10 else n, ax=ax,
@@ -48,7 +48,7 @@ def _frontend_available() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
-def sampler_widget(unet, vae, n: int = 20, **defaults):
+def sampler_widget(pipe: Pipeline, n: int = 20, **defaults):
     """The interactive sampler (returns the ipywidgets box), or a plain :func:`show_samples` call
     (returns its result) where widgets cannot be shown."""
     try:
@@ -58,10 +58,9 @@ def sampler_widget(unet, vae, n: int = 20, **defaults):
     if W is None or not _frontend_available():
         why = "ipywidgets is not installed" if W is None else "no notebook front end to draw widgets"
         print(f"({why}: showing one grid with the default settings instead)")
-        return show_samples(unet, vae, n=n, **defaults)
+        return show_samples(pipe, n=n, **defaults)
 
-    import matplotlib.pyplot as plt
-    from IPython.display import display
+    from IPython.display import display  # IPython is there whenever a front end is
 
     style = {"description_width": "70px"}
     start = defaults.get("class_name", "all")
@@ -84,7 +83,7 @@ def sampler_widget(unet, vae, n: int = 20, **defaults):
         with out:
             out.clear_output(wait=True)
             fig, ax = plt.subplots(figsize=(7, 1.6 + 0.7 * ((n + 9) // 10)))
-            show_samples(unet, vae, n=n, ax=ax, **{k: w.value for k, w in controls.items()})
+            show_samples(pipe, n=n, ax=ax, **{k: w.value for k, w in controls.items()})
             plt.show()
 
     button.on_click(generate)
@@ -96,6 +95,6 @@ def sampler_widget(unet, vae, n: int = 20, **defaults):
     # the first grid goes straight into the cell's output (not the widget's output area), so that a saved
     # notebook shows it in viewers that cannot draw widgets (GitHub, nbviewer); Generate draws above it
     fig, ax = plt.subplots(figsize=(7, 1.6 + 0.7 * ((n + 9) // 10)))
-    show_samples(unet, vae, n=n, ax=ax, **{k: w.value for k, w in controls.items()})
+    show_samples(pipe, n=n, ax=ax, **{k: w.value for k, w in controls.items()})
     plt.show()
     return box

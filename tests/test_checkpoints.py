@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nbutils import checkpoints as K
-from nbutils.config import Config, get_config
+from nbutils.config import get_config
 
 
 def test_atomic_write_keeps_old_file_when_write_fails(tmp_path, monkeypatch):
@@ -85,38 +85,15 @@ def test_export_half_precision_round_trip(tmp_path):
     tensors, meta = K.read_model(dst, "unet")
     assert tensors["w"].dtype == torch.float16 and torch.allclose(tensors["w"].float(), w, atol=2e-3)
     assert meta["extra"]["epoch"] == 3 and meta["config"] == K.read_model(src, "unet")[1]["config"]
-    assert meta["extra"]["trained"] == "2 runs" and meta["extra"]["exported_from"] == str(src)
+    assert meta["extra"]["trained"] == "2 runs" and "exported_from" not in meta["extra"]  # nothing machine-local
     assert json.loads(dst.with_suffix(".json").read_text())["extra"]["trained"] == "2 runs"
     assert dst.stat().st_size < src.stat().st_size * 0.6
 
 
-def test_average_weights_benchmark_is_the_mean_and_refuses_other_architectures(tmp_path, monkeypatch):
-    """benchmarks/average_weights.py: the tensors of the output are the element-wise mean of the inputs'."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+def test_shipped_metadata_holds_no_machine_local_path():
+    """The readable metadata beside every shipped weights file names no absolute path of the machine that made it."""
+    from nbutils.config import checkpoints_dir
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "average_weights.py"
-    spec = importlib.util.spec_from_file_location("bench_average_weights", path)
-    avg = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(avg)
-    cfg = get_config("smoke")
-    ws = [torch.randn(8, 8) for _ in range(3)]
-    for i, w in enumerate(ws):
-        (tmp_path / f"e{i}").mkdir()
-        K.save_model(tmp_path / f"e{i}" / "unet.safetensors", "unet", {"w": w}, cfg, {"epoch": i})
-    inputs = [str(tmp_path / f"e{i}") for i in range(3)]
-    monkeypatch.setattr(sys, "argv", ["average_weights.py", str(tmp_path / "avg"), *inputs])
-    avg.main()
-    tensors, meta = K.read_model(tmp_path / "avg" / "unet.safetensors", "unet")
-    assert torch.allclose(tensors["w"], torch.stack(ws).mean(0), atol=1e-6)
-    assert meta["extra"]["averaged_from"] == inputs
-    assert (tmp_path / "avg" / "vae.safetensors").is_symlink()
-    other = cfg.to_dict()
-    other["unet"]["block_out_channels"] = [c * 2 for c in other["unet"]["block_out_channels"]]
-    (tmp_path / "x").mkdir()
-    K.save_model(tmp_path / "x" / "unet.safetensors", "unet", {"w": ws[0]}, Config.from_dict(other), {})
-    monkeypatch.setattr(sys, "argv", ["average_weights.py", str(tmp_path / "bad"), str(tmp_path / "e0"),
-                                      str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="different UNet architecture"):
-        avg.main()
+    for path in checkpoints_dir().glob("*.json"):
+        text = path.read_text()
+        assert '"/' not in text and "runs_aside" not in text, path

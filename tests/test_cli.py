@@ -12,6 +12,7 @@ def run(*args, env=None):
     return subprocess.run([sys.executable, "-m", "nbutils", *args], capture_output=True, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_help_for_every_command():
     for cmd in ("info", "data", "notebooks"):
         out = run(cmd, "--help")
@@ -32,7 +33,7 @@ def test_unknown_preset_from_env_is_a_clear_error(monkeypatch):
     env = dict(os.environ, NBUTILS_PRESET="turbo")
     out = run("info", env=env)
     assert out.returncode == 1
-    assert "error: unknown preset 'turbo'" in out.stderr and "smoke, cpu, full" in out.stderr
+    assert "error: unknown preset 'turbo'" in out.stderr and "smoke, cpu, shipped, full" in out.stderr
 
 
 def test_bad_preset_argument_exits_2():

@@ -19,7 +19,7 @@ def test_presets_exist_and_differ():
 
 
 def test_unknown_preset_lists_valid_ones(monkeypatch):
-    with pytest.raises(ValueError, match="unknown preset 'fast'; valid presets: smoke, cpu, full"):
+    with pytest.raises(ValueError, match="unknown preset 'fast'; valid presets: smoke, cpu, shipped, full"):
         C.get_config("fast")
     monkeypatch.setenv(C.PRESET_ENV, "laptop")
     with pytest.raises(ValueError, match=r"unknown preset 'laptop' \(from \$NBUTILS_PRESET\)"):

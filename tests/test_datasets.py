@@ -97,7 +97,7 @@ def test_cifar10_missing_offline_is_a_clear_error(tmp_path):
 def test_a_vae_config_for_another_shape_is_refused_before_training(tmp_path):
     import dataclasses
 
-    from nbutils.train import train_vae
+    from nbutils.train_vae import train_vae
 
     cfg = get_config("smoke", dataset="fake")
     bad = cfg.replace(vae=dataclasses.replace(cfg.vae, in_channels=1))

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from nbutils import distributed as dist
-from nbutils import train as T
 from nbutils.config import get_config
+from nbutils.train_unet import train_unet
+from nbutils.train_vae import train_vae
 
 pytest.importorskip("accelerate")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -47,6 +48,7 @@ def _max_difference(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+@pytest.mark.slow
 def test_two_processes_train_what_one_does_and_resume_on_one(tmp_path, monkeypatch):
     monkeypatch.setenv("NBUTILS_HOME", str(tmp_path / "home"))
     cfg = get_config("smoke").override(["unet.dropout=0"])
@@ -65,11 +67,11 @@ def test_two_processes_train_what_one_does_and_resume_on_one(tmp_path, monkeypat
                                                                "vae.safetensors"]
     assert not list(two.glob("*.tmp"))
 
-    T.train_vae(cfg, run_dir=one, **quiet)
-    T.train_unet(cfg, run_dir=one, **quiet)
+    train_vae(cfg, run_dir=one, **quiet)
+    train_unet(cfg, run_dir=one, **quiet)
     for name in ("vae", "unet"):
-        s1 = torch.load(one / f"{name}_state.pt", weights_only=False)
-        s2 = torch.load(two / f"{name}_state.pt", weights_only=False)
+        s1 = torch.load(one / f"{name}_state.pt", weights_only=True)
+        s2 = torch.load(two / f"{name}_state.pt", weights_only=True)
         assert s1["step"] == s2["step"] == 8
         assert _max_difference(s1["model"], s2["model"]) < TOLERANCE, name
         assert _max_difference(s1["ema"]["model"], s2["ema"]["model"]) < TOLERANCE, name
@@ -78,10 +80,10 @@ def test_two_processes_train_what_one_does_and_resume_on_one(tmp_path, monkeypat
         assert losses1 == pytest.approx(losses2, rel=1e-5)  # the logged loss is the global batch's
 
     # the state holds nothing per process: the two-process run resumes on one process
-    T.train_unet(cfg, run_dir=one, epochs=2, resume=True, **quiet)
-    T.train_unet(cfg, run_dir=two, epochs=2, resume=True, **quiet)
-    s1 = torch.load(one / "unet_state.pt", weights_only=False)
-    s2 = torch.load(two / "unet_state.pt", weights_only=False)
+    train_unet(cfg, run_dir=one, epochs=2, resume=True, **quiet)
+    train_unet(cfg, run_dir=two, epochs=2, resume=True, **quiet)
+    s1 = torch.load(one / "unet_state.pt", weights_only=True)
+    s2 = torch.load(two / "unet_state.pt", weights_only=True)
     assert s1["step"] == s2["step"] == 16
     assert _max_difference(s1["model"], s2["model"]) < TOLERANCE
 

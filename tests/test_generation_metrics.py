@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from nbutils import evaluation as E
 from nbutils import metrics as M
 from nbutils.cli import main
 from nbutils.data import CLASS_NAMES
@@ -162,11 +163,12 @@ def evaluator():
     if not (checkpoints_dir() / CLASSIFIER_FILE).is_file():
         pytest.skip("no shipped classifier")
     try:
-        return M.Evaluator(classifier=load_classifier(checkpoints_dir(), device="cpu")[0])
+        return E.Evaluator(classifier=load_classifier(checkpoints_dir(), device="cpu")[0])
     except FileNotFoundError as exc:  # no dataset on this machine
         pytest.skip(str(exc))
 
 
+@pytest.mark.slow
 def test_real_test_images_score_the_classifier_accuracy(evaluator):
     imgs, labels = evaluator.test_images[:2000], evaluator.test_labels[:2000]
     res = evaluator.evaluate(imgs, labels, with_novelty=False, with_floor=False, kid_subsets=10)
@@ -180,6 +182,7 @@ def test_shipped_classifier_is_accurate(evaluator):
     assert evaluator.test_accuracy >= 0.93
 
 
+@pytest.mark.slow
 def test_evaluate_cli_prints_one_json_object(tmp_path, capsys, evaluator):
     imgs = evaluator.test_images[:300].numpy()
     labels = evaluator.test_labels[:300].numpy()
@@ -193,10 +196,11 @@ def test_evaluate_cli_prints_one_json_object(tmp_path, capsys, evaluator):
     assert out["novelty"]["ratio"] == pytest.approx(1.0, abs=0.05)  # real test images are the novelty yardstick
 
 
+@pytest.mark.slow
 def test_reference_features_are_cached_per_classifier(tmp_path, evaluator):
-    first = M.Evaluator(classifier_path="checkpoints", cache_dir=tmp_path)
+    first = E.Evaluator(classifier_path="checkpoints", cache_dir=tmp_path)
     cached = list(tmp_path.glob("test_features_*.npz"))
     assert len(cached) == 1
-    second = M.Evaluator(classifier_path="checkpoints", cache_dir=tmp_path)  # read back from the cache
+    second = E.Evaluator(classifier_path="checkpoints", cache_dir=tmp_path)  # read back from the cache
     assert torch.equal(first.test_features, second.test_features)
     assert torch.allclose(first.test_features, evaluator.test_features, atol=1e-5)

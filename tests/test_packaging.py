@@ -43,11 +43,11 @@ def test_readme_test_command_is_what_ci_runs():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme and "make demo" in readme
-    assert ci.rstrip().splitlines()[-1] == "make test"
+    assert ci.rstrip().splitlines()[-1] == "make test-all"
     assert "apt-get update" in ci and "apt-get install -y dataset-fashion-mnist" in ci
     assert "NBUTILS_PRESET=smoke" in ci
     makefile = (ROOT / "Makefile").read_text()
-    for target in ("demo:", "test:", "lab:"):
+    for target in ("demo:", "test:", "test-all:", "train:", "reproduce:", "lab:"):
         assert re.search(rf"^{target}", makefile, re.M), target
 
 
@@ -58,7 +58,7 @@ def test_accelerate_is_an_optional_extra_the_notebooks_never_import():
     core = {re.split(r"[<>=\[ ]", d)[0].lower() for d in PYPROJECT["project"]["dependencies"]}
     extra = {re.split(r"[<>=\[ ]", d)[0].lower() for d in PYPROJECT["project"]["optional-dependencies"]["distributed"]}
     assert "accelerate" not in core and "accelerate" in extra
-    code = ("import sys, nbutils, nbutils.train, nbutils.samplers, nbutils.plotting, nbutils.metrics; "
-            "print('accelerate' in sys.modules)")
+    code = ("import sys, nbutils, nbutils.cli, nbutils.train_unet, nbutils.pipeline, nbutils.plotting, "
+            "nbutils.widgets; print('accelerate' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -8,8 +8,12 @@ import pytest
 import torch
 
 from nbutils import cli
-from nbutils import train as T
-from nbutils.config import get_config
+from nbutils import pipeline as P
+from nbutils import train_unet as TU
+from nbutils import train_vae as TV
+from nbutils import training as TR
+from nbutils.checkpoints import CheckpointError
+from nbutils.config import TrainConfig, get_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -18,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def smoke_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("vae_run")
     cfg = get_config("smoke")
-    vae = T.train_vae(cfg, run_dir=run, epochs=2, device="cpu", progress=False, log=lambda m: None)
+    vae = TV.train_vae(cfg, run_dir=run, epochs=2, device="cpu", progress=False, log=lambda m: None)
     return cfg, run, vae
 
 
@@ -44,7 +48,7 @@ def test_run_writes_checkpoint_state_cache_and_pictures(smoke_run):
     assert not [n for n in names if n.endswith(".tmp")]
     meta = json.loads((run / "vae.json").read_text())
     assert meta["kind"] == "vae" and meta["extra"]["epoch"] == 2 and meta["extra"]["latent_stats"] is True
-    steps, epochs = T.load_history(run)
+    steps, epochs = TR.load_history(run)
     assert len(steps) == 2 * math.ceil(512 / cfg.train_vae.batch_size)
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert {"test_psnr", "test_ssim", "test_mse"} <= set(epochs[0])
@@ -52,7 +56,7 @@ def test_run_writes_checkpoint_state_cache_and_pictures(smoke_run):
 
 def test_latents_are_standardised(smoke_run):
     _, run, vae = smoke_run
-    from nbutils.data import load_latent_cache
+    from nbutils.latents import load_latent_cache
 
     cache = load_latent_cache(run / "latents.safetensors", run / "vae.safetensors")
     assert cache["mean"].shape == (512, 4, 7, 7) and cache["labels"].shape == (512,)
@@ -64,7 +68,7 @@ def test_latents_are_standardised(smoke_run):
 
 def test_loaded_checkpoint_matches_returned_model(smoke_run):
     _, run, vae = smoke_run
-    loaded, _ = T.load_vae(run, device="cpu")
+    loaded, _ = P.load_vae(run, device="cpu")
     x = torch.rand(5, 1, 28, 28) * 2 - 1
     assert torch.equal(loaded.encode(x), vae.encode(x))
 
@@ -72,10 +76,10 @@ def test_loaded_checkpoint_matches_returned_model(smoke_run):
 def test_resume_equals_uninterrupted(tmp_path, smoke_run):
     cfg, run2, _ = smoke_run
     run = tmp_path / "split"
-    T.train_vae(cfg, run_dir=run, epochs=1, device="cpu", progress=False, log=lambda m: None)
-    T.train_vae(cfg, run_dir=run, epochs=2, resume=True, device="cpu", progress=False, log=lambda m: None)
-    a = torch.load(run / "vae_state.pt", weights_only=False)
-    b = torch.load(run2 / "vae_state.pt", weights_only=False)
+    TV.train_vae(cfg, run_dir=run, epochs=1, device="cpu", progress=False, log=lambda m: None)
+    TV.train_vae(cfg, run_dir=run, epochs=2, resume=True, device="cpu", progress=False, log=lambda m: None)
+    a = torch.load(run / "vae_state.pt", weights_only=True)
+    b = torch.load(run2 / "vae_state.pt", weights_only=True)
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 2
     for key in ("model",):
         for name in a[key]:
@@ -85,20 +89,20 @@ def test_resume_equals_uninterrupted(tmp_path, smoke_run):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(T.CheckpointError, match="cannot resume: .* does not exist"):
-        T.train_vae(get_config("smoke"), run_dir=tmp_path, resume=True, device="cpu", progress=False)
+    with pytest.raises(CheckpointError, match="cannot resume: .* does not exist"):
+        TV.train_vae(get_config("smoke"), run_dir=tmp_path, resume=True, device="cpu", progress=False)
 
 
 def test_nan_loss_stops_with_step_and_parts(tmp_path, monkeypatch):
-    real = T.vae_loss
+    real = TV.vae_loss
 
     def poisoned(*args, **kwargs):
         loss, parts = real(*args, **kwargs)
         return loss * float("nan"), dict(parts, loss=float("nan"))
 
-    monkeypatch.setattr(T, "vae_loss", poisoned)
-    with pytest.raises(T.NonFiniteLossError, match=r"non-finite VAE loss at step 0 \(epoch 1\).*'mse'"):
-        T.train_vae(get_config("smoke"), run_dir=tmp_path, device="cpu", progress=False, log=lambda m: None)
+    monkeypatch.setattr(TV, "vae_loss", poisoned)
+    with pytest.raises(TR.NonFiniteLossError, match=r"non-finite VAE loss at step 0 \(epoch 1\).*'mse'"):
+        TV.train_vae(get_config("smoke"), run_dir=tmp_path, device="cpu", progress=False, log=lambda m: None)
 
 
 def test_reconstruct_cli_writes_documented_npz(smoke_run, tmp_path, capsys):
@@ -128,17 +132,17 @@ def test_unet_resume_equals_uninterrupted(smoke_run, tmp_path):
 
     cfg, vae_run, _ = smoke_run
     runs = _unet_runs(vae_run, tmp_path, "whole", "split")
-    T.train_unet(cfg, run_dir=runs[0], epochs=2, device="cpu", progress=False, log=lambda m: None)
-    T.train_unet(cfg, run_dir=runs[1], epochs=1, device="cpu", progress=False, log=lambda m: None)
-    T.train_unet(cfg, run_dir=runs[1], epochs=2, resume=True, device="cpu", progress=False, log=lambda m: None)
-    a, b = (torch.load(r / "unet_state.pt", weights_only=False) for r in runs)
+    TU.train_unet(cfg, run_dir=runs[0], epochs=2, device="cpu", progress=False, log=lambda m: None)
+    TU.train_unet(cfg, run_dir=runs[1], epochs=1, device="cpu", progress=False, log=lambda m: None)
+    TU.train_unet(cfg, run_dir=runs[1], epochs=2, resume=True, device="cpu", progress=False, log=lambda m: None)
+    a, b = (torch.load(r / "unet_state.pt", weights_only=True) for r in runs)
     assert a["step"] == b["step"] == 2 * 8
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
     for name in a["ema"]["model"]:
         assert torch.equal(a["ema"]["model"][name], b["ema"]["model"][name]), name
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
-    unet, meta = T.load_unet(runs[0], device="cpu")
+    unet, meta = P.load_unet(runs[0], device="cpu")
     assert meta["extra"]["epoch"] == 2
     x = torch.randn(2, 4, 7, 7)
     assert unet(x, torch.tensor([5, 500]), torch.tensor([1, 10])).shape == x.shape
@@ -157,7 +161,7 @@ def test_sample_cli_npz_png_and_determinism(smoke_run, tmp_path, capsys):
 
     cfg, vae_run, _ = smoke_run
     (run,) = _unet_runs(vae_run, tmp_path, "run")
-    T.train_unet(cfg, run_dir=run, epochs=1, device="cpu", progress=False, log=lambda m: None)
+    TU.train_unet(cfg, run_dir=run, epochs=1, device="cpu", progress=False, log=lambda m: None)
     common = ["sample", "--checkpoint", str(run), "--device", "cpu", "--steps", "3", "--no-progress"]
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
     assert cli.main([*common, "--n", "12", "--out", str(a), "--seed", "5"]) == 0
@@ -179,7 +183,7 @@ def test_sample_cli_npz_png_and_determinism(smoke_run, tmp_path, capsys):
     assert cli.main([*common, "--n", "2", "--class", "sock", "--out", str(c)]) == 1
     assert "unknown class 'sock'" in capsys.readouterr().err
     assert cli.main([*common, "--n", "2", "--guidance", "-1", "--out", str(c)]) == 1
-    assert "--guidance must be ≥ 0" in capsys.readouterr().err
+    assert "--guidance must be a finite number ≥ 0" in capsys.readouterr().err
     for bad in (["--steps", "0"], ["--n", "0"]):
         with pytest.raises(SystemExit) as exc:
             cli.main([*common[:-2], *bad, "--out", str(c)])
@@ -194,7 +198,7 @@ def _signal_at_step(monkeypatch, k, sig=None):
     import os
     import signal
 
-    real = T._optimize
+    real = TR.optimizer_step
     calls = {"n": 0}
 
     def optimize(*args, **kwargs):
@@ -203,11 +207,11 @@ def _signal_at_step(monkeypatch, k, sig=None):
             os.kill(os.getpid(), sig or signal.SIGINT)
         calls["n"] += 1
 
-    monkeypatch.setattr(T, "_optimize", optimize)
+    monkeypatch.setattr(TR, "optimizer_step", optimize)
 
 
 def _assert_same_state(a_path, b_path):
-    a, b = (torch.load(p, weights_only=False) for p in (a_path, b_path))
+    a, b = (torch.load(p, weights_only=True) for p in (a_path, b_path))
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"] and a["partial"] is b["partial"] is None
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
@@ -221,47 +225,50 @@ def _assert_same_state(a_path, b_path):
     assert a["history"]["steps"] == b["history"]["steps"]
 
 
+@pytest.mark.slow
 def test_vae_interrupt_mid_epoch_then_resume_is_exact(smoke_run, tmp_path, monkeypatch):
     cfg, whole, _ = smoke_run  # 2 uninterrupted epochs of 8 steps
     run = tmp_path / "interrupted"
     logs = []
     with monkeypatch.context() as m:
         _signal_at_step(m, 10)  # inside epoch 2
-        with pytest.raises(T.TrainingInterrupted, match=r"SIGINT received: stopped after step 11 \(batch 3/8 of "
+        with pytest.raises(TR.TrainingInterrupted, match=r"SIGINT received: stopped after step 11 \(batch 3/8 of "
                                                         r"epoch 2\).*--resume"):
-            T.train_vae(cfg, run_dir=run, epochs=2, device="cpu", progress=False, log=logs.append)
-    state = torch.load(run / "vae_state.pt", weights_only=False)
+            TV.train_vae(cfg, run_dir=run, epochs=2, device="cpu", progress=False, log=logs.append)
+    state = torch.load(run / "vae_state.pt", weights_only=True)
     assert state["step"] == 11 and state["epoch"] == 1 and state["partial"]["batch"] == 3
-    assert T.load_vae(run, device="cpu")[1]["extra"]["step"] == 11  # the weights file was written too
-    T.train_vae(cfg, run_dir=run, epochs=2, resume=True, device="cpu", progress=False, log=lambda m: None)
+    assert P.load_vae(run, device="cpu")[1]["extra"]["step"] == 11  # the weights file was written too
+    TV.train_vae(cfg, run_dir=run, epochs=2, resume=True, device="cpu", progress=False, log=lambda m: None)
     _assert_same_state(run / "vae_state.pt", whole / "vae_state.pt")
-    epochs = torch.load(run / "vae_state.pt", weights_only=False)["history"]["epochs"]
+    epochs = torch.load(run / "vae_state.pt", weights_only=True)["history"]["epochs"]
     assert "resumed_at_batch" not in epochs[0] and epochs[1]["resumed_at_batch"] == 3  # its seconds: 5 batches
 
 
 def test_progress_skips_the_batches_done_before_an_interrupt():
-    bar = T._progress(iter(range(8)), 8, "epoch", enabled=True, done=3)
+    bar = TR.progress_bar(iter(range(8)), 8, "epoch", enabled=True, done=3)
     assert bar.n == 3 and bar.total == 8
     assert list(bar) == [3, 4, 5, 6, 7] and bar.n == 8
-    assert list(T._progress(range(4), 4, "epoch", enabled=False)) == [0, 1, 2, 3]
+    assert list(TR.progress_bar(range(4), 4, "epoch", enabled=False)) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_unet_sigterm_mid_epoch_then_resume_is_exact(smoke_run, tmp_path, monkeypatch):
     import signal
 
     cfg, vae_run, _ = smoke_run
     runs = _unet_runs(vae_run, tmp_path, "whole", "split")
-    T.train_unet(cfg, run_dir=runs[0], epochs=2, device="cpu", progress=False, log=lambda m: None)
+    TU.train_unet(cfg, run_dir=runs[0], epochs=2, device="cpu", progress=False, log=lambda m: None)
     with monkeypatch.context() as m:
         _signal_at_step(m, 4, signal.SIGTERM)  # inside epoch 1
-        with pytest.raises(T.TrainingInterrupted, match="SIGTERM received: stopped after step 5"):
-            T.train_unet(cfg, run_dir=runs[1], epochs=2, device="cpu", progress=False, log=lambda m: None)
+        with pytest.raises(TR.TrainingInterrupted, match="SIGTERM received: stopped after step 5"):
+            TU.train_unet(cfg, run_dir=runs[1], epochs=2, device="cpu", progress=False, log=lambda m: None)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
-    T.train_unet(cfg, run_dir=runs[1], epochs=2, resume=True, device="cpu", progress=False, log=lambda m: None)
+    TU.train_unet(cfg, run_dir=runs[1], epochs=2, resume=True, device="cpu", progress=False, log=lambda m: None)
     _assert_same_state(runs[1] / "unet_state.pt", runs[0] / "unet_state.pt")
     assert (runs[0] / "unet_samples_epoch002.png").is_file()
 
 
+@pytest.mark.slow
 def test_cli_sigterm_exits_130_with_resume_command(smoke_run, tmp_path):
     """A real training process, killed with SIGTERM: it saves, explains and exits 130; resume works."""
     import signal
@@ -283,7 +290,7 @@ def test_cli_sigterm_exits_130_with_resume_command(smoke_run, tmp_path):
     hint = (f"python -m nbutils train-unet --preset smoke --set train_unet.lr=0.002 --run-dir {run} --epochs 200 "
             "--resume")
     assert "SIGTERM received" in err and hint in err, err
-    state = torch.load(run / "unet_state.pt", weights_only=False)
+    state = torch.load(run / "unet_state.pt", weights_only=True)
     assert 0 < state["step"] < 200 * 8
     assert not list(run.glob("*.tmp"))
     # the printed command resumes (its --set matches the run's config), here for one more epoch only
@@ -292,9 +299,10 @@ def test_cli_sigterm_exits_130_with_resume_command(smoke_run, tmp_path):
     done = subprocess.run([sys.executable, "-m", "nbutils", *resume, "--device", "cpu", "--no-progress"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert torch.load(run / "unet_state.pt", weights_only=False)["epoch"] == state["epoch"] + 1
+    assert torch.load(run / "unet_state.pt", weights_only=True)["epoch"] == state["epoch"] + 1
 
 
+@pytest.mark.slow
 def test_mixed_precision_and_compile_settings(smoke_run, tmp_path):
     """On this CPU: `compile` and bf16/fp16 are no-ops with a one-line notice each, training in float32
     exactly as with `no`; a bad setting is a clear error naming the valid ones."""
@@ -302,19 +310,19 @@ def test_mixed_precision_and_compile_settings(smoke_run, tmp_path):
 
     cfg, vae_run, _ = smoke_run
     plain_run, run = _unet_runs(vae_run, tmp_path, "plain", "amp")
-    T.train_unet(cfg, run_dir=plain_run, epochs=1, device="cpu", progress=False, log=lambda m: None)
+    TU.train_unet(cfg, run_dir=plain_run, epochs=1, device="cpu", progress=False, log=lambda m: None)
     logs = []
     cfg2 = cfg.replace(train_unet=dataclasses.replace(cfg.train_unet, compile=True, mixed_precision="bf16"))
-    T.train_unet(cfg2, run_dir=run, epochs=1, device="cpu", progress=False, log=logs.append)
+    TU.train_unet(cfg2, run_dir=run, epochs=1, device="cpu", progress=False, log=logs.append)
     assert any("compile=True has no effect on cpu" in m for m in logs)
     assert any("mixed_precision='bf16' has no effect on cpu (CUDA only); training in float32" in m for m in logs)
-    a, _ = T.load_unet(plain_run, device="cpu")
-    b, _ = T.load_unet(run, device="cpu")
+    a, _ = P.load_unet(plain_run, device="cpu")
+    b, _ = P.load_unet(run, device="cpu")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
     bad = cfg.replace(train_unet=dataclasses.replace(cfg.train_unet, mixed_precision="fp8"))
     with pytest.raises(ValueError, match="mixed_precision must be one of 'auto', 'bf16', 'fp16', 'no', got 'fp8'"):
-        T.train_unet(bad, run_dir=run, epochs=1, device="cpu", progress=False, log=lambda m: None)
+        TU.train_unet(bad, run_dir=run, epochs=1, device="cpu", progress=False, log=lambda m: None)
 
 
 def test_autocast_dtype_rules(monkeypatch):
@@ -323,31 +331,32 @@ def test_autocast_dtype_rules(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     notes = []
     for setting in ("auto", "no", "bf16", "fp16"):
-        assert T.autocast_dtype(setting, cpu, notes.append) is None
+        assert TR.autocast_dtype(setting, cpu, notes.append) is None
     assert notes == [f"note: mixed_precision={s!r} has no effect on cpu (CUDA only); training in float32"
                      for s in ("bf16", "fp16")]
-    assert T.autocast_dtype("no", cuda) is None
-    assert T.autocast_dtype("fp16", cuda) is torch.float16
+    assert TR.autocast_dtype("no", cuda) is None
+    assert TR.autocast_dtype("fp16", cuda) is torch.float16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert T.autocast_dtype("auto", cuda, compile=True) is torch.bfloat16
-    assert T.autocast_dtype("auto", cuda) is None  # uncompiled bf16 is the slower (launch-bound models)
-    assert T.autocast_dtype("bf16", cuda) is torch.bfloat16
+    assert TR.autocast_dtype("auto", cuda, compile=True) is torch.bfloat16
+    assert TR.autocast_dtype("auto", cuda) is None  # uncompiled bf16 is the slower (launch-bound models)
+    assert TR.autocast_dtype("bf16", cuda) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
-    assert T.autocast_dtype("auto", cuda, compile=True) is None
+    assert TR.autocast_dtype("auto", cuda, compile=True) is None
     with pytest.raises(ValueError, match="needs a GPU with bfloat16 support.*Tesla T4 has none: use 'fp16' or 'no'"):
-        T.autocast_dtype("bf16", cuda)
+        TR.autocast_dtype("bf16", cuda)
 
 
 def test_adam_is_fused_on_cuda_with_the_same_update_and_state():
     """On CUDA training uses fused Adam (fewer kernel launches); elsewhere the default. Both follow the same rule
     and keep the same state, so a GPU run resumes on a CPU and back. (The fused kernel is run on the CPU here.)"""
-    tc = T.TrainConfig(lr=1e-2, weight_decay=0.01)
+    tc = TrainConfig(lr=1e-2, weight_decay=0.01)
     torch.manual_seed(0)
     a, b = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
     b.load_state_dict(a.state_dict())
-    plain, fused = T._adam(a.parameters(), tc, torch.device("cpu")), T._adam(b.parameters(), tc, torch.device("cuda"))
+    plain = TR.make_optimizer(a.parameters(), tc, torch.device("cpu"))
+    fused = TR.make_optimizer(b.parameters(), tc, torch.device("cuda"))
     assert not plain.defaults["fused"] and fused.defaults["fused"]
     for _ in range(3):
         x = torch.randn(8, 5)
@@ -362,6 +371,7 @@ def test_adam_is_fused_on_cuda_with_the_same_update_and_state():
     fused.load_state_dict(s1)  # a CPU run's optimizer state loads into the fused optimizer
 
 
+@pytest.mark.slow
 def test_init_from_starts_a_new_run_from_another_runs_weights(smoke_run, tmp_path):
     """With lr 0 the optimizer cannot move the weights: a run started from another run's raw weights ends with
     exactly them; a source trained on another VAE is refused."""
@@ -369,40 +379,74 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(smoke_run, tmp_pat
 
     cfg, vae_run, _ = smoke_run
     source, tuned = _unet_runs(vae_run, tmp_path, "source", "tuned")
-    T.train_unet(cfg, run_dir=source, epochs=1, device="cpu", progress=False, log=lambda m: None)
+    TU.train_unet(cfg, run_dir=source, epochs=1, device="cpu", progress=False, log=lambda m: None)
     frozen = cfg.replace(train_unet=dataclasses.replace(cfg.train_unet, lr=0.0))
     logs = []
-    T.train_unet(frozen, run_dir=tuned, epochs=1, device="cpu", progress=False, log=logs.append, init_from=source)
+    TU.train_unet(frozen, run_dir=tuned, epochs=1, device="cpu", progress=False, log=logs.append, init_from=source)
     assert any(m.startswith(f"starting from {source}: raw and EMA weights after its step 8") for m in logs)
-    raw_source = torch.load(source / "unet_state.pt", weights_only=False)["model"]
-    raw_tuned = torch.load(tuned / "unet_state.pt", weights_only=False)["model"]
+    raw_source = torch.load(source / "unet_state.pt", weights_only=True)["model"]
+    raw_tuned = torch.load(tuned / "unet_state.pt", weights_only=True)["model"]
     for name, p in raw_source.items():
         assert torch.equal(p, raw_tuned[name]), name
     other_vae = tmp_path / "other"
-    T.train_vae(cfg.replace(train_vae=dataclasses.replace(cfg.train_vae, seed=1)), run_dir=other_vae, epochs=1,
+    TV.train_vae(cfg.replace(train_vae=dataclasses.replace(cfg.train_vae, seed=1)), run_dir=other_vae, epochs=1,
                 device="cpu", progress=False, log=lambda m: None)
-    with pytest.raises(T.CheckpointError, match="trained on another VAE's latents"):
-        T.train_unet(cfg, run_dir=other_vae, epochs=1, device="cpu", progress=False, log=lambda m: None,
+    with pytest.raises(CheckpointError, match="trained on another VAE's latents"):
+        TU.train_unet(cfg, run_dir=other_vae, epochs=1, device="cpu", progress=False, log=lambda m: None,
                      init_from=source)
 
 
+@pytest.mark.slow
 def test_fp16_gradient_scaler_path_trains_and_resumes_exactly(smoke_run, tmp_path, monkeypatch):
     """The fp16 path (autocast float16 + GradScaler: scale, unscale before clipping, step, update) normally runs
     on CUDA only; forced here on the CPU, where torch supports both. The loss scale is saved with the state, so
     1 + 1 resumed epochs equal 2 straight ones."""
     cfg, vae_run, _ = smoke_run
-    monkeypatch.setattr(T, "autocast_dtype", lambda *a, **k: torch.float16)
+    monkeypatch.setattr(TR, "autocast_dtype", lambda *a, **k: torch.float16)
     straight, resumed = _unet_runs(vae_run, tmp_path, "straight", "resumed")
     quiet = {"device": "cpu", "progress": False, "log": lambda m: None}
-    T.train_unet(cfg, run_dir=straight, epochs=2, **quiet)
-    T.train_unet(cfg, run_dir=resumed, epochs=1, **quiet)
-    first = torch.load(resumed / "unet_state.pt", weights_only=False)
+    TU.train_unet(cfg, run_dir=straight, epochs=2, **quiet)
+    TU.train_unet(cfg, run_dir=resumed, epochs=1, **quiet)
+    first = torch.load(resumed / "unet_state.pt", weights_only=True)
     assert first["scaler"]["scale"] > 0 and first["scaler"]["growth_interval"] == 2000
-    T.train_unet(cfg, run_dir=resumed, epochs=2, resume=True, **quiet)
-    a = torch.load(straight / "unet_state.pt", weights_only=False)
-    b = torch.load(resumed / "unet_state.pt", weights_only=False)
+    TU.train_unet(cfg, run_dir=resumed, epochs=2, resume=True, **quiet)
+    a = torch.load(straight / "unet_state.pt", weights_only=True)
+    b = torch.load(resumed / "unet_state.pt", weights_only=True)
     assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] >= 2.0**10  # most steps were taken, not skipped
     moved = [name for name, p in a["model"].items() if not torch.equal(p, first["model"][name])]
     assert len(moved) > len(a["model"]) // 2  # the second epoch's steps changed the weights
     for name, p in a["model"].items():
         assert torch.isfinite(p).all() and torch.equal(p, b["model"][name]), name
+
+
+@pytest.mark.slow
+def test_second_phase_is_the_two_run_recipe_exactly(smoke_run, tmp_path, monkeypatch):
+    """``finetune_unet`` (one run, two phases) gives bit for bit the weights of the two commands the shipped UNet
+    was trained with: a first run, then a new run started from it with ``--init-from`` at the lower rate; and a
+    run interrupted inside the second phase resumes exactly."""
+    import dataclasses
+
+    from nbutils.config import PhaseConfig
+
+    cfg, vae_run, _ = smoke_run
+    cfg = cfg.replace(unet=dataclasses.replace(cfg.unet, dropout=0.0),
+                      train_unet=dataclasses.replace(cfg.train_unet, epochs=1, sample_every=0))
+    phased = cfg.replace(finetune_unet=PhaseConfig(epochs=1, lr=2e-4, lr_warmup_steps=3))
+    first, second, one, cut = _unet_runs(vae_run, tmp_path, "first", "second", "one", "cut")
+    quiet = dict(device="cpu", progress=False, log=lambda m: None)
+    TU.train_unet(cfg, run_dir=first, **quiet)
+    tuned = cfg.replace(train_unet=dataclasses.replace(cfg.train_unet, lr=2e-4, lr_warmup_steps=3))
+    TU.train_unet(tuned, run_dir=second, init_from=first, **quiet)
+    logs = []
+    TU.train_unet(phased, run_dir=one, device="cpu", progress=False, log=logs.append)
+    assert any("second phase: 1 epochs at lr 0.0002" in m for m in logs)
+    a, b = P.load_unet(second, device="cpu")[0], P.load_unet(one, device="cpu")[0]
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    steps_per_epoch = json.loads((first / "unet_history.json").read_text())[0]["step"]
+    with monkeypatch.context() as m:
+        _signal_at_step(m, steps_per_epoch + 2)  # inside the second phase
+        with pytest.raises(TR.TrainingInterrupted):
+            TU.train_unet(phased, run_dir=cut, **quiet)
+    TU.train_unet(phased, run_dir=cut, resume=True, **quiet)
+    _assert_same_state(one / "unet_state.pt", cut / "unet_state.pt")

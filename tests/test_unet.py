@@ -3,7 +3,7 @@ import torch
 
 from nbutils.config import DiffusionConfig, UNetConfig, get_config
 from nbutils.diffusion import GaussianDiffusion
-from nbutils.train import EMA
+from nbutils.training import EMA
 from nbutils.unet import UNet, count_parameters, timestep_embedding
 
 TINY = UNetConfig(block_out_channels=(16, 32), layers_per_block=1, num_heads=2, cross_attention_dim=16,
@@ -112,6 +112,7 @@ def test_preset_sizes():
     assert counts["smoke"] < counts["cpu"] < counts["full"]
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_a_handful_of_latents():
     torch.manual_seed(0)
     m = UNet(TINY)

@@ -5,7 +5,8 @@ import torch
 
 from nbutils import checkpoints as K
 from nbutils.config import VAEConfig, get_config
-from nbutils.train import evaluate_vae, load_vae
+from nbutils.pipeline import load_vae
+from nbutils.train_vae import evaluate_vae
 from nbutils.vae import VAE, ChannelAttention, kl_divergence, latent_stats, vae_loss
 
 SMALL = VAEConfig(block_out_channels=(8, 16, 16), norm_num_groups=4)

@@ -1,0 +1,179 @@
+"""Evaluating generated images: the sample-file format, the evaluator, and the real-data floor.
+
+A sample file is an ``.npz`` with ``images`` (uint8, (N, 28, 28)) and ``labels`` (int64, (N,), −1 =
+unconditional), as ``python -m nbutils sample --out X.npz`` writes it. :class:`Evaluator` holds what the
+metrics of :mod:`nbutils.metrics` compare against — the classifier of :mod:`nbutils.classifier`, the test
+set's features (cached on disk per classifier), the training images for the novelty check — and reports
+each result beside the same numbers for real images at the same N (the floor).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as D
+from .checkpoints import atomic_write_bytes, file_digest
+from .classifier import load_classifier, predict
+from .config import runs_dir
+from .data import CLASS_NAMES
+from .metrics import conditional_accuracy, fid, kid, novelty
+
+# --------------------------------------------------------------------------------------------
+
+
+def check_sample_arrays(images, labels, source: str = "samples") -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate the sample file format: uint8 (N, 28, 28) images, int (N,) labels in −1..9 (−1 = unconditional)."""
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.dtype != np.uint8:
+        raise ValueError(f"{source}: images must be uint8 (0–255), got {images.dtype}")
+    if images.ndim == 4 and images.shape[1] == 1:
+        images = images[:, 0]
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise ValueError(f"{source}: images must have shape (N, 28, 28), got {images.shape}")
+    if len(images) < 2:
+        raise ValueError(f"{source}: need at least 2 images, got {len(images)}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{source}: labels must be integers, got {labels.dtype}")
+    if labels.shape != (len(images),):
+        raise ValueError(f"{source}: labels must have shape ({len(images)},), got {labels.shape}")
+    if labels.size and (labels.min() < -1 or labels.max() > 9):
+        raise ValueError(f"{source}: labels must be in −1..9 (−1 = unconditional), "
+                         f"got values in [{labels.min()}, {labels.max()}]")
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def load_sample_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images uint8 (N, 28, 28), labels int64 (N,))`` from a sample ``.npz``, with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no sample file at {path}")
+    try:
+        f = np.load(path, allow_pickle=False)
+    except Exception as exc:  # not a zip / npy file at all, or truncated
+        raise ValueError(f"{path} is not a readable .npz file: {exc}") from exc
+    if not hasattr(f, "files"):
+        raise ValueError(f"{path} holds a single array; a sample file is an .npz with 'images' and 'labels'")
+    with f:
+        missing = [k for k in ("images", "labels") if k not in f.files]
+        if missing:
+            raise ValueError(f"{path}: missing array(s) {missing}; a sample file holds 'images' and 'labels' "
+                             f"(found {f.files})")
+        try:
+            images, labels = f["images"], f["labels"]
+        except Exception as exc:
+            raise ValueError(f"{path}: could not read its arrays (truncated file?): {exc}") from exc
+    return check_sample_arrays(images, labels, str(path))
+
+
+class Evaluator:
+    """Everything the generation metrics compare against, computed once and cached.
+
+    Holds the classifier, the test-set features (cached on disk per classifier, so only the first
+    evaluation pays for them), and the training images for the novelty check.
+    """
+
+    def __init__(self, classifier=None, device=None, data_root=None, cache_dir: str | Path | None = None,
+                 classifier_path: str | Path | None = None):
+        self._predict = predict
+        self.classifier, self.classifier_meta = (classifier, {"path": "(given)"}) if classifier is not None \
+            else load_classifier(classifier_path, device=device or "cpu")
+        self.test_images, self.test_labels = D.load_split("test", root=data_root)
+        self.train_images, self.train_labels = D.load_split("train", root=data_root)
+        digest = file_digest(self.classifier_meta["path"]) if classifier is None else None
+        cache = Path(cache_dir) if cache_dir is not None else runs_dir() / "eval_cache"
+        cache_file = cache / f"test_features_{digest}.npz" if digest else None
+        if cache_file is not None and cache_file.is_file():
+            with np.load(cache_file) as f:
+                self.test_features, self.test_logits = torch.from_numpy(f["features"]), torch.from_numpy(f["logits"])
+        else:
+            self.test_features, self.test_logits = predict(self.classifier, self.test_images)
+            if cache_file is not None:
+                buf = io.BytesIO()
+                np.savez(buf, features=self.test_features.numpy(), logits=self.test_logits.numpy())
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(cache_file, buf.getvalue())
+        self.test_accuracy = float((self.test_logits.argmax(1) == self.test_labels).float().mean())
+        self._floors: dict[tuple, dict] = {}  # the floor depends only on (n, n_ref, kid_subsets)
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._predict(self.classifier, images)
+
+    def reference(self, n_ref: int | None = None) -> torch.Tensor:
+        return self.test_features[: n_ref or len(self.test_features)]
+
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor, n_ref: int | None = None,
+                 with_novelty: bool = True, with_floor: bool = True, kid_subsets: int = 100) -> dict:
+        """The metrics of one set of samples (uint8 (N, 28, 28) or [-1, 1]), with the floor beside them."""
+        t0 = time.perf_counter()
+        images = torch.as_tensor(images)
+        labels = torch.as_tensor(labels).long()
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        ref = self.reference(n_ref)
+        feats, logits = self.features(images)
+        pred = logits.argmax(1)
+        acc, per = conditional_accuracy(pred, labels)
+        k_mean, k_std = kid(feats, ref, subsets=kid_subsets)
+        out = {
+            "n": len(images),
+            "n_ref": len(ref),
+            "fid": fid(feats, ref),
+            "kid": k_mean,
+            "kid_std": k_std,
+            "cond_acc": acc,
+            "per_class_acc": dict(zip(CLASS_NAMES, per, strict=True)),
+        }
+        if with_novelty:
+            n = min(len(images), len(self.test_images))
+            out["novelty"] = novelty(images, self.train_images, self.test_images[:n])
+        if with_floor:
+            out["floor"] = self.floor(len(images), n_ref, kid_subsets)
+        out["classifier"] = self.classifier_meta["path"]
+        out["seconds"] = round(time.perf_counter() - t0, 2)
+        return out
+
+    def floor(self, n: int, n_ref: int | None = None, kid_subsets: int = 100) -> dict:
+        """The metrics of ``n`` real training images (a fixed random draw) against the same reference;
+        conditional accuracy of the floor = the classifier's accuracy on the test images."""
+        key = (n, n_ref, kid_subsets)
+        if key in self._floors:
+            return self._floors[key]
+        ref = self.reference(n_ref)
+        g = torch.Generator().manual_seed(1234)
+        idx = torch.randperm(len(self.train_images), generator=g)[:n]
+        feats, _ = self.features(self.train_images[idx])
+        k_mean, k_std = kid(feats, ref, subsets=kid_subsets)
+        self._floors[key] = {"what": f"{len(idx)} real training images", "fid": fid(feats, ref), "kid": k_mean,
+                             "kid_std": k_std, "cond_acc": self.test_accuracy}
+        return self._floors[key]
+
+
+def evaluate_file(path: str | Path, n_ref: int | None = None, evaluator: Evaluator | None = None,
+                  **kwargs) -> dict:
+    """:meth:`Evaluator.evaluate` on a sample ``.npz`` (the ``evaluate`` CLI command)."""
+    images, labels = load_sample_file(path)
+    ev = evaluator or Evaluator()
+    result = ev.evaluate(images, labels, n_ref=n_ref, **kwargs)
+    result["file"] = str(path)
+    return result
+
+
+def to_json(result: dict) -> str:
+    """JSON with NaN written as null (strict JSON)."""
+
+    def clean(v):
+        if isinstance(v, float) and not np.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(result))

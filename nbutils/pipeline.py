@@ -1,0 +1,371 @@
+"""The generator as one object: VAE + UNet + noise schedule + the recipe they are sampled with.
+
+* :class:`SamplingRecipe` — sampler, steps, timestep spacing, guidance scale and interval, precision:
+  everything that turns a trained UNet into pictures, validated once. A released UNet carries its recipe
+  in its checkpoint metadata; :data:`SHIPPED_RECIPE` is the one ``checkpoints/`` was released with.
+* :func:`load_pipeline` — a UNet checkpoint (file or folder) and the VAE beside it, checked to be the
+  VAE the UNet was trained with (SHA-256), as a :class:`Pipeline`.
+* :func:`guided_output` — classifier-free guidance (Ho & Salimans 2022):
+  out = out_uncond + w·(out_cond − out_uncond), both halves in one batched forward pass.
+* :func:`sample` — noise → latents (any sampler of :mod:`nbutils.samplers`) → images.
+
+Guidance in a limited interval of timesteps (Kynkäänniemi et al. 2024, "Applying Guidance in a Limited
+Interval Improves Sample and Distribution Quality in Diffusion Models"): the class is fixed at high noise,
+while guidance at low noise mostly strips detail diversity; outside the interval the plain conditional
+model runs (w = 1, one forward pass instead of two).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoints import (
+    CheckpointError,
+    config_differences,
+    file_digest,
+    load_state_strict,
+    read_model,
+    resolve_checkpoint,
+)
+from .config import Config, DiffusionConfig, bf16_supported, pick_device
+from .data import class_labels, dataset_spec
+from .diffusion import to_x0
+from .samplers import SAMPLERS, SPACINGS, make_sampler, split_timesteps, top_timestep
+from .schedules import NoiseSchedule
+from .unet import UNet
+from .vae import VAE
+
+VAE_FILE = "vae.safetensors"
+UNET_FILE = "unet.safetensors"
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+# --------------------------------------------------------------------------------------------
+# The sampling recipe
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingRecipe:
+    """How to sample: validated on construction, stored with a released UNet.
+
+    ``steps`` None = the sampler's default (every timestep for ``ddpm``, 50 for ``ddim`` and ``dpm-sde``, 20 for
+    ``dpm``); ``timestep_spacing`` None = the sampler's default. ``guidance_interval=(lo, hi)`` guides only at
+    lo ≤ t ≤ hi. ``guided_steps`` (with an interval starting at 0) puts that many of the ``steps`` inside the
+    interval and the rest above it, instead of spacing all evenly (:func:`nbutils.samplers.split_timesteps`).
+    ``eta`` is DDIM's η. ``precision="bf16"`` runs the UNet under bfloat16 autocast (the sampler's arithmetic
+    and the VAE stay float32); ``auto`` = bf16 where the device has it natively, else fp32.
+    """
+
+    sampler: str = "dpm"
+    steps: int | None = None
+    timestep_spacing: str | None = None
+    guidance: float = 3.0
+    guidance_interval: tuple[int, int] | None = None
+    guided_steps: int | None = None
+    eta: float = 0.0
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"steps must be a whole number ≥ 1, got {self.steps!r}")
+        if self.timestep_spacing is not None and self.timestep_spacing not in SPACINGS:
+            raise ValueError(f"unknown timestep_spacing {self.timestep_spacing!r}; valid: {', '.join(SPACINGS)}")
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            raise ValueError(f"guidance must be a finite number ≥ 0, got {self.guidance}")
+        if not math.isfinite(self.eta) or self.eta < 0:
+            raise ValueError(f"eta must be a finite number ≥ 0, got {self.eta}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.guidance_interval is not None:
+            interval = tuple(self.guidance_interval)
+            if len(interval) != 2 or not all(isinstance(v, int) for v in interval) \
+                    or not 0 <= interval[0] <= interval[1]:
+                raise ValueError(f"guidance_interval must be (lo, hi) timesteps with 0 ≤ lo ≤ hi, got "
+                                 f"{self.guidance_interval!r}")
+            object.__setattr__(self, "guidance_interval", interval)
+        if self.guided_steps is not None:
+            if self.guidance_interval is None or self.guidance_interval[0] != 0:
+                raise ValueError("guided_steps needs guidance_interval=(0, hi): the guided part ends the schedule")
+            if self.steps is None:
+                raise ValueError("guided_steps needs steps (the total, e.g. steps=16, guided_steps=12)")
+            if not 1 <= self.guided_steps < self.steps:
+                raise ValueError(f"guided_steps must be at least 1 and less than steps ({self.steps}), got "
+                                 f"{self.guided_steps}")
+            if self.timestep_spacing not in (None, "trailing", "logsnr"):
+                raise ValueError("with guided_steps, timestep_spacing spaces the guided part: trailing or logsnr, "
+                                 f"got {self.timestep_spacing!r}")
+
+    def replace(self, **changes: Any) -> SamplingRecipe:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["guidance_interval"] is not None:
+            d["guidance_interval"] = list(d["guidance_interval"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SamplingRecipe:
+        """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a sampling recipe must be a JSON object, got {type(d).__name__}")
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown sampling recipe fields: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if d.get("guidance_interval") is not None:
+            d["guidance_interval"] = tuple(d["guidance_interval"])
+        return cls(**d)
+
+
+#: The recipe ``checkpoints/`` was released with (stored in its UNet's metadata too): DPM-Solver++ with 20 steps
+#: spaced evenly in log-SNR, classifier-free guidance w = 2.9375 on 30 ≤ t ≤ 600 only (6 of the 20 steps on the
+#: cosine schedule). Chosen by measurement for those weights: docs/sampling.md says how, docs/results.md what.
+SHIPPED_RECIPE = SamplingRecipe(sampler="dpm", steps=20, timestep_spacing="logsnr", guidance=2.9375,
+                                guidance_interval=(30, 600))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_vae(checkpoint: str | Path | None = None, device: str | torch.device | None = None,
+             expected: Config | None = None) -> tuple[VAE, dict[str, Any]]:
+    """``(vae, metadata)`` from a checkpoint file or folder (default: latest run, else shipped).
+
+    ``metadata["extra"]["latent_stats"]`` says whether the latent shift/scale are set (a finished run).
+    With ``expected``, a checkpoint whose VAE config differs is an error naming the fields.
+    """
+    path = resolve_checkpoint(VAE_FILE, checkpoint)
+    tensors, meta = read_model(path, "vae")
+    cfg = Config.from_dict(meta["config"])
+    if expected is not None:
+        def arch(d: dict) -> dict:  # kl_weight only matters in training
+            return {k: v for k, v in d.items() if k != "kl_weight"}
+
+        diffs = config_differences(arch(cfg.to_dict()["vae"]), arch(expected.to_dict()["vae"]), "vae.")
+        if diffs:
+            raise CheckpointError(f"{path} was trained with a different VAE config: " + "; ".join(diffs))
+    vae = VAE(cfg.vae)
+    load_state_strict(vae, tensors, path)
+    meta["path"] = str(path)
+    return vae.to(pick_device(device)).eval(), meta
+
+
+def load_unet(checkpoint: str | Path | None = None, device: str | torch.device | None = None
+              ) -> tuple[UNet, dict[str, Any]]:
+    """``(unet, metadata)`` from a checkpoint file or folder (default: latest run, else shipped)."""
+    path = resolve_checkpoint(UNET_FILE, checkpoint)
+    tensors, meta = read_model(path, "unet")
+    unet = UNet(Config.from_dict(meta["config"]).unet)
+    load_state_strict(unet, tensors, path)
+    meta["path"] = str(path)
+    return unet.to(pick_device(device)).eval(), meta
+
+
+@dataclass
+class Pipeline:
+    """A trained generator: the VAE, the UNet, the diffusion process the UNet learned, and its recipe."""
+
+    vae: Any  # a VAE, or anything with ``latent_shape`` and ``decode`` (tests use an identity)
+    unet: Any  # a UNet, or anything called as ``unet(x, t, labels)`` with a ``null_label``
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    recipe: SamplingRecipe = field(default_factory=SamplingRecipe)
+    class_names: tuple[str, ...] = dataset_spec("fashion_mnist").class_names
+    meta: dict[str, Any] = field(default_factory=dict)  # the UNet checkpoint's metadata, when loaded from one
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.from_config(self.diffusion)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+
+def load_pipeline(checkpoint: str | Path | None = None, device: str | torch.device | None = None) -> Pipeline:
+    """The UNet of ``checkpoint`` (a run folder or ``unet.safetensors``; default: latest run, else shipped) and
+    the ``vae.safetensors`` beside it, which must be the VAE it was trained with (its SHA-256 is recorded)."""
+    unet, meta = load_unet(checkpoint, device=device)
+    vae_path = Path(meta["path"]).parent / VAE_FILE
+    if not vae_path.is_file():
+        raise CheckpointError(f"no {VAE_FILE} beside {meta['path']}: the UNet needs the VAE it was trained with")
+    recorded = meta["extra"].get("vae_digest")
+    if recorded and recorded != file_digest(vae_path):
+        raise CheckpointError(f"{vae_path} is not the VAE {meta['path']} was trained with (SHA-256 differs)")
+    vae, _ = load_vae(vae_path, device=device)
+    cfg = Config.from_dict(meta["config"])
+    stored = meta["extra"].get("sampling_recipe")
+    try:
+        recipe = SamplingRecipe.from_dict(stored) if stored is not None else SamplingRecipe()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{meta['path']} carries an invalid sampling recipe: {exc}") from exc
+    return Pipeline(vae, unet, cfg.diffusion, recipe, dataset_spec(cfg.data.dataset).class_names, meta)
+
+
+def load_models(checkpoint: str | Path | None = None, device: str | torch.device | None = None):
+    """``(unet, vae, unet_metadata)`` of :func:`load_pipeline` (for code that wants the parts)."""
+    pipe = load_pipeline(checkpoint, device)
+    return pipe.unet, pipe.vae, pipe.meta
+
+
+# --------------------------------------------------------------------------------------------
+# Guidance and sampling
+# --------------------------------------------------------------------------------------------
+
+
+def guided_output(model, x: torch.Tensor, t, labels: torch.Tensor, guidance: float, null_label: int) -> torch.Tensor:
+    """Classifier-free guidance: out_u + w·(out_c − out_u), one forward pass over [cond; uncond].
+
+    w = 1 is the plain conditional model, w = 0 the unconditional one. Examples whose label already is
+    the null label are unconditional whatever w is. Linear in the output, so valid for ε and v alike.
+    """
+    b = x.shape[0]
+    tt = torch.full((b,), int(t), dtype=torch.long, device=x.device)
+    if guidance == 1.0:
+        return model(x, tt, labels)
+    null = torch.full_like(labels, null_label)
+    if guidance == 0.0:
+        return model(x, tt, null)
+    out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
+    cond, uncond = out[:b], out[b:]
+    return uncond + guidance * (cond - uncond)
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor  # (N, C, H, W) in [-1, 1] (decoded): (N, 1, 28, 28) for FashionMNIST
+    latents: torch.Tensor  # (N, C_z, H/4, W/4), standardised
+    labels: torch.Tensor  # (N,), −1 = unconditional
+    trajectory: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (t, decoded x̂_0) pairs
+    precision: str = "fp32"  # what the UNet ran in ("auto" resolved)
+
+
+def _labels(classes, n: int, pipe: Pipeline) -> torch.Tensor:
+    if classes is None:
+        return torch.full((n,), -1, dtype=torch.long)
+    if isinstance(classes, str):
+        return torch.tensor(class_labels(classes, n, pipe.class_names), dtype=torch.long)
+    if isinstance(classes, int):
+        labels = torch.full((n,), classes, dtype=torch.long)
+    else:
+        labels = torch.as_tensor(list(classes) if not isinstance(classes, torch.Tensor) else classes).long()
+        if labels.shape != (n,):
+            raise ValueError(f"classes must be one label or {n} labels, got shape {tuple(labels.shape)}")
+    if ((labels < -1) | (labels >= pipe.unet.null_label)).any():
+        raise ValueError(f"class labels must be in 0..{pipe.unet.null_label - 1} (or −1 for unconditional)")
+    return labels
+
+
+def _precision(recipe: SamplingRecipe, device: torch.device) -> str:
+    if recipe.precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    if recipe.precision == "bf16" and not bf16_supported(device):
+        raise ValueError(f"precision='bf16' needs native bf16 support, which {device} lacks (it would only be "
+                         "emulated, i.e. slower); use precision='fp32'")
+    return recipe.precision
+
+
+@torch.no_grad()
+def sample(
+    pipe: Pipeline,
+    n: int,
+    classes: int | str | Sequence[int] | torch.Tensor | None = None,
+    recipe: SamplingRecipe | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    batch_size: int = 500,
+    progress: bool = False,
+    return_trajectory: bool = False,
+    trajectory_points: int = 8,
+    init_latents: torch.Tensor | None = None,
+    strength: float = 1.0,
+) -> SampleResult:
+    """Generate ``n`` images with ``recipe`` (default: the pipeline's own).
+
+    ``classes``: one label for all, a class name or spec such as ``"all"``/``"sneaker"``, a sequence of n labels,
+    or None/−1 for unconditional samples. Noise comes from ``generator`` (CPU generators reproduce across
+    devices). ``return_trajectory`` records the decoded x̂_0 at ``trajectory_points`` steps of the first batch.
+
+    ``init_latents`` (N, C_z, h, w), standardised like ``vae.encode``'s output, starts from given latents instead
+    of pure noise (SDEdit, Meng et al. 2022; diffusers' image-to-image convention): of the sampler's timesteps only
+    the last round(n·``strength``) run, after noising the latents to the first of them, x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε.
+    """
+    recipe = recipe if recipe is not None else pipe.recipe
+    if n < 1:
+        raise ValueError(f"n must be ≥ 1, got {n}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    vae, unet = pipe.vae, pipe.unet
+    if init_latents is not None:
+        if init_latents.ndim != 4 or tuple(init_latents.shape[1:]) != tuple(vae.latent_shape) or len(init_latents) != n:
+            raise ValueError(f"init_latents must have shape ({n}, {', '.join(map(str, vae.latent_shape))}), "
+                             f"got {tuple(init_latents.shape)}")
+    elif strength != 1.0:
+        raise ValueError("strength needs init_latents")
+    labels = _labels(classes, n, pipe)
+    schedule = pipe.schedule
+    device = pipe.device
+    precision = _precision(recipe, device)
+    amp = precision == "bf16"
+
+    def model(x, t, y):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            return unet(x, t, y).float()
+
+    custom_timesteps = None
+    if recipe.guided_steps is not None:
+        custom_timesteps = split_timesteps(schedule.num_train_timesteps, recipe.steps - recipe.guided_steps,
+                                           recipe.guided_steps, recipe.guidance_interval[1],
+                                           recipe.timestep_spacing or "trailing", schedule.alphas_cumprod,
+                                           top_timestep(schedule.alphas_cumprod))
+    lo, hi = recipe.guidance_interval or (0, math.inf)
+    null = unet.null_label
+    images, latents, trajectory = [], [], []
+    bar = tqdm(total=n, desc=f"{recipe.sampler} {recipe.steps or ''}".strip(), disable=not progress, leave=False)
+    for start in range(0, n, batch_size):
+        lab = labels[start : start + batch_size]
+        model_labels = torch.where(lab < 0, torch.full_like(lab, null), lab).to(device)
+        s = make_sampler(recipe.sampler, schedule, pipe.diffusion.prediction_type, recipe.steps,
+                         recipe.timestep_spacing, recipe.eta)
+        if custom_timesteps is not None:
+            s.set_timesteps(timesteps=custom_timesteps)
+        shape = (len(lab), *vae.latent_shape)
+        x = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu").to(device)
+        timesteps = s.timesteps
+        if init_latents is not None:  # SDEdit: noise the given latents to the first timestep run
+            timesteps = timesteps[len(timesteps) - max(1, round(len(timesteps) * strength)):]
+            a = float(s.alphas_cumprod[int(timesteps[0])])
+            x = math.sqrt(a) * init_latents[start : start + batch_size].to(device, torch.float32) + math.sqrt(1 - a) * x
+        record = set()
+        if return_trajectory and start == 0:
+            idx = torch.linspace(0, len(timesteps) - 1, min(trajectory_points, len(timesteps))).round().long().tolist()
+            record = {int(timesteps[i]) for i in idx}
+        for t in timesteps:
+            w = recipe.guidance if lo <= int(t) <= hi else 1.0
+            out = guided_output(model, x, t, model_labels, w, null)
+            if int(t) in record:
+                tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
+                x0 = to_x0(out, x, tt, s.alphas_cumprod, pipe.diffusion.prediction_type)
+                trajectory.append((int(t), vae.decode(x0).cpu()))
+            x = s.step(out, t, x, generator=generator)
+        latents.append(x.cpu())
+        images.append(vae.decode(x).cpu())
+        bar.update(len(lab))
+    bar.close()
+    return SampleResult(torch.cat(images), torch.cat(latents), labels, trajectory, precision)

@@ -1,0 +1,202 @@
+"""Training the latent UNet (the second stage) on a VAE's cached latents.
+
+Each step: take clean latents x_0 with their classes, drop each class to the null token with probability
+``cond_drop_prob`` (so one network learns the conditional and the unconditional model that classifier-free
+guidance combines, Ho & Salimans 2022), draw t and noise, and regress the UNet's output on the target of
+:class:`nbutils.diffusion.GaussianDiffusion` (ε or v). Every epoch draws fresh posterior samples
+z = μ + σ·ε from the latent cache, standardised with the VAE's shift and scale; images are never
+re-encoded. An optional second phase (``cfg.finetune_unet``) continues at a lower learning rate.
+The epoch loop, checkpoints, resume and Ctrl-C come from :mod:`nbutils.training`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import data as D
+from .checkpoints import CheckpointError, file_digest, load_state_strict, read_model, resolve_checkpoint, save_model
+from .config import Config, make_generator, pick_device, runs_dir
+from .diffusion import GaussianDiffusion
+from .distributed import processes
+from .latents import latent_dataset
+from .pipeline import UNET_FILE, VAE_FILE, Pipeline, SamplingRecipe, load_vae, sample
+from .training import EMA, Run, autocast, fit, image_shape, make_optimizer, read_state
+from .unet import UNet
+
+
+def train_unet(
+    cfg: Config,
+    run_dir: str | Path | None = None,
+    epochs: int | None = None,
+    resume: bool = False,
+    vae_checkpoint: str | Path | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    data_root: str | None = None,
+    on_epoch_end: Callable | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+    init_from: str | Path | None = None,
+) -> UNet:
+    """Train the latent UNet of ``cfg`` on the cached latents of a VAE; returns the EMA UNet.
+
+    ``epochs`` is the total wanted (default: ``cfg.train_unet.epochs`` plus ``cfg.finetune_unet.epochs``); with
+    ``resume=True`` training continues from ``run_dir``'s last checkpoint up to that total. The VAE is
+    ``run_dir``'s own when it has one, else ``vae_checkpoint`` (default: latest run, else shipped), copied in.
+
+    ``init_from`` (a run folder or UNet checkpoint; ignored with ``resume``) starts a *new* run from another
+    run's weights — raw and EMA from its state file when it has one — with a fresh optimizer. Its VAE must be
+    this run's (the same SHA-256).
+
+    Every ``sample_every`` epochs a grid of samples (one row per class) goes to
+    ``RUN_DIR/unet_samples_epochNNN.png``; ``on_epoch_end(record, history, ema_unet, grid_path)`` is called
+    after each epoch and ``on_step(step, loss_parts)`` after each step (notebook 04's live picture).
+    """
+    tc, phase2 = cfg.train_unet, cfg.finetune_unet
+    epochs = tc.epochs + phase2.epochs if epochs is None else epochs
+    if epochs < 1:
+        raise ValueError(f"epochs must be ≥ 1, got {epochs}")
+    if tc.batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {tc.batch_size}")
+    run_dir = Path(run_dir) if run_dir is not None else runs_dir() / cfg.preset
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(device)
+    procs = processes(device)  # one process, or one of several under `accelerate launch`
+    device, log, progress = procs.device(device), procs.log(log), progress and procs.is_main
+
+    own_vae = run_dir / VAE_FILE
+    with procs.main_first():  # process 0 copies the VAE and writes the latent cache; the others then read them
+        if procs.is_main and not own_vae.is_file():  # self-contained run: sampling needs the exact VAE
+            source = resolve_checkpoint(VAE_FILE, vae_checkpoint)
+            shutil.copyfile(source, own_vae)
+            if source.with_suffix(".json").is_file():
+                shutil.copyfile(source.with_suffix(".json"), own_vae.with_suffix(".json"))
+            log(f"using the VAE {source} (copied into {run_dir})")
+        vae, vae_meta = load_vae(own_vae, device=device)
+        if not vae_meta["extra"].get("latent_stats"):
+            raise CheckpointError(f"{vae_meta['path']} has no latent statistics; run finalize_vae on its run first")
+        if vae.cfg.latent_channels != cfg.unet.latent_channels:
+            raise CheckpointError(f"VAE {vae_meta['path']} has {vae.cfg.latent_channels} latent channels, "
+                                  f"the UNet config expects {cfg.unet.latent_channels}")
+        image_shape(cfg.data, vae.cfg, f"the VAE {vae_meta['path']}")
+        cache = latent_dataset(vae, vae_meta["path"], subset=cfg.data.train_subset, root=data_root,
+                               progress=progress, data_cfg=cfg.data)
+    shift, scale = vae.latent_shift.cpu()[:, None, None], float(vae.latent_scale)
+
+    torch.manual_seed(tc.seed)
+    unet = UNet(cfg.unet).to(device)
+    diffusion = GaussianDiffusion(cfg.diffusion, cfg.unet.num_classes)
+    seeds = {"shuffle": tc.seed, "latent": tc.seed + 2, "noise": tc.seed + 1}
+    gens = {"shuffle": torch.Generator().manual_seed(seeds["shuffle"]),
+            "latent": torch.Generator().manual_seed(seeds["latent"]),
+            "noise": torch.Generator(device=device).manual_seed(seeds["noise"])}
+    vae_digest = file_digest(own_vae)
+
+    def save_weights(run: Run, epochs_done: int) -> None:
+        extra = {"epoch": epochs_done, "step": run.step, "vae_digest": vae_digest,
+                 "metrics": run.history.epochs[-1] if run.history.epochs else {}}
+        save_model(run.weights_path, "unet", run.ema.model.state_dict(), cfg, extra)
+
+    run = Run("unet", cfg, tc, run_dir, unet, EMA(unet, tc.ema_decay, tc.ema_warmup_steps),
+              make_optimizer(unet.parameters(), tc, device), gens, procs, device, log, progress,
+              sections=("data", "unet", "diffusion", "train_unet", "finetune_unet"), save_weights=save_weights)
+    # the second phase trains with its own learning rate and warm-up; everything else as the first
+    phase2_tc = dataclasses.replace(tc, lr=phase2.lr, lr_warmup_steps=phase2.lr_warmup_steps)
+    if resume:
+        run.resume()
+        if phase2.epochs and (run.epoch > tc.epochs or (run.epoch == tc.epochs and run.partial is not None)):
+            run.tc = phase2_tc
+        if run.epoch >= epochs:
+            log(f"already trained {run.epoch} epochs (asked for {epochs}); nothing to do")
+    elif run.weights_path.exists():
+        log(f"note: overwriting the UNet checkpoint in {run_dir} (pass resume=True / --resume to continue it)")
+    if init_from is not None and not resume:
+        _init_from(Path(init_from), unet, run.ema, own_vae, log)
+    run.prepare()
+
+    def start_epoch(epoch: int) -> None:
+        if phase2.epochs and epoch == tc.epochs:
+            run.tc, run.phase_start = phase2_tc, run.step
+            run.opt = make_optimizer(unet.parameters(), phase2_tc, device)
+            for k, g in gens.items():
+                g.manual_seed(seeds[k])
+            log(f"second phase: {phase2.epochs} epochs at lr {phase2.lr:g}, fresh optimizer")
+
+    def batches(epoch: int) -> D.TensorLoader:
+        # a fresh posterior sample z = μ + σ·ε of every training image, standardised
+        z = cache["mean"] + cache["std"] * torch.randn(cache["mean"].shape, generator=gens["latent"])
+        return D.TensorLoader(((z - shift) * scale, cache["labels"]), batch_size=tc.batch_size, shuffle=True,
+                              generator=gens["shuffle"])
+
+    def train_step(batch):
+        x0, labels = (t.to(device, non_blocking=True) for t in batch)
+        t, noise, dropped = diffusion.draw(x0, labels, generator=gens["noise"])  # for the global batch
+        x0, t, noise, dropped = procs.shard(x0, t, noise, dropped)  # this process's share (all of it on one)
+        with autocast(device, run.amp_dtype):
+            loss, parts = diffusion.loss(run.forward, x0, dropped, draws=(t, noise, dropped))
+        return loss, procs.combine(parts, len(labels)), len(labels)
+
+    def after_epoch(record: dict) -> None:
+        grid = None
+        if tc.sample_every and record["epoch"] % tc.sample_every == 0:
+            grid = save_sample_grid(Pipeline(vae, run.ema.model, cfg.diffusion),
+                                    run_dir / f"unet_samples_epoch{record['epoch']:03d}.png")
+        if on_epoch_end is not None:
+            on_epoch_end(record, run.history, run.ema.model, grid)
+
+    n = len(cache["labels"])
+    log(f"UNet: {sum(p.numel() for p in unet.parameters()):,} parameters, {n:,} latents from {vae_meta['path']}, "
+        f"batch {tc.batch_size}{run.split_note()}, {-(-n // tc.batch_size)} steps/epoch, device {device}, "
+        f"run dir {run_dir}")
+    fit(run, epochs, batches, train_step, epoch_gens=("shuffle", "latent"), after_epoch=after_epoch,
+        on_step=on_step, start_epoch=start_epoch)
+    return run.ema.model
+
+
+def save_sample_grid(pipe: Pipeline, path: str | Path, per_class: int = 10, steps: int = 25,
+                     guidance: float = 3.0, seed: int = 0) -> Path:
+    """A class-per-row grid of samples (DDIM, ``steps`` steps, fixed seed: comparable across epochs)."""
+    pipe.unet.eval()
+    num_classes = pipe.unet.null_label
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    result = sample(pipe, len(labels), labels, SamplingRecipe(sampler="ddim", steps=steps, guidance=guidance),
+                    make_generator(seed))
+    return D.save_grid(result.images, path, nrow=per_class)
+
+
+def _init_from(source: Path, unet: UNet, ema: EMA, own_vae: Path, log: Callable[[str], None]) -> None:
+    """Load another run's UNet weights into ``unet`` (raw) and ``ema``; see ``train_unet(init_from=…)``."""
+    path = resolve_checkpoint(UNET_FILE, source)
+    tensors, meta = read_model(path, "unet")
+    recorded = meta["extra"].get("vae_digest")
+    if recorded and recorded != file_digest(own_vae):
+        raise CheckpointError(f"cannot start from {path}: it was trained on another VAE's latents than {own_vae} "
+                              "(SHA-256 differs); use its run's vae.safetensors (--vae)")
+    load_state_strict(unet, tensors, path)  # names any tensor that does not fit this config's UNet
+    ema.model.load_state_dict(unet.state_dict())
+    what = "its EMA weights (no state file: the raw weights start as a copy)"
+    state_path = path.parent / "unet_state.pt"
+    if state_path.is_file():
+        state = read_state(state_path)
+        unet.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        what = f"raw and EMA weights after its step {state['step']}"
+    log(f"starting from {path.parent}: {what}; fresh optimizer")
+
+
+def load_raw_unet(run_dir: str | Path, device: str | torch.device | None = None) -> tuple[UNet, Config]:
+    """``(unet, config)``: the *raw* (not EMA) UNet weights of a run, from its state file (EMA-vs-raw comparisons)."""
+    path = Path(run_dir) / "unet_state.pt"
+    if not path.is_file():
+        raise CheckpointError(f"no training state at {path}")
+    state = read_state(path)
+    cfg = Config.from_dict(state["config"])
+    unet = UNet(cfg.unet)
+    unet.load_state_dict(state["model"])
+    return unet.to(pick_device(device)).eval(), cfg
+

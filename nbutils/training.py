@@ -1,0 +1,468 @@
+"""What every training loop here shares: the machinery around the step, so each loop shows only its step.
+
+Longer than the ~400 lines a module aims at because it is the one home of the loop machinery both models
+share (optimizer step, precision, stop/resume, the epoch runner) so that the two loops stay short.
+
+* :class:`EMA` — an exponential moving average of the weights with warm-up; it is what gets evaluated,
+  saved and shipped.
+* :func:`lr_at` — a short linear learning-rate warm-up, then a constant rate (the EMA does the averaging
+  a decaying schedule would), so the schedule never depends on how many epochs a call runs.
+* :func:`optimizer_step` — NaN/inf guard, backward, gradient clipping, Adam, EMA update.
+* :func:`autocast_dtype` / :func:`precision` — mixed precision and ``torch.compile`` on CUDA.
+* :class:`Run` and :func:`fit` — the epoch loop: progress bars with the running loss, one checkpoint per
+  epoch (weights + a resumable training state, written atomically), exact resume, and Ctrl-C / SIGTERM
+  handling: the current step finishes, a checkpoint *including the position inside the epoch* is written,
+  the resume command is printed and :class:`TrainingInterrupted` is raised (a second signal stops at once).
+
+The loops themselves live in :mod:`nbutils.train_vae` and :mod:`nbutils.train_unet`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shlex
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoints import CheckpointError, atomic_torch_save, atomic_write_bytes, config_differences
+from .config import MIXED_PRECISION, Config, DataConfig, TrainConfig, VAEConfig
+from .distributed import OneProcess
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was asked to stop (Ctrl-C, SIGTERM) and saved a resumable checkpoint first."""
+
+
+# --------------------------------------------------------------------------------------------
+# The pieces of one optimizer step
+# --------------------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of a model's weights, with warm-up.
+
+    ``decay_t = min(decay, (1 + t) / (10 + t))`` (the warm-up used by TensorFlow's
+    ``ExponentialMovingAverage`` with ``num_updates``): early on the average follows the weights
+    closely, so an EMA sampled after a short run is not dominated by the random initialisation.
+    ``warmup_steps`` additionally keeps decay at 0 (a plain copy) for the first steps.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup_steps: int = 0):
+        self.decay = decay
+        self.warmup_steps = warmup_steps
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.num_updates = 0
+
+    def current_decay(self) -> float:
+        t = self.num_updates
+        if t < self.warmup_steps:
+            return 0.0
+        return min(self.decay, (1 + t) / (10 + t))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        ema_params = list(self.model.parameters())
+        params = [p.detach() for p in model.parameters()]
+        if len(ema_params) != len(params):
+            raise ValueError(f"EMA holds {len(ema_params)} tensors, the model {len(params)}")
+        # one fused kernel per dtype/device group instead of one per tensor (matters on a GPU)
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+        for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            ema_b.copy_(b)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.num_updates = int(state["num_updates"])
+
+
+def lr_at(step: int, tc: TrainConfig, warmup: int = 200) -> float:
+    """Linear warm-up over the first ``warmup`` steps, then the constant ``tc.lr``.
+
+    A constant rate plus an EMA of the weights (what we evaluate and ship) does the job of a decaying
+    schedule without tying the schedule to a planned number of epochs: training for 2 epochs, or for
+    1 and then resuming for 1 more, follows exactly the same learning rates.
+    """
+    return tc.lr * min(1.0, (step + 1) / warmup)
+
+
+def make_optimizer(params, tc: TrainConfig, device: torch.device) -> torch.optim.Adam:
+    """Adam; on CUDA the fused implementation (one kernel for every tensor's update instead of a handful of
+    launches per tensor, which matters when a step is launch-bound). Same update rule, same state dict."""
+    return torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
+
+
+def optimizer_step(what: str, loss: torch.Tensor, parts: dict[str, float], model: nn.Module, ema: EMA,
+                   opt: torch.optim.Optimizer, tc: TrainConfig, step: int, epoch: int, last_checkpoint: Path,
+                   scaler: torch.amp.GradScaler | None = None) -> None:
+    """One optimizer step: NaN/inf guard, backward, gradient clipping, Adam, EMA update.
+
+    ``parts`` are the loss parts of the whole (global) batch; ``scaler`` is fp16's gradient scaler."""
+    if not math.isfinite(parts["loss"]):
+        raise NonFiniteLossError(
+            f"non-finite {what} loss at step {step} (epoch {epoch + 1}): {parts}; last good checkpoint: "
+            f"{last_checkpoint if last_checkpoint.exists() else 'none'}"
+        )
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)  # clip the true gradients
+    if tc.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)  # skipped when fp16 gradients overflowed
+        scaler.update()
+    ema.update(model)
+
+
+def autocast_dtype(setting: str, device: torch.device, log: Callable[[str], None] = print,
+                   compile: bool = False) -> torch.dtype | None:
+    """The autocast dtype a training run uses for ``mixed_precision=setting`` (None = float32 throughout).
+
+    Mixed precision is a CUDA feature here: on a CPU or MPS any setting trains in float32, with a one-line
+    notice when ``bf16``/``fp16`` was asked for. On CUDA: ``auto`` = bf16 when the forward pass is compiled
+    (``compile``) on a GPU that supports bf16 (Ampere and newer), else float32; ``bf16`` = bf16, an error on a
+    GPU without it; ``fp16`` = float16 with a gradient scaler; ``no`` = float32. Model outputs are cast to
+    float32 before the loss either way.
+
+    Why ``auto`` depends on compile: these models are small enough that a GPU step is bound by kernel launches,
+    and uncompiled autocast adds launches (the casts); compiled, the casts fuse away (docs/results.md measures
+    the three settings).
+    """
+    if setting not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision must be one of {', '.join(map(repr, MIXED_PRECISION))}, got {setting!r}")
+    if setting == "no":
+        return None
+    if device.type != "cuda":
+        if setting != "auto":
+            log(f"note: mixed_precision={setting!r} has no effect on {device.type} (CUDA only); training in float32")
+        return None
+    if setting == "fp16":
+        return torch.float16
+    supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if setting == "bf16" and not supported:
+        name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
+        raise ValueError(f"mixed_precision='bf16' needs a GPU with bfloat16 support (Ampere or newer); {name} has "
+                         "none: use 'fp16' or 'no'")
+    if setting == "auto" and not compile:
+        return None
+    return torch.bfloat16 if supported else None
+
+
+def precision(tc: TrainConfig, model: nn.Module, device: torch.device, log: Callable[[str], None]
+              ) -> tuple[torch.dtype | None, torch.amp.GradScaler | None, nn.Module]:
+    """``(autocast dtype, fp16 gradient scaler or None, the module to call for the forward pass)``."""
+    dtype = autocast_dtype(tc.mixed_precision, device, log, compile=tc.compile)
+    if dtype is not None:
+        log(f"mixed precision: {str(dtype).removeprefix('torch.')} autocast on {device}")
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    forward = model
+    if tc.compile:
+        if device.type == "cuda":
+            forward = torch.compile(model)
+        else:
+            log(f"note: compile=True has no effect on {device.type} (CUDA only); training uncompiled")
+    return dtype, scaler, forward
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype``, or a no-op context for None (float32)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def image_shape(d: DataConfig, v: VAEConfig, vae_name: str = "the VAE") -> tuple[int, int, int]:
+    """(C, H, W) of the dataset; an error when the VAE (config or checkpoint) is for another shape."""
+    if (v.in_channels, v.image_size) != (d.channels, d.image_size):
+        raise ValueError(f"{vae_name} is configured for {v.in_channels}×{v.image_size}×{v.image_size} images but "
+                         f"{d.dataset} has {d.channels}×{d.image_size}×{d.image_size}: build the config with "
+                         f"get_config(preset, dataset={d.dataset!r}) (CLI: --dataset {d.dataset}), which sets both")
+    return d.image_shape
+
+
+def progress_bar(iterable: Iterable, total: int, desc: str, enabled: bool, done: int = 0):
+    """A progress bar over ``iterable``; ``done`` items are drawn first without showing them (a resumed epoch).
+
+    The skipped items are still drawn, so that the shuffling generator ends where an uninterrupted epoch
+    leaves it; the bar then starts at ``done`` and its rate and time left count only the batches run now.
+    """
+    items = iter(iterable)
+    for _ in range(done):
+        next(items)
+    return tqdm(items, total=total, initial=done, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping, saving and resuming
+# --------------------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """While active, SIGINT and SIGTERM only *request* a stop, checked by the loop after each step.
+
+    A second signal raises ``KeyboardInterrupt`` at once. Signal handlers can only be installed from
+    the main thread; elsewhere (e.g. a training thread) the default behaviour stays.
+    """
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+@dataclass
+class History:
+    """Per-step losses and per-epoch metrics of a training run (kept in the state file)."""
+
+    steps: list[dict[str, float]] = field(default_factory=list)
+    epochs: list[dict[str, float]] = field(default_factory=list)
+
+
+def resume_hint(what: str, run_dir: Path, epochs: int, cfg: Config) -> str:
+    """The command that resumes this run, with the ``--dataset``/``--set`` flags its config needs."""
+    flags = "".join(f" {shlex.quote(f)}" for f in cfg.cli_flags())
+    return (f"resume with: python -m nbutils train-{what} --preset {cfg.preset}{flags} --run-dir {run_dir} "
+            f"--epochs {epochs} --resume (in Python: train_{what}(cfg, run_dir={str(run_dir)!r}, epochs={epochs}, "
+            "resume=True))")
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A training state file, read without unpickling code: tensors, numbers, strings and containers only
+    (``torch.load(weights_only=True)``), so a crafted file cannot run anything."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable training state ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+
+
+def load_history(run_dir: str | Path, name: str = "vae") -> tuple[list[dict], list[dict]]:
+    """``(per-step losses, per-epoch metrics)`` of a run, from its state file."""
+    path = Path(run_dir) / f"{name}_state.pt"
+    if not path.is_file():
+        raise CheckpointError(f"no training history at {path}")
+    state = read_state(path)
+    return state["history"]["steps"], state["history"]["epochs"]
+
+
+@dataclass
+class Run:
+    """One training run: the model, its EMA, optimizer, generators, counters and where it is saved.
+
+    ``what`` names the model (``vae``/``unet``): files are ``RUN_DIR/{what}.safetensors`` (EMA weights +
+    config, written by ``save_weights``) and ``RUN_DIR/{what}_state.pt`` (everything needed to resume).
+    ``sections`` are the config sections that must match when resuming (only epochs and precision may change).
+    """
+
+    what: str
+    cfg: Config
+    tc: TrainConfig
+    run_dir: Path
+    model: nn.Module
+    ema: EMA
+    opt: torch.optim.Optimizer
+    gens: dict[str, torch.Generator]
+    procs: OneProcess
+    device: torch.device
+    log: Callable[[str], None]
+    progress: bool
+    sections: tuple[str, ...]
+    save_weights: Callable[[Run, int], None]
+    step: int = 0
+    epoch: int = 0  # finished epochs
+    phase_start: int = 0  # the step the current training phase began at (its lr warm-up counts from there)
+    history: History = field(default_factory=History)
+    partial: dict | None = None  # resuming inside an epoch: {"batch", "epoch_rng", "running"}
+    scaler: torch.amp.GradScaler | None = None
+    amp_dtype: torch.dtype | None = None
+    forward: nn.Module | None = None
+
+    @property
+    def weights_path(self) -> Path:
+        return self.run_dir / f"{self.what}.safetensors"
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / f"{self.what}_state.pt"
+
+    def resume(self) -> None:
+        """Load the state written by :meth:`save`; the config sections that shape the run must match."""
+        if not self.state_path.is_file():
+            raise CheckpointError(f"cannot resume: {self.state_path} does not exist (train without --resume first)")
+        state = read_state(self.state_path)
+        # read the saved config through Config so fields added since it was written take their defaults
+        saved, now = Config.from_dict(state["config"]).to_dict(), self.cfg.to_dict()
+        diffs = [d for sec in self.sections for d in config_differences(saved.get(sec, {}), now[sec], f"{sec}.")]
+        free = (".epochs", ".mixed_precision", ".compile")  # may change between a run and its resumption
+        diffs = [d for d in diffs if not d.split(":")[0].endswith(free)]
+        if diffs:
+            raise CheckpointError(f"cannot resume {self.run_dir}: its config differs: " + "; ".join(diffs))
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        for k, g in self.gens.items():
+            g.set_state(state["rng"][k])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.phase_start = int(state.get("phase_start", 0))
+        self.history = History(**state["history"])
+        self.partial = state.get("partial")
+        self._saved_scaler = state.get("scaler")
+        where = f" (batch {self.partial['batch']} of epoch {self.epoch + 1})" if self.partial else ""
+        self.log(f"resuming {self.run_dir} after epoch {self.epoch}{where}, step {self.step}")
+
+    def prepare(self) -> None:
+        """Mixed precision and compile for the forward pass; an fp16 run resumes with the loss scale it reached."""
+        self.amp_dtype, self.scaler, self.forward = precision(self.tc, self.procs.prepare(self.model), self.device,
+                                                              self.log)
+        saved = getattr(self, "_saved_scaler", None)
+        if self.scaler is not None and saved:
+            self.scaler.load_state_dict(saved)
+
+    def save(self, epochs_done: int, partial: dict | None = None) -> None:
+        """Weights, the resumable state and the per-epoch history (JSON), each written atomically."""
+        self.save_weights(self, epochs_done)
+        atomic_torch_save({
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in self.gens.items()}},
+            "step": self.step,
+            "epoch": epochs_done,
+            "phase_start": self.phase_start,
+            "history": {"steps": self.history.steps, "epochs": self.history.epochs},
+            "partial": partial,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,  # fp16's loss scale
+        }, self.state_path)
+        atomic_write_bytes(self.run_dir / f"{self.what}_history.json",
+                           json.dumps(self.history.epochs, indent=1).encode())
+
+    def split_note(self) -> str:
+        n = self.procs.world_size
+        return "" if n == 1 else f" (global: {n} processes × ≈{self.tc.batch_size / n:g} each)"
+
+
+def _smooth(running: float, value: float, beta: float = 0.98) -> float:
+    """Exponential running mean for the progress bar (starts at the first value)."""
+    return value if running == 0 else beta * running + (1 - beta) * value
+
+
+def fit(
+    run: Run,
+    epochs: int,
+    batches: Callable[[int], Any],
+    train_step: Callable[[tuple], tuple[torch.Tensor, dict[str, float], int]],
+    epoch_gens: tuple[str, ...] = ("shuffle",),
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    after_epoch: Callable[[dict], None] | None = None,
+    describe: Callable[[dict], str] = lambda record: "",
+    postfix: Callable[[float, dict], dict] = lambda running, parts: {"loss": f"{running:.4f}"},
+    on_step: Callable[[int, dict], None] | None = None,
+    start_epoch: Callable[[int], None] | None = None,
+) -> None:
+    """Train ``run`` from its current epoch up to ``epochs``.
+
+    ``batches(epoch)`` returns the epoch's loader (it may draw from the generators named in ``epoch_gens``);
+    ``train_step(batch)`` returns ``(loss of this process's share, loss parts of the global batch, global batch
+    size)``. After each epoch process 0 adds ``evaluate()``'s metrics to the epoch's history record, logs a line
+    ending in ``describe(record)``, saves the run and calls ``after_epoch(record)`` (pictures, a notebook's live
+    plot). A stop request (Ctrl-C, SIGTERM)
+    ends the step, saves the position inside the epoch and raises :class:`TrainingInterrupted`.
+    ``start_epoch(epoch)`` runs before each epoch that starts afresh (not one resumed in the middle).
+    """
+    procs = run.procs
+    with StopRequest() as stop:
+        for epoch in range(run.epoch, epochs):
+            if start_epoch is not None and run.partial is None:
+                start_epoch(epoch)
+            run.model.train()
+            t0 = time.perf_counter()
+            gens = {k: run.gens[k] for k in epoch_gens}
+            if run.partial is None:
+                epoch_rng, skip, running = {k: g.get_state() for k, g in gens.items()}, 0, 0.0
+            else:  # resuming inside this epoch: replay its shuffling, skip the batches done before the stop
+                for k, g in gens.items():
+                    g.set_state(run.partial["epoch_rng"][k])
+                epoch_rng, skip, running = run.partial["epoch_rng"], int(run.partial["batch"]), \
+                    float(run.partial["running"])
+                run.partial = None
+            loader = batches(epoch)
+            bar = progress_bar(loader, len(loader), f"{run.what.upper()} epoch {epoch + 1}/{epochs}", run.progress,
+                               done=skip)
+            for b, batch in enumerate(bar, start=skip):
+                if len(batch[0]) < procs.world_size:  # a last batch too small to split (several processes only)
+                    continue
+                for group in run.opt.param_groups:
+                    group["lr"] = lr_at(run.step - run.phase_start, run.tc, run.tc.lr_warmup_steps)
+                loss, parts, n_global = train_step(batch)
+                optimizer_step(run.what.upper(), loss * procs.loss_factor(n_global), parts, run.model, run.ema,
+                               run.opt, run.tc, run.step, epoch, run.weights_path, run.scaler)
+                run.step += 1
+                running = _smooth(running, parts["loss"])
+                run.history.steps.append({"step": run.step, **parts})
+                bar.set_postfix(**postfix(running, parts))
+                if on_step is not None:
+                    on_step(run.step, parts)
+                if procs.any(stop.signal is not None):
+                    bar.close()
+                    if procs.is_main:
+                        run.save(epoch, {"batch": b + 1, "epoch_rng": epoch_rng, "running": running})
+                    procs.barrier()
+                    msg = (f"{stop.signal or 'stop request'} received: stopped after step {run.step} (batch "
+                           f"{b + 1}/{len(loader)} of epoch {epoch + 1}); checkpoint written to {run.run_dir}. "
+                           + resume_hint(run.what, run.run_dir, epochs, run.cfg))
+                    run.log(msg)
+                    raise TrainingInterrupted(msg)
+            bar.close()
+            record = {"epoch": epoch + 1, "step": run.step, "seconds": time.perf_counter() - t0,
+                      "train_loss": running, "processes": procs.world_size}
+            if skip:  # "seconds" then covers only the batches run after resuming
+                record["resumed_at_batch"] = skip
+            if procs.is_main and evaluate is not None:
+                record.update(evaluate())
+            run.history.epochs.append(record)
+            run.epoch = epoch + 1
+            run.log(f"epoch {epoch + 1}/{epochs}: train loss {running:.5f}{describe(record)}  "
+                    f"({record['seconds']:.0f} s)")
+            if procs.is_main:
+                run.save(epoch + 1)
+                if after_epoch is not None:
+                    after_epoch(record)
+    procs.barrier()  # the last checkpoint is on disk before any process returns
