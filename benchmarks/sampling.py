@@ -1,94 +1,80 @@
-"""Sampling speed and quality of each sampler / step count, on one model.
+"""sampling: speed and quality of each sampler / step count on one checkpoint, in one run, with ratios.
 
-For every ``SAMPLER:STEPS`` pair (``STEPS`` = ``all``: every timestep the schedule samples from — 1000 on the
-linear schedule, 996 on the cosine one, whose first steps are clipped at λ ≥ −5.1 — the usual choice for DDPM):
-sample ``--n`` class-conditioned images (classes cycling 0..9, one guidance scale, one seed), time the sampling
-(model already loaded; the VAE decode included), and score the images with the project's metrics (FID / KID
-against the 10,000 test images, conditional accuracy). The real-data floor at the same N is printed once. Results
-go to stdout as a Markdown table and, with ``--json``, to a file.
+    python -m benchmarks sampling --n 1000 --configs dpm:10,dpm:20,dpm:50,ddim:20,ddim:50,ddpm:all
 
-    python benchmarks/sampling.py --n 1000 --configs dpm:10,dpm:20,ddim:20,ddim:50,ddpm:all
-
-FID depends on N (it is biased upwards for small N): compare rows of one run, not numbers across runs
-with different N. For the end-to-end time of the CLI (imports and model loading included) use
-``time python -m nbutils sample --n 1000 --steps 20 --out /tmp/s.npz``.
+For every SAMPLER:STEPS of --configs (STEPS = all: every timestep the schedule samples from, 1000 on the linear
+schedule and 996 on the cosine one, the usual choice for DDPM): sample --n images (classes cycling 0..9, guidance
+--guidance on every step, seed --seed), time the sampling with the models loaded (VAE decode included; a short
+warm-up first), and score the images against the 10,000 test images (FID, KID, conditional accuracy; the
+real-data floor at the same N once). time_ratio and fid_ratio are each row's seconds and FID over the first
+row's. FID is biased upwards at small N: compare rows of one run. The end-to-end time of the CLI (imports and
+loading included) is `python -m benchmarks shipped --parts cli`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import time
 
-import torch
-
+from benchmarks import common
 from nbutils.config import make_generator
-from nbutils.metrics import Evaluator
-from nbutils.samplers import make_sampler, sample
-from nbutils.schedules import NoiseSchedule
-from nbutils.train import load_models
+from nbutils.evaluation import Evaluator
+from nbutils.pipeline import Pipeline, SamplingRecipe, sample
+from nbutils.samplers import make_sampler
+
+CONFIGS = "dpm:10,dpm:20,dpm:50,ddim:20,ddim:50,ddpm:all"
+COLUMNS = ["sampler", "steps", "seconds", "images_per_s", "time_ratio", "fid", "kid", "cond_acc", "fid_ratio"]
 
 
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints", help="run folder or checkpoints/ (default: shipped)")
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--configs", default="dpm:10,dpm:20,dpm:50,ddim:20,ddim:50,ddpm:all",
-                   help="SAMPLER:STEPS pairs, comma-separated; STEPS = all: every timestep the schedule samples from")
-    p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=500)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    common.add_common(p, n=1000, n_help="images per sampler")
+    p.add_argument("--configs", default=CONFIGS, help=f"SAMPLER:STEPS pairs, comma-separated (default {CONFIGS})")
+    p.add_argument("--steps", type=common.positive_int, help="run every sampler of --configs with this many steps")
+    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale, on every step (default 3)")
+    p.add_argument("--batch-size", type=common.positive_int, default=500)
     p.add_argument("--no-metrics", action="store_true", help="timing only")
-    p.add_argument("--json", help="also write the results here")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps")
-    args = p.parse_args()
 
-    unet, vae, meta = load_models(args.checkpoint, device=args.device)
-    labels = torch.arange(args.n) % 10
-    evaluator = None if args.no_metrics else Evaluator(device=args.device)
-    rows = []
-    for item in args.configs.split(","):
-        name, steps = item.split(":")
-        steps = None if steps == "all" else int(steps)
-        # the number of steps that runs (for "all": the schedule's, e.g. 996 on the cosine one); a bad count fails here
-        steps = len(make_sampler(name, NoiseSchedule.from_config(unet.diffusion_cfg), steps=steps).timesteps)
-        sample(unet, vae, 10, labels[:10], guidance=args.guidance, sampler=name, steps=2)  # warm-up
-        _sync(args.device)
-        t0 = time.perf_counter()
-        out = sample(unet, vae, args.n, labels, guidance=args.guidance, sampler=name, steps=steps,
-                     generator=make_generator(args.seed), batch_size=args.batch_size)
-        _sync(args.device)
-        seconds = time.perf_counter() - t0
-        row = {"sampler": name, "steps": steps, "n": args.n, "seconds": round(seconds, 2),
-               "images_per_s": round(args.n / seconds, 1)}
-        if evaluator is not None:
-            m = evaluator.evaluate(out.images, labels, with_novelty=False, with_floor=not rows, kid_subsets=50)
-            row.update(fid=round(m["fid"], 3), kid=round(m["kid"], 5), cond_acc=round(m["cond_acc"], 4))
-            if "floor" in m:
-                floor = m["floor"]
-                print(f"floor ({floor['what']} vs the test set): FID {floor['fid']:.3f}, KID {floor['kid']:.5f}, "
-                      f"classifier test accuracy {floor['cond_acc']:.4f}")
+
+def parse_configs(text: str, steps: int | None = None) -> list[tuple[str, int | None]]:
+    """``"dpm:20,ddpm:all"`` → ``[("dpm", 20), ("ddpm", None)]`` (None = every timestep); ``steps`` replaces every
+    count (each sampler then runs once)."""
+    out = []
+    for item in text.split(","):
+        name, _, count = item.strip().partition(":")
+        out.append((name, steps if steps is not None else None if count in ("", "all") else int(count)))
+    return list(dict.fromkeys(out))
+
+
+def measure(pipe: Pipeline, ev: Evaluator | None, configs: list[tuple[str, int | None]], n: int, guidance: float,
+            seed: int = 0, batch_size: int = 500, device="cpu") -> dict:
+    labels = common.cycling_labels(n)
+    rows, floor = [], None
+    for name, steps in configs:
+        recipe = SamplingRecipe(sampler=name, steps=steps, guidance=guidance)
+        # the steps that run (for "all": the schedule's, e.g. 996 on the cosine one); a bad count fails here
+        steps = len(make_sampler(name, pipe.schedule, pipe.diffusion.prediction_type, steps).timesteps)
+        warm = min(n, 10)
+        sample(pipe, warm, labels[:warm], recipe.replace(steps=min(steps, 2)))
+        with common.Timer(device) as t:
+            out = sample(pipe, n, labels, recipe, make_generator(seed), batch_size=batch_size)
+        row = {"sampler": name, "steps": steps, "n": n, "seconds": round(t.seconds, 2),
+               "images_per_s": round(n / t.seconds, 1)}
+        if ev is not None:
+            m = ev.evaluate(out.images, labels, with_novelty=False, with_floor=floor is None, kid_subsets=50)
+            floor = floor or m["floor"]
+            row.update(common.scores(m))
         rows.append(row)
-        print(json.dumps(row), flush=True)
-
-    print(f"\nmodel {meta['path']} (epoch {meta['extra'].get('epoch')}), guidance {args.guidance}, N = {args.n}, "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-          + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
-    cols = ["sampler", "steps", "seconds", "images_per_s"] + ([] if args.no_metrics else ["fid", "kid", "cond_acc"])
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
+        common.log(row)
     for r in rows:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": meta["path"], "guidance": args.guidance, "rows": rows}, f, indent=1)
+        r["time_ratio"] = round(r["seconds"] / rows[0]["seconds"], 2)
+        if "fid" in r:
+            r["fid_ratio"] = round(r["fid"] / rows[0]["fid"], 3)
+    return {"guidance": guidance, "n": n, "seed": seed, "ratios_against": f"{rows[0]['sampler']} {rows[0]['steps']}",
+            "floor": floor, "rows": rows}
 
 
-if __name__ == "__main__":
-    main()
+def run(args: argparse.Namespace) -> dict:
+    pipe = common.load(args)
+    ev = None if args.no_metrics else common.evaluator(args)
+    result = measure(pipe, ev, parse_configs(args.configs, args.steps), args.n, args.guidance, args.seed,
+                     args.batch_size, args.device)
+    return {"task": "sampling", "checkpoint": pipe.meta["path"], "epoch": pipe.meta["extra"].get("epoch"), **result}

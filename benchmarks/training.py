@@ -1,28 +1,25 @@
-"""Training throughput of the real UNet loop (``nbutils.train.train_unet``) on 1 and N processes.
+"""training: speed of the real UNet training loop (`nbutils.train_unet.train_unet`) for a preset, on 1 and N processes.
 
-    python benchmarks/training.py                                   # this CPU: 1 process vs 2 (gloo)
-    python benchmarks/training.py --processes 1 2 --preset cpu --steps 40 --warmup 10
-    python benchmarks/training.py --device cuda --processes 1 --preset full --mixed-precision bf16 --compile
+    python -m benchmarks training                               # this CPU: 1 process vs 2 (gloo)
+    python -m benchmarks training --processes 1 --preset cpu --steps 40 --warmup 10
+    python -m benchmarks training --device cuda --processes 1 --preset full --mixed-precision bf16 --compile
 
-Each configuration runs the actual training loop — global batch, per-process shards, the all-reduce of
-gradients and of the logged loss, EMA, Adam — on the shipped VAE's cached latents, for ``--warmup`` steps
-that are not timed and ``--steps`` that are (``train_unet``'s ``on_step`` hook stamps the clock). One process
-is a plain ``python`` run; N > 1 processes are started by ``accelerate launch --multi_gpu --num_processes N``
-(on a machine without GPUs that means N CPU processes talking over gloo), with the CPU's threads split between
-them (``OMP_NUM_THREADS = cores / N``; ``--threads`` overrides).
-
-Prints one JSON line per configuration: latent samples per second per training step (global batch × steps /
-seconds), seconds per step, and the projected wall time of an epoch of 60,000 latents and of ``--epochs``
-epochs (default 100, the reference setup) — a projection from the timed steps, not a run: per-epoch work
-(sample grids, checkpoints) is not included. Record results in benchmarks/README.md with the machine.
+Each configuration runs the actual training loop (global batch, per-process shards, the all-reduce of gradients
+and of the logged loss, EMA, Adam) on the cached latents of the --checkpoint VAE, for --warmup steps that are not
+timed and --steps that are (train_unet's on_step hook stamps the clock). One process is a plain `python -m
+benchmarks training --worker` run; N > 1 processes are started by `accelerate launch --multi_gpu --num_processes N`
+(without GPUs: N CPU processes talking over gloo), with the CPU's threads split between them (OMP_NUM_THREADS =
+cores / N; --threads overrides). Rows: latent samples per second, seconds per step, and the projected wall time of
+an epoch of 60,000 latents and of --epochs epochs, a projection from the timed steps (per-epoch work such as
+sample grids and checkpoints not included). The first run encodes the training set into the latent cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -30,18 +27,38 @@ import tempfile
 import time
 from pathlib import Path
 
-from nbutils.config import MIXED_PRECISION
+from benchmarks import common
+from nbutils.config import MIXED_PRECISION, PRESETS
 
-ROOT = Path(__file__).resolve().parent.parent
+COLUMNS = ["processes", "threads_per_process", "device", "preset", "global_batch", "autocast", "compile",
+           "seconds_per_step", "latent_samples_per_s", "epoch_minutes", "projected_minutes"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    common.add_common(p, checkpoint="checkpoints")
+    p.add_argument("--preset", choices=PRESETS, default="cpu")
+    p.add_argument("--processes", type=common.positive_int, nargs="+", default=[1, 2])
+    p.add_argument("--batch-size", type=common.positive_int, default=128, help="global batch")
+    p.add_argument("--steps", type=common.positive_int, default=40, help="timed steps")
+    p.add_argument("--warmup", type=common.positive_int, default=10, help="untimed steps first")
+    p.add_argument("--epochs", type=common.positive_int, default=100, help="epochs for the projected wall time")
+    p.add_argument("--mixed-precision", default="no", choices=MIXED_PRECISION)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--profile", metavar="FILE", help="profile the timed steps (torch.profiler) into FILE: "
+                   "per-operator tables; the timings then include the profiler's own cost")
+    p.add_argument("--threads", type=common.positive_int, help="threads per process (default: cores / processes)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--run-dir", help=argparse.SUPPRESS)
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One training run, timed by the step hook; process 0 prints the result as JSON."""
+    """One training run, timed by the step hook; process 0 prints its row as one JSON line."""
     import torch
 
-    from nbutils.config import get_config, pick_device
+    from nbutils.config import get_config
     from nbutils.distributed import is_main_process
-    from nbutils.train import autocast_dtype, train_unet
+    from nbutils.train_unet import train_unet
+    from nbutils.training import autocast_dtype
     from nbutils.unet import UNet, count_parameters
 
     cfg = get_config(args.preset).override([
@@ -51,35 +68,34 @@ def worker(args: argparse.Namespace) -> None:
         f"train_unet.mixed_precision={args.mixed_precision}",
         f"train_unet.compile={args.compile}",
     ])
+    device = torch.device(args.device)
     stamps: dict[int, float] = {}
     profiler = None
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        profiler = profile(activities=[ProfilerActivity.CPU]
-                           + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+        profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                                                else []))
 
     def on_step(step: int, parts: dict) -> None:
         if step in (args.warmup, args.warmup + args.steps):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            common.sync(device)
             stamps[step] = time.perf_counter()
             if profiler is not None and step == args.warmup:
                 profiler.start()
             elif profiler is not None:
                 profiler.stop()
 
-    device = torch.device(args.device) if args.device else pick_device()
-    train_unet(cfg, run_dir=args.run_dir, epochs=1, vae_checkpoint=ROOT / "checkpoints", device=device,
-               progress=False, log=lambda m: None, on_step=on_step)
+    train_unet(cfg, run_dir=args.run_dir, epochs=1, vae_checkpoint=args.checkpoint, device=device, progress=False,
+               log=lambda m: None, on_step=on_step)
     if not is_main_process():
         return
-    if profiler is not None:  # where the timed steps' time went, per operator (the timings above include it)
+    if profiler is not None:  # where the timed steps' time went, per operator
         Path(args.profile).write_text(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
                                       + "\n" + profiler.key_averages().table(sort_by="count", row_limit=10))
-    seconds = stamps[args.warmup + args.steps] - stamps[args.warmup]
-    per_step = seconds / args.steps
+    per_step = (stamps[args.warmup + args.steps] - stamps[args.warmup]) / args.steps
     steps_per_epoch = -(-60000 // args.batch_size)
+    autocast = autocast_dtype(args.mixed_precision, device, log=lambda m: None, compile=args.compile)
     print(json.dumps({
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
         "threads_per_process": torch.get_num_threads(),
@@ -88,18 +104,15 @@ def worker(args: argparse.Namespace) -> None:
         "unet_parameters": count_parameters(UNet(cfg.unet)),
         "global_batch": args.batch_size,
         "mixed_precision": args.mixed_precision,
-        "autocast": str(autocast_dtype(args.mixed_precision, device, log=lambda m: None, compile=args.compile)
-                        or "float32")
-        .removeprefix("torch."),  # what the setting means on this device
+        "autocast": str(autocast or "float32").removeprefix("torch."),  # what the setting means on this device
         "compile": args.compile and device.type == "cuda",
         "timed_steps": args.steps,
         "profiled": bool(args.profile),
         "seconds_per_step": round(per_step, 5),
         "latent_samples_per_s": round(args.batch_size / per_step, 1),
         "epoch_minutes": round(steps_per_epoch * per_step / 60, 2),
-        f"projected_{args.epochs}_epochs_minutes": round(args.epochs * steps_per_epoch * per_step / 60, 1),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
+        "projected_epochs": args.epochs,
+        "projected_minutes": round(args.epochs * steps_per_epoch * per_step / 60, 1),
     }), flush=True)
 
 
@@ -109,60 +122,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "full"))
-    p.add_argument("--batch-size", type=int, default=128, help="global batch")
-    p.add_argument("--steps", type=int, default=40, help="timed steps")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
-    p.add_argument("--epochs", type=int, default=100, help="epochs for the projected wall time")
-    p.add_argument("--device", help="cpu or cuda (default: auto)")
-    p.add_argument("--mixed-precision", default="no", choices=MIXED_PRECISION)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--profile", metavar="FILE", help="profile the timed steps (torch.profiler) into FILE: "
-                   "per-operator tables; the timings then include the profiler's own cost")
-    p.add_argument("--threads", type=int, help="threads per process (default: cores / processes)")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--run-dir", help=argparse.SUPPRESS)
-    args = p.parse_args()
+def run(args: argparse.Namespace) -> dict | None:
     if args.worker:
         worker(args)
-        return
+        return None
+    rows = []
     for n in args.processes:
         threads = args.threads or max(1, (os.cpu_count() or 1) // n)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        own = ["--preset", args.preset, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--epochs", str(args.epochs), "--mixed-precision", args.mixed_precision,
-               "--worker", *(["--device", args.device] if args.device else []),
+        own = ["training", "--worker", "--preset", args.preset, "--batch-size", str(args.batch_size),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--epochs", str(args.epochs),
+               "--mixed-precision", args.mixed_precision, "--device", args.device,
+               "--checkpoint", str(Path(args.checkpoint).resolve()),
                *(["--compile"] if args.compile else []),
                *(["--profile", str(Path(args.profile).resolve())] if args.profile else [])]
         if n == 1:
-            cmd = [sys.executable, __file__, *own]
+            cmd = [sys.executable, "-m", "benchmarks", *own]
         else:
-            if not _has_accelerate():
+            if importlib.util.find_spec("accelerate") is None:
                 sys.exit("accelerate is not installed: pip install -e '.[distributed]'")
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(_free_port()), __file__, *own]
+                   "--main_process_port", str(_free_port()), "--module", "benchmarks", *own]
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as run_dir:  # one run folder, shared by the processes
-            proc = subprocess.run([*cmd, "--run-dir", run_dir], env=env, cwd=ROOT, capture_output=True, text=True)
+            proc = subprocess.run([*cmd, "--run-dir", run_dir], env=env, cwd=common.ROOT, capture_output=True,
+                                  text=True)
         if proc.returncode != 0:
             sys.exit(f"{n} process(es) failed:\n{proc.stderr[-3000:]}")
-        line = proc.stdout.strip().splitlines()[-1]
-        result = json.loads(line)
-        result["run_seconds_incl_startup"] = round(time.perf_counter() - t0, 1)
-        print(json.dumps(result), flush=True)
-
-
-def _has_accelerate() -> bool:
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-if __name__ == "__main__":
-    main()
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row["run_seconds_incl_startup"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        common.log(row)
+    return {"task": "training", "preset": args.preset, "rows": rows}
