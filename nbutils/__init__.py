@@ -1,9 +1,11 @@
 """nbutils: the reusable half of the FashionMNIST Latent Diffusion notebook series.
 
-One concept per module (see ``shared/DESIGN.md``): ``config`` (presets, device, seeding), ``data``
-(FashionMNIST and the latent cache), ``vae``, ``schedules``, ``diffusion``, ``unet``, ``samplers``,
-``train`` (training loops, loading trained models), ``checkpoints``, ``classifier`` and ``metrics``
-(evaluation), ``plotting``, ``widgets``, and ``cli`` (the ``python -m nbutils`` command line).
+Modules in layers, each importing only from the ones before it (checked by import-linter, pyproject.toml):
+``config`` (presets, device, seeding); ``checkpoints`` and ``data`` (weight files, images); ``vae``, ``unet``,
+``schedules``, ``diffusion`` (the models and the forward process); ``samplers`` and ``latents``; ``pipeline``
+(VAE + UNet + recipe, ``sample``), ``metrics`` and ``classifier``; ``training`` and ``distributed`` (the shared
+loop machinery); ``train_vae``, ``train_unet`` and ``evaluation``; ``plotting``, ``widgets``, ``exercises``,
+``nbtools`` and ``cli`` (the ``python -m nbutils`` command line).
 """
 
 from .config import (

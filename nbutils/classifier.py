@@ -45,7 +45,7 @@ class ClassifierConfig:
     label_smoothing: float = 0.1
     seed: int = 0
     train_subset: int | None = None
-    bf16: bool = True  # bf16 autocast for training where the hardware supports it (2× faster on a modern CPU)
+    bf16: bool = True  # bf16 autocast for training where the hardware supports it natively
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

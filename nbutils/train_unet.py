@@ -20,12 +20,11 @@ import torch
 
 from . import data as D
 from .checkpoints import CheckpointError, file_digest, load_state_strict, read_model, resolve_checkpoint, save_model
-from .config import Config, make_generator, pick_device, runs_dir
+from .config import Config, make_generator, pick_device
 from .diffusion import GaussianDiffusion
-from .distributed import processes
 from .latents import latent_dataset
 from .pipeline import UNET_FILE, VAE_FILE, Pipeline, SamplingRecipe, load_vae, sample
-from .training import EMA, Run, autocast, fit, image_shape, make_optimizer, read_state
+from .training import EMA, Run, autocast, fit, image_shape, make_optimizer, read_state, start
 from .unet import UNet
 
 
@@ -59,15 +58,7 @@ def train_unet(
     """
     tc, phase2 = cfg.train_unet, cfg.finetune_unet
     epochs = tc.epochs + phase2.epochs if epochs is None else epochs
-    if epochs < 1:
-        raise ValueError(f"epochs must be ≥ 1, got {epochs}")
-    if tc.batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {tc.batch_size}")
-    run_dir = Path(run_dir) if run_dir is not None else runs_dir() / cfg.preset
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(device)
-    procs = processes(device)  # one process, or one of several under `accelerate launch`
-    device, log, progress = procs.device(device), procs.log(log), progress and procs.is_main
+    run_dir, procs, device, log, progress = start(tc, epochs, run_dir, cfg.preset, device, log, progress)
 
     own_vae = run_dir / VAE_FILE
     with procs.main_first():  # process 0 copies the VAE and writes the latent cache; the others then read them

@@ -20,12 +20,11 @@ import torch
 
 from . import data as D
 from .checkpoints import save_model
-from .config import Config, pick_device, runs_dir
-from .distributed import processes
+from .config import Config
 from .latents import LATENT_CACHE_FILE, encode_dataset, write_latent_cache
 from .metrics import reconstruction_metrics
 from .pipeline import VAE_FILE, load_vae
-from .training import EMA, Run, autocast, fit, image_shape, make_optimizer
+from .training import EMA, Run, autocast, fit, image_shape, make_optimizer, start
 from .vae import VAE, kl_divergence, latent_stats, vae_loss
 
 
@@ -61,15 +60,7 @@ def train_vae(
     """
     tc = cfg.train_vae
     epochs = tc.epochs if epochs is None else epochs
-    if epochs < 1:
-        raise ValueError(f"epochs must be ≥ 1, got {epochs}")
-    if tc.batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {tc.batch_size}")
-    run_dir = Path(run_dir) if run_dir is not None else runs_dir() / cfg.preset
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(device)
-    procs = processes(device)  # one process, or one of several under `accelerate launch`
-    device, log, progress = procs.device(device), procs.log(log), progress and procs.is_main
+    run_dir, procs, device, log, progress = start(tc, epochs, run_dir, cfg.preset, device, log, progress)
 
     shape = image_shape(cfg.data, cfg.vae)
     train_x, train_y = D.load_images(cfg.data, "train", root=data_root, subset=cfg.data.train_subset)

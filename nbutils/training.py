@@ -36,8 +36,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoints import CheckpointError, atomic_torch_save, atomic_write_bytes, config_differences
-from .config import MIXED_PRECISION, Config, DataConfig, TrainConfig, VAEConfig
-from .distributed import OneProcess
+from .config import MIXED_PRECISION, Config, DataConfig, TrainConfig, VAEConfig, pick_device, runs_dir
+from .distributed import OneProcess, processes
 
 
 class NonFiniteLossError(RuntimeError):
@@ -191,6 +191,21 @@ def precision(tc: TrainConfig, model: nn.Module, device: torch.device, log: Call
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """``torch.autocast`` to ``dtype``, or a no-op context for None (float32)."""
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def start(tc: TrainConfig, epochs: int, run_dir: str | Path | None, preset: str, device, log: Callable[[str], None],
+          progress: bool) -> tuple[Path, OneProcess, torch.device, Callable[[str], None], bool]:
+    """What both loops do first: check ``epochs`` and the batch size, create the run folder (default
+    ``runs/PRESET``), pick the device and the process group (one process, or one of several under
+    ``accelerate launch``). Returns ``(run_dir, procs, device, log, progress)``, log and progress for this process."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be ≥ 1, got {epochs}")
+    if tc.batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {tc.batch_size}")
+    run_dir = Path(run_dir) if run_dir is not None else runs_dir() / preset
+    run_dir.mkdir(parents=True, exist_ok=True)
+    procs = processes(pick_device(device))
+    return run_dir, procs, procs.device(pick_device(device)), procs.log(log), progress and procs.is_main
 
 
 def image_shape(d: DataConfig, v: VAEConfig, vae_name: str = "the VAE") -> tuple[int, int, int]:
