@@ -1,9 +1,11 @@
 """Saving and loading weights: safetensors + config, written atomically, checked on load.
 
 A model checkpoint is one ``NAME.safetensors`` file whose metadata carries the format version, the
-kind of model (``vae``, ``unet``, …), the full :class:`~nbutils.config.Config` as JSON and any extras
-(the VAE's latent statistics, training epoch, metrics). A ``NAME.json`` copy of that metadata sits
-beside it for people to read; loading only trusts the safetensors file.
+kind of model (``vae``, ``unet``, …), the full :class:`~nbutils.config.Config` as JSON, any extras
+(the VAE's latent statistics, training epoch, metrics) and the SHA-256 of its tensors' content
+(:func:`tensor_digest`). Loading recomputes that digest, so a flipped byte or an edited tensor is an error
+that names the file, and refuses non-finite weights. A ``NAME.json`` copy of the metadata sits beside it
+for people to read; loading only trusts the safetensors file.
 
 Training state that is not needed for inference (optimizer moments, step counter, RNG states, loss
 history) goes to ``NAME_state.pt`` next to it, so resumes are exact without bloating shipped weights.
@@ -76,6 +78,17 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of a set of tensors' names, dtypes, shapes and bytes: what a model *is*, independent of the
+    file's metadata (so re-exporting with new notes keeps it)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_model(
     path: str | os.PathLike,
     kind: str,
@@ -102,6 +115,7 @@ def save_model(
         "kind": kind,
         "config": config.to_dict(),
         "extra": extra or {},
+        "tensor_digest": tensor_digest(tensors),
     }
     atomic_write_bytes(path, save(tensors, metadata={"nbutils": json.dumps(meta)}))
     atomic_write_bytes(path.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
@@ -118,13 +132,13 @@ def read_model(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tens
         tensors = load(raw)
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
+        meta = json.loads(header["nbutils"]) if "nbutils" in header else None
     except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated, or not a safetensors file): {exc}"
         ) from exc
-    if "nbutils" not in header:
+    if not isinstance(meta, dict):
         raise CheckpointError(f"{path} is a safetensors file but not an nbutils checkpoint (no metadata)")
-    meta = json.loads(header["nbutils"])
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(
@@ -132,6 +146,22 @@ def read_model(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tens
         )
     if meta.get("kind") != kind:
         raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, expected {kind!r}")
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("extra", {}), dict):
+        raise CheckpointError(f"{path} has malformed metadata (its config and extra must be JSON objects)")
+    meta.setdefault("extra", {})
+    if kind in ("vae", "unet"):
+        try:
+            Config.from_dict(meta["config"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path} has a config this nbutils cannot read: {exc}") from None
+    recorded, actual = meta.get("tensor_digest"), tensor_digest(tensors)
+    if recorded is not None and recorded != actual:
+        raise CheckpointError(f"{path}: its weights do not match the digest recorded with them (the file is damaged "
+                              "or was edited); use a good copy")
+    meta["tensor_digest"] = actual  # files written before digests were recorded get theirs computed
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite weights (NaN or inf) in {bad[:5]}")
     return tensors, meta
 
 

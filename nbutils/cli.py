@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import platform
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoints import CheckpointError, read_model, resolve_checkpoint
+from .checkpoints import CheckpointError, atomic_write_bytes, read_model, resolve_checkpoint
 from .classifier import ClassifierConfig, train_classifier
 from .config import (
     MIXED_PRECISION,
@@ -75,11 +76,35 @@ def _positive_int(text: str) -> int:
     return value
 
 
+#: The most images one command makes or reads: beyond it, memory (not patience) runs out on a laptop.
+MAX_IMAGES = 1_000_000
+
+
+def _count(text: str) -> int:
+    """A number of images: 1 … MAX_IMAGES."""
+    value = _positive_int(text)
+    if value > MAX_IMAGES:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_IMAGES:,}, got {value:,}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in 0 … 2^63 − 1, got {value}")
+    return value
+
+
 def _output_path(text: str, suffixes: tuple[str, ...]) -> Path:
-    """An output file whose folder exists and is writable, with one of ``suffixes``."""
+    """An output file whose folder exists and is writable, with one of ``suffixes``, that is not a folder."""
     path = Path(text)
     if path.suffix.lower() not in suffixes:
         raise CLIError(f"output {text!r} must end in {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise CLIError(f"output {text!r} is a folder; name a file in it")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise CLIError(f"output folder {str(folder)!r} does not exist (create it first)")
@@ -227,10 +252,17 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         pairs = torch.stack([images[:k * 5], recon[:k * 5]], 1).flatten(0, 1)
         save_grid(pairs, out, nrow=10)
     else:
-        np.savez_compressed(out, images=recon.numpy(), originals=images.numpy(), labels=labels.numpy().astype(np.int64))
+        _write_npz(out, images=recon.numpy(), originals=images.numpy(), labels=labels.numpy().astype(np.int64))
     print(json.dumps({"out": str(out), "n": args.n, "checkpoint": meta["path"],
                       **{k: round(v, 5) for k, v in m.items()}}))
     return 0
+
+
+def _write_npz(out: Path, **arrays) -> None:
+    """An ``.npz`` exactly at ``out`` (NumPy appends ``.npz`` to other names, ``X.NPZ`` included), atomically."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(out, buf.getvalue())
 
 
 def sampling_recipe(args: argparse.Namespace, own: SamplingRecipe) -> SamplingRecipe:
@@ -266,7 +298,7 @@ _RECIPE_FLAGS = {"guided_steps": "--guided-steps", "guidance_interval": "--guida
 def cmd_sample(args: argparse.Namespace) -> int:
     out = _output_path(args.out, (".npz", ".png"))
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.checkpoint, device=args.device)
+    pipe = load_pipeline(args.checkpoint, device=args.device, allow_unverified_vae=args.allow_unverified_vae)
     recipe = sampling_recipe(args, pipe.recipe)
     result = sample(pipe, args.n, args.class_, recipe, make_generator(args.seed), batch_size=args.batch_size,
                     progress=not args.no_progress)
@@ -276,7 +308,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         order = np.argsort(labels, kind="stable") if nrow else np.arange(args.n)
         save_grid(images[order], out, nrow=nrow)
     else:
-        np.savez_compressed(out, images=images, labels=labels.astype(np.int64))
+        _write_npz(out, images=images, labels=labels.astype(np.int64))
     seconds = time.perf_counter() - t0
     print(json.dumps({"out": str(out), "n": args.n, **recipe.to_dict(), "precision": result.precision,
                       "seed": args.seed, "checkpoint": pipe.meta["path"], "seconds": round(seconds, 2)}))
@@ -397,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_unet)
 
     p = sub.add_parser("reconstruct", help="encode+decode test images with a VAE; write .npz (or a .png grid)")
-    p.add_argument("--n", type=_positive_int, default=1000, help="number of test images (first N)")
+    p.add_argument("--n", type=_count, default=1000, help="number of test images (first N)")
     p.add_argument("--checkpoint", help="VAE file or run folder (default: latest run, else shipped weights)")
     p.add_argument("--out", required=True, help="output .npz (images, originals, labels) or .png grid")
     p.add_argument("--device", help="cpu, cuda, mps (default: auto)")
@@ -405,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("sample", help="generate images: .npz (images uint8 N×28×28, labels) or a .png grid")
-    p.add_argument("--n", type=_positive_int, default=100, help="number of images")
+    p.add_argument("--n", type=_count, default=100, help="number of images")
     p.add_argument("--class", dest="class_", default="all",
                    help="class name or index, a comma list, 'all' (cycle through the 10), or 'none' (unconditional)")
     p.add_argument("--recipe", choices=("model", "shipped", "default"), default="model",
@@ -429,9 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timestep spacing (default: the sampler's; with --guided-steps it spaces the guided part, "
                         "trailing or logsnr)")
     p.add_argument("--eta", type=float, help="DDIM η (0 = deterministic)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the noise (default 0)")
     p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--checkpoint", help="run folder or unet.safetensors (default: latest run, else shipped)")
+    p.add_argument("--allow-unverified-vae", action="store_true",
+                   help="use a UNet that does not record which VAE it was trained with (the VAE beside it is then "
+                        "not checked)")
     p.add_argument("--out", required=True, help="output .npz or .png")
     p.add_argument("--device", help="cpu, cuda, mps (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -474,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except (CLIError, DatasetNotFoundError, CorruptDatasetError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a full disk, a file-size limit, a read-only folder: say which file and why
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ Names follow Hugging Face ``diffusers`` where one exists (``block_out_channels``
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -31,6 +32,35 @@ PRESETS = ("smoke", "cpu", "shipped", "full")
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")  # TrainConfig.mixed_precision (nbutils.training.autocast_dtype)
 PRESET_ENV = "NBUTILS_PRESET"
 DEVICE_ENV = "NBUTILS_DEVICE"
+
+
+def _whole(obj: Any, *names: str, minimum: int = 1, optional: bool = False) -> None:
+    """Each field is a whole number ≥ ``minimum`` (or None when ``optional``), else a ValueError naming it."""
+    for name in names:
+        v = getattr(obj, name)
+        if optional and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise ValueError(f"{name} must be a whole number ≥ {minimum}{' or none' if optional else ''}, got {v!r}")
+
+
+def _real(obj: Any, name: str, low: float, high: float, low_open: bool = False, high_open: bool = False,
+          optional: bool = False) -> None:
+    """The field is a finite number in the given interval (or None when ``optional``), else a ValueError."""
+    v = getattr(obj, name)
+    if optional and v is None:
+        return
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) \
+        and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}{' or none' if optional else ''}, got {v!r}")
+
+
+def _channels(obj: Any, name: str) -> None:
+    v = getattr(obj, name)
+    if not isinstance(v, tuple) or not v or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in v):
+        raise ValueError(f"{name} must be one or more whole numbers ≥ 1, got {v!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,6 +83,10 @@ class DataConfig:
     train_subset: int | None = None  # first N training images (smoke uses a few hundred)
     test_subset: int | None = None  # first N test images used for per-epoch metrics
 
+    def __post_init__(self) -> None:
+        _whole(self, "image_size", "channels")
+        _whole(self, "train_subset", "test_subset", optional=True)
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one image."""
@@ -73,6 +107,12 @@ class VAEConfig:
     attention_reduction: int = 4  # ChannelAttention bottleneck = channels // reduction
     kl_weight: float = 1e-6  # β in  recon + β·KL
 
+    def __post_init__(self) -> None:
+        _whole(self, "in_channels", "image_size", "latent_channels", "layers_per_block", "norm_num_groups",
+               "attention_reduction")
+        _channels(self, "block_out_channels")
+        _real(self, "kl_weight", 0, math.inf)
+
 
 @dataclass
 class UNetConfig:
@@ -90,6 +130,12 @@ class UNetConfig:
     norm_num_groups: int = 8
     dropout: float = 0.1
 
+    def __post_init__(self) -> None:
+        _whole(self, "latent_channels", "layers_per_block", "num_heads", "cross_attention_dim", "context_tokens",
+               "num_classes", "norm_num_groups")
+        _channels(self, "block_out_channels")
+        _real(self, "dropout", 0, 1, high_open=True)
+
 
 @dataclass
 class DiffusionConfig:
@@ -102,6 +148,13 @@ class DiffusionConfig:
     prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
     cond_drop_prob: float = 0.1  # classifier-free guidance: P(class → null token) in training
     min_snr_gamma: float | None = None  # None = plain MSE; e.g. 5.0 for min-SNR-γ weighting
+
+    def __post_init__(self) -> None:
+        _whole(self, "num_train_timesteps", minimum=2)
+        _real(self, "beta_start", 0, 1, low_open=True, high_open=True)
+        _real(self, "beta_end", 0, 1, low_open=True, high_open=True)
+        _real(self, "cond_drop_prob", 0, 1)
+        _real(self, "min_snr_gamma", 0, math.inf, low_open=True, optional=True)
 
 
 @dataclass
@@ -121,6 +174,14 @@ class TrainConfig:
     mixed_precision: str = "auto"  # "auto" (bf16 if compiled on a GPU that has it), "bf16", "fp16", "no"; CUDA only
     compile: bool = False  # torch.compile the training forward pass (CUDA only; ignored with a notice on CPU)
 
+    def __post_init__(self) -> None:
+        _whole(self, "epochs", "batch_size", "lr_warmup_steps")
+        _whole(self, "ema_warmup_steps", "seed", "sample_every", minimum=0)
+        _real(self, "lr", 0, math.inf, low_open=True)
+        _real(self, "weight_decay", 0, math.inf)
+        _real(self, "grad_clip", 0, math.inf, low_open=True, optional=True)
+        _real(self, "ema_decay", 0, 1, high_open=True)
+
 
 @dataclass
 class PhaseConfig:
@@ -131,6 +192,11 @@ class PhaseConfig:
     epochs: int = 0
     lr: float = 1e-4
     lr_warmup_steps: int = 50
+
+    def __post_init__(self) -> None:
+        _whole(self, "epochs", minimum=0)
+        _whole(self, "lr_warmup_steps")
+        _real(self, "lr", 0, math.inf, low_open=True)
 
 
 @dataclass
@@ -180,7 +246,10 @@ class Config:
                 raise ValueError(f"--set {text!r}: {section_name} has no field {name!r}; fields: "
                                  f"{', '.join(sorted(fields))}")
             value = _parse_value(raw.strip(), getattr(section, name), text)
-            setattr(cfg, section_name, dataclasses.replace(section, **{name: value}))
+            try:
+                setattr(cfg, section_name, dataclasses.replace(section, **{name: value}))
+            except ValueError as exc:
+                raise ValueError(f"--set {text!r}: {section_name}.{exc}") from None
         return cfg
 
     def cli_flags(self, skip: tuple[str, ...] = ("epochs", "mixed_precision", "compile")) -> list[str]:
@@ -409,7 +478,11 @@ def pick_device(prefer: str | None = None) -> torch.device:
     """``prefer`` or ``$NBUTILS_DEVICE`` if given, else the first of cuda → mps → cpu available."""
     name = prefer or os.environ.get(DEVICE_ENV, "").strip() or None
     if name is not None:
-        dev = torch.device(name)
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, TypeError):
+            source = "" if prefer else f" (from ${DEVICE_ENV})"
+            raise ValueError(f"unknown device {name!r}{source}; use cpu, cuda, cuda:N or mps") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {name!r} requested but CUDA is not available")
         if dev.type == "mps" and not _mps_available():

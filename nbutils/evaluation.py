@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -48,27 +49,70 @@ def check_sample_arrays(images, labels, source: str = "samples") -> tuple[torch.
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
+#: The most images a sample file may hold (a guard against files whose arrays would not fit in memory).
+MAX_SAMPLES = 1_000_000
+
+
+def _array_header(zf: zipfile.ZipFile, name: str, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one array of an ``.npz``, read from its header only (nothing is decompressed)."""
+    try:
+        with zf.open(f"{name}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+    except Exception as exc:
+        raise ValueError(f"{path}: the array {name!r} is unreadable ({exc})") from None
+    return shape, dtype
+
+
 def load_sample_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(images uint8 (N, 28, 28), labels int64 (N,))`` from a sample ``.npz``, with clear errors."""
+    """``(images uint8 (N, 28, 28), labels int64 (N,))`` from a sample ``.npz``, with clear errors.
+
+    The arrays' headers are checked before anything is decompressed, so a malformed or oversized file is
+    refused without reading it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no sample file at {path}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not an .npz file (a zip of arrays 'images' and 'labels', as `sample` writes)")
     try:
-        f = np.load(path, allow_pickle=False)
-    except Exception as exc:  # not a zip / npy file at all, or truncated
-        raise ValueError(f"{path} is not a readable .npz file: {exc}") from exc
-    if not hasattr(f, "files"):
-        raise ValueError(f"{path} holds a single array; a sample file is an .npz with 'images' and 'labels'")
-    with f:
-        missing = [k for k in ("images", "labels") if k not in f.files]
-        if missing:
-            raise ValueError(f"{path}: missing array(s) {missing}; a sample file holds 'images' and 'labels' "
-                             f"(found {f.files})")
-        try:
-            images, labels = f["images"], f["labels"]
-        except Exception as exc:
-            raise ValueError(f"{path}: could not read its arrays (truncated file?): {exc}") from exc
+        with zipfile.ZipFile(path) as zf:
+            names = [n.removesuffix(".npy") for n in zf.namelist()]
+            missing = [k for k in ("images", "labels") if k not in names]
+            if missing:
+                raise ValueError(f"{path}: missing array(s) {missing}; a sample file holds 'images' and 'labels' "
+                                 f"(found {names})")
+            shape, dtype = _array_header(zf, "images", path)
+            n = shape[0] if shape else 0
+            if dtype != np.uint8 or len(shape) not in (3, 4) or tuple(shape[-2:]) != (28, 28) \
+                    or (len(shape) == 4 and shape[1] != 1):
+                raise ValueError(f"{path}: images must be uint8 of shape (N, 28, 28), got {dtype} {shape}")
+            if n > MAX_SAMPLES:
+                raise ValueError(f"{path}: {n:,} images is more than the {MAX_SAMPLES:,} a sample file may hold")
+            label_shape, _ = _array_header(zf, "labels", path)
+            if label_shape != (n,):
+                raise ValueError(f"{path}: labels must have shape ({n},), got {label_shape}")
+            with np.load(path, allow_pickle=False) as f:
+                images, labels = f["images"], f["labels"]
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"{path} is a damaged .npz file ({exc})") from None
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"{path}: could not read its arrays (truncated file?): {exc}") from None
     return check_sample_arrays(images, labels, str(path))
+
+
+def _read_feature_cache(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached test-set features and logits, or None when the cache is missing, damaged or of another size."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            features, logits = np.asarray(f["features"]), np.asarray(f["logits"])
+    except Exception:  # truncated, not a zip, missing arrays: recompute
+        return None
+    if len(features) != n or len(logits) != n or not (np.isfinite(features).all() and np.isfinite(logits).all()):
+        return None
+    return torch.from_numpy(features), torch.from_numpy(logits)
 
 
 class Evaluator:
@@ -88,12 +132,12 @@ class Evaluator:
         digest = file_digest(self.classifier_meta["path"]) if classifier is None else None
         cache = Path(cache_dir) if cache_dir is not None else runs_dir() / "eval_cache"
         cache_file = cache / f"test_features_{digest}.npz" if digest else None
-        if cache_file is not None and cache_file.is_file():
-            with np.load(cache_file) as f:
-                self.test_features, self.test_logits = torch.from_numpy(f["features"]), torch.from_numpy(f["logits"])
+        cached = _read_feature_cache(cache_file, len(self.test_images)) if cache_file is not None else None
+        if cached is not None:
+            self.test_features, self.test_logits = cached
         else:
             self.test_features, self.test_logits = predict(self.classifier, self.test_images)
-            if cache_file is not None:
+            if cache_file is not None:  # (re)written whole: a damaged cache is replaced, never trusted
                 buf = io.BytesIO()
                 np.savez(buf, features=self.test_features.numpy(), logits=self.test_logits.numpy())
                 cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -196,17 +196,40 @@ class Pipeline:
         return next(self.unet.parameters()).device
 
 
-def load_pipeline(checkpoint: str | Path | None = None, device: str | torch.device | None = None) -> Pipeline:
+def vae_identity(vae_meta: dict[str, Any]) -> dict[str, str]:
+    """What a UNet records about the VAE whose latents it learned: the digest of its weights' content."""
+    return {"vae_tensor_digest": vae_meta["tensor_digest"]}
+
+
+def check_vae(unet_extra: dict[str, Any], vae_meta: dict[str, Any], what: str, allow_unverified: bool = False) -> None:
+    """An error unless ``vae_meta`` is the VAE the UNet (``unet_extra``, its metadata's extra) was trained with.
+
+    UNets record the SHA-256 of the VAE's tensors (``vae_tensor_digest``; older ones the first 12 hex digits of the
+    VAE file's SHA-256, ``vae_digest``). A UNet that records neither is refused unless ``allow_unverified``."""
+    vae_path = vae_meta["path"]
+    if unet_extra.get("vae_tensor_digest") is not None:
+        same = unet_extra["vae_tensor_digest"] == vae_meta.get("tensor_digest")
+    elif unet_extra.get("vae_digest") is not None:
+        same = unet_extra["vae_digest"] == file_digest(vae_path)
+    elif allow_unverified:
+        return
+    else:
+        raise CheckpointError(f"{what} does not record which VAE it was trained with, so {vae_path} cannot be "
+                              "checked; pass allow_unverified_vae=True (CLI: --allow-unverified-vae) to use it anyway")
+    if not same:
+        raise CheckpointError(f"{vae_path} is not the VAE {what} was trained with (its weights' SHA-256 differs)")
+
+
+def load_pipeline(checkpoint: str | Path | None = None, device: str | torch.device | None = None,
+                  allow_unverified_vae: bool = False) -> Pipeline:
     """The UNet of ``checkpoint`` (a run folder or ``unet.safetensors``; default: latest run, else shipped) and
-    the ``vae.safetensors`` beside it, which must be the VAE it was trained with (its SHA-256 is recorded)."""
+    the ``vae.safetensors`` beside it, which must be the VAE it was trained with (:func:`check_vae`)."""
     unet, meta = load_unet(checkpoint, device=device)
     vae_path = Path(meta["path"]).parent / VAE_FILE
     if not vae_path.is_file():
         raise CheckpointError(f"no {VAE_FILE} beside {meta['path']}: the UNet needs the VAE it was trained with")
-    recorded = meta["extra"].get("vae_digest")
-    if recorded and recorded != file_digest(vae_path):
-        raise CheckpointError(f"{vae_path} is not the VAE {meta['path']} was trained with (SHA-256 differs)")
-    vae, _ = load_vae(vae_path, device=device)
+    vae, vae_meta = load_vae(vae_path, device=device)
+    check_vae(meta["extra"], vae_meta, meta["path"], allow_unverified_vae)
     cfg = Config.from_dict(meta["config"])
     stored = meta["extra"].get("sampling_recipe")
     try:
@@ -216,9 +239,10 @@ def load_pipeline(checkpoint: str | Path | None = None, device: str | torch.devi
     return Pipeline(vae, unet, cfg.diffusion, recipe, dataset_spec(cfg.data.dataset).class_names, meta)
 
 
-def load_models(checkpoint: str | Path | None = None, device: str | torch.device | None = None):
+def load_models(checkpoint: str | Path | None = None, device: str | torch.device | None = None,
+                allow_unverified_vae: bool = False):
     """``(unet, vae, unet_metadata)`` of :func:`load_pipeline` (for code that wants the parts)."""
-    pipe = load_pipeline(checkpoint, device)
+    pipe = load_pipeline(checkpoint, device, allow_unverified_vae)
     return pipe.unet, pipe.vae, pipe.meta
 
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from . import data as D
-from .checkpoints import CheckpointError, file_digest, load_state_strict, read_model, resolve_checkpoint, save_model
+from .checkpoints import CheckpointError, load_state_strict, read_model, resolve_checkpoint, save_model
 from .config import Config, make_generator, pick_device
 from .diffusion import GaussianDiffusion
 from .latents import latent_dataset
-from .pipeline import UNET_FILE, VAE_FILE, Pipeline, SamplingRecipe, load_vae, sample
-from .training import EMA, Run, autocast, fit, image_shape, make_optimizer, read_state, start
+from .pipeline import UNET_FILE, VAE_FILE, Pipeline, SamplingRecipe, check_vae, load_vae, sample, vae_identity
+from .training import EMA, Run, autocast, fit, image_shape, make_optimizer, owned, read_state, start
 from .unet import UNet
 
 
@@ -58,95 +58,97 @@ def train_unet(
     """
     tc, phase2 = cfg.train_unet, cfg.finetune_unet
     epochs = tc.epochs + phase2.epochs if epochs is None else epochs
-    run_dir, procs, device, log, progress = start(tc, epochs, run_dir, cfg.preset, device, log, progress)
+    run_dir, procs, device, log, progress = start(tc, epochs, run_dir, cfg.preset, device, log, progress,
+                                                  "unet_state.pt" if resume else None)
+    with owned(run_dir, procs):
+        own_vae = run_dir / VAE_FILE
+        with procs.main_first():  # process 0 copies the VAE and writes the latent cache; the others then read them
+            if procs.is_main and not own_vae.is_file():  # self-contained run: sampling needs the exact VAE
+                source = resolve_checkpoint(VAE_FILE, vae_checkpoint)
+                shutil.copyfile(source, own_vae)
+                if source.with_suffix(".json").is_file():
+                    shutil.copyfile(source.with_suffix(".json"), own_vae.with_suffix(".json"))
+                log(f"using the VAE {source} (copied into {run_dir})")
+            vae, vae_meta = load_vae(own_vae, device=device)
+            if not vae_meta["extra"].get("latent_stats"):
+                raise CheckpointError(f"{vae_meta['path']} has no latent statistics; run finalize_vae on its run first")
+            if vae.cfg.latent_channels != cfg.unet.latent_channels:
+                raise CheckpointError(f"VAE {vae_meta['path']} has {vae.cfg.latent_channels} latent channels, "
+                                      f"the UNet config expects {cfg.unet.latent_channels}")
+            image_shape(cfg.data, vae.cfg, f"the VAE {vae_meta['path']}")
+            cache = latent_dataset(vae, vae_meta["path"], subset=cfg.data.train_subset, root=data_root,
+                                   progress=progress, data_cfg=cfg.data)
+        shift, scale = vae.latent_shift.cpu()[:, None, None], float(vae.latent_scale)
 
-    own_vae = run_dir / VAE_FILE
-    with procs.main_first():  # process 0 copies the VAE and writes the latent cache; the others then read them
-        if procs.is_main and not own_vae.is_file():  # self-contained run: sampling needs the exact VAE
-            source = resolve_checkpoint(VAE_FILE, vae_checkpoint)
-            shutil.copyfile(source, own_vae)
-            if source.with_suffix(".json").is_file():
-                shutil.copyfile(source.with_suffix(".json"), own_vae.with_suffix(".json"))
-            log(f"using the VAE {source} (copied into {run_dir})")
-        vae, vae_meta = load_vae(own_vae, device=device)
-        if not vae_meta["extra"].get("latent_stats"):
-            raise CheckpointError(f"{vae_meta['path']} has no latent statistics; run finalize_vae on its run first")
-        if vae.cfg.latent_channels != cfg.unet.latent_channels:
-            raise CheckpointError(f"VAE {vae_meta['path']} has {vae.cfg.latent_channels} latent channels, "
-                                  f"the UNet config expects {cfg.unet.latent_channels}")
-        image_shape(cfg.data, vae.cfg, f"the VAE {vae_meta['path']}")
-        cache = latent_dataset(vae, vae_meta["path"], subset=cfg.data.train_subset, root=data_root,
-                               progress=progress, data_cfg=cfg.data)
-    shift, scale = vae.latent_shift.cpu()[:, None, None], float(vae.latent_scale)
+        torch.manual_seed(tc.seed)
+        unet = UNet(cfg.unet).to(device)
+        diffusion = GaussianDiffusion(cfg.diffusion, cfg.unet.num_classes)
+        seeds = {"shuffle": tc.seed, "latent": tc.seed + 2, "noise": tc.seed + 1}
+        gens = {"shuffle": torch.Generator().manual_seed(seeds["shuffle"]),
+                "latent": torch.Generator().manual_seed(seeds["latent"]),
+                "noise": torch.Generator(device=device).manual_seed(seeds["noise"])}
 
-    torch.manual_seed(tc.seed)
-    unet = UNet(cfg.unet).to(device)
-    diffusion = GaussianDiffusion(cfg.diffusion, cfg.unet.num_classes)
-    seeds = {"shuffle": tc.seed, "latent": tc.seed + 2, "noise": tc.seed + 1}
-    gens = {"shuffle": torch.Generator().manual_seed(seeds["shuffle"]),
-            "latent": torch.Generator().manual_seed(seeds["latent"]),
-            "noise": torch.Generator(device=device).manual_seed(seeds["noise"])}
-    vae_digest = file_digest(own_vae)
+        def save_weights(run: Run, epochs_done: int) -> None:
+            extra = {"epoch": epochs_done, "step": run.step, **vae_identity(vae_meta),
+                     "metrics": run.history.epochs[-1] if run.history.epochs else {}}
+            save_model(run.weights_path, "unet", run.ema.model.state_dict(), cfg, extra)
 
-    def save_weights(run: Run, epochs_done: int) -> None:
-        extra = {"epoch": epochs_done, "step": run.step, "vae_digest": vae_digest,
-                 "metrics": run.history.epochs[-1] if run.history.epochs else {}}
-        save_model(run.weights_path, "unet", run.ema.model.state_dict(), cfg, extra)
+        run = Run("unet", cfg, tc, run_dir, unet, EMA(unet, tc.ema_decay, tc.ema_warmup_steps),
+                  make_optimizer(unet.parameters(), tc, device), gens, procs, device, log, progress,
+                  sections=("data", "unet", "diffusion", "train_unet", "finetune_unet"), save_weights=save_weights)
+        # the second phase trains with its own learning rate and warm-up; everything else as the first
+        phase2_tc = dataclasses.replace(tc, lr=phase2.lr, lr_warmup_steps=phase2.lr_warmup_steps)
+        if resume:
+            if run.weights_path.is_file():  # the run goes on with the VAE it started with, or not at all
+                check_vae(read_model(run.weights_path, "unet")[1]["extra"], vae_meta, f"the run in {run_dir}")
+            run.resume()
+            if phase2.epochs and (run.epoch > tc.epochs or (run.epoch == tc.epochs and run.partial is not None)):
+                run.tc = phase2_tc
+            if run.epoch >= epochs:
+                log(f"already trained {run.epoch} epochs (asked for {epochs}); nothing to do")
+        elif run.weights_path.exists():
+            log(f"note: overwriting the UNet checkpoint in {run_dir} (pass resume=True / --resume to continue it)")
+        if init_from is not None and not resume:
+            _init_from(Path(init_from), unet, run.ema, vae_meta, log)
+        run.prepare()
 
-    run = Run("unet", cfg, tc, run_dir, unet, EMA(unet, tc.ema_decay, tc.ema_warmup_steps),
-              make_optimizer(unet.parameters(), tc, device), gens, procs, device, log, progress,
-              sections=("data", "unet", "diffusion", "train_unet", "finetune_unet"), save_weights=save_weights)
-    # the second phase trains with its own learning rate and warm-up; everything else as the first
-    phase2_tc = dataclasses.replace(tc, lr=phase2.lr, lr_warmup_steps=phase2.lr_warmup_steps)
-    if resume:
-        run.resume()
-        if phase2.epochs and (run.epoch > tc.epochs or (run.epoch == tc.epochs and run.partial is not None)):
-            run.tc = phase2_tc
-        if run.epoch >= epochs:
-            log(f"already trained {run.epoch} epochs (asked for {epochs}); nothing to do")
-    elif run.weights_path.exists():
-        log(f"note: overwriting the UNet checkpoint in {run_dir} (pass resume=True / --resume to continue it)")
-    if init_from is not None and not resume:
-        _init_from(Path(init_from), unet, run.ema, own_vae, log)
-    run.prepare()
+        def start_epoch(epoch: int) -> None:
+            if phase2.epochs and epoch == tc.epochs:
+                run.tc, run.phase_start = phase2_tc, run.step
+                run.opt = make_optimizer(unet.parameters(), phase2_tc, device)
+                for k, g in gens.items():
+                    g.manual_seed(seeds[k])
+                log(f"second phase: {phase2.epochs} epochs at lr {phase2.lr:g}, fresh optimizer")
 
-    def start_epoch(epoch: int) -> None:
-        if phase2.epochs and epoch == tc.epochs:
-            run.tc, run.phase_start = phase2_tc, run.step
-            run.opt = make_optimizer(unet.parameters(), phase2_tc, device)
-            for k, g in gens.items():
-                g.manual_seed(seeds[k])
-            log(f"second phase: {phase2.epochs} epochs at lr {phase2.lr:g}, fresh optimizer")
+        def batches(epoch: int) -> D.TensorLoader:
+            # a fresh posterior sample z = μ + σ·ε of every training image, standardised
+            z = cache["mean"] + cache["std"] * torch.randn(cache["mean"].shape, generator=gens["latent"])
+            return D.TensorLoader(((z - shift) * scale, cache["labels"]), batch_size=tc.batch_size, shuffle=True,
+                                  generator=gens["shuffle"])
 
-    def batches(epoch: int) -> D.TensorLoader:
-        # a fresh posterior sample z = μ + σ·ε of every training image, standardised
-        z = cache["mean"] + cache["std"] * torch.randn(cache["mean"].shape, generator=gens["latent"])
-        return D.TensorLoader(((z - shift) * scale, cache["labels"]), batch_size=tc.batch_size, shuffle=True,
-                              generator=gens["shuffle"])
+        def train_step(batch):
+            x0, labels = (t.to(device, non_blocking=True) for t in batch)
+            t, noise, dropped = diffusion.draw(x0, labels, generator=gens["noise"])  # for the global batch
+            x0, t, noise, dropped = procs.shard(x0, t, noise, dropped)  # this process's share (all of it on one)
+            with autocast(device, run.amp_dtype):
+                loss, parts = diffusion.loss(run.forward, x0, dropped, draws=(t, noise, dropped))
+            return loss, procs.combine(parts, len(labels)), len(labels)
 
-    def train_step(batch):
-        x0, labels = (t.to(device, non_blocking=True) for t in batch)
-        t, noise, dropped = diffusion.draw(x0, labels, generator=gens["noise"])  # for the global batch
-        x0, t, noise, dropped = procs.shard(x0, t, noise, dropped)  # this process's share (all of it on one)
-        with autocast(device, run.amp_dtype):
-            loss, parts = diffusion.loss(run.forward, x0, dropped, draws=(t, noise, dropped))
-        return loss, procs.combine(parts, len(labels)), len(labels)
+        def after_epoch(record: dict) -> None:
+            grid = None
+            if tc.sample_every and record["epoch"] % tc.sample_every == 0:
+                grid = save_sample_grid(Pipeline(vae, run.ema.model, cfg.diffusion),
+                                        run_dir / f"unet_samples_epoch{record['epoch']:03d}.png")
+            if on_epoch_end is not None:
+                on_epoch_end(record, run.history, run.ema.model, grid)
 
-    def after_epoch(record: dict) -> None:
-        grid = None
-        if tc.sample_every and record["epoch"] % tc.sample_every == 0:
-            grid = save_sample_grid(Pipeline(vae, run.ema.model, cfg.diffusion),
-                                    run_dir / f"unet_samples_epoch{record['epoch']:03d}.png")
-        if on_epoch_end is not None:
-            on_epoch_end(record, run.history, run.ema.model, grid)
-
-    n = len(cache["labels"])
-    log(f"UNet: {sum(p.numel() for p in unet.parameters()):,} parameters, {n:,} latents from {vae_meta['path']}, "
-        f"batch {tc.batch_size}{run.split_note()}, {-(-n // tc.batch_size)} steps/epoch, device {device}, "
-        f"run dir {run_dir}")
-    fit(run, epochs, batches, train_step, epoch_gens=("shuffle", "latent"), after_epoch=after_epoch,
-        on_step=on_step, start_epoch=start_epoch)
-    return run.ema.model
+        n = len(cache["labels"])
+        log(f"UNet: {sum(p.numel() for p in unet.parameters()):,} parameters, {n:,} latents from {vae_meta['path']}, "
+            f"batch {tc.batch_size}{run.split_note()}, {-(-n // tc.batch_size)} steps/epoch, device {device}, "
+            f"run dir {run_dir}")
+        fit(run, epochs, batches, train_step, epoch_gens=("shuffle", "latent"), after_epoch=after_epoch,
+            on_step=on_step, start_epoch=start_epoch)
+        return run.ema.model
 
 
 def save_sample_grid(pipe: Pipeline, path: str | Path, per_class: int = 10, steps: int = 25,
@@ -160,14 +162,15 @@ def save_sample_grid(pipe: Pipeline, path: str | Path, per_class: int = 10, step
     return D.save_grid(result.images, path, nrow=per_class)
 
 
-def _init_from(source: Path, unet: UNet, ema: EMA, own_vae: Path, log: Callable[[str], None]) -> None:
+def _init_from(source: Path, unet: UNet, ema: EMA, vae_meta: dict, log: Callable[[str], None]) -> None:
     """Load another run's UNet weights into ``unet`` (raw) and ``ema``; see ``train_unet(init_from=…)``."""
     path = resolve_checkpoint(UNET_FILE, source)
     tensors, meta = read_model(path, "unet")
-    recorded = meta["extra"].get("vae_digest")
-    if recorded and recorded != file_digest(own_vae):
-        raise CheckpointError(f"cannot start from {path}: it was trained on another VAE's latents than {own_vae} "
-                              "(SHA-256 differs); use its run's vae.safetensors (--vae)")
+    try:
+        check_vae(meta["extra"], vae_meta, str(path))
+    except CheckpointError as exc:
+        raise CheckpointError(f"cannot start from {path}: it was trained on another VAE's latents than "
+                              f"{vae_meta['path']} ({exc}); use its run's vae.safetensors (--vae)") from None
     load_state_strict(unet, tensors, path)  # names any tensor that does not fit this config's UNet
     ema.model.load_state_dict(unet.state_dict())
     what = "its EMA weights (no state file: the raw weights start as a copy)"

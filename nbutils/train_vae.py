@@ -24,7 +24,7 @@ from .config import Config
 from .latents import LATENT_CACHE_FILE, encode_dataset, write_latent_cache
 from .metrics import reconstruction_metrics
 from .pipeline import VAE_FILE, load_vae
-from .training import EMA, Run, autocast, fit, image_shape, make_optimizer, start
+from .training import EMA, Run, autocast, fit, image_shape, make_optimizer, owned, start
 from .vae import VAE, kl_divergence, latent_stats, vae_loss
 
 
@@ -60,58 +60,59 @@ def train_vae(
     """
     tc = cfg.train_vae
     epochs = tc.epochs if epochs is None else epochs
-    run_dir, procs, device, log, progress = start(tc, epochs, run_dir, cfg.preset, device, log, progress)
+    run_dir, procs, device, log, progress = start(tc, epochs, run_dir, cfg.preset, device, log, progress,
+                                                  "vae_state.pt" if resume else None)
+    with owned(run_dir, procs):
+        shape = image_shape(cfg.data, cfg.vae)
+        train_x, train_y = D.load_images(cfg.data, "train", root=data_root, subset=cfg.data.train_subset)
+        test_x, test_y = D.load_images(cfg.data, "test", root=data_root, subset=cfg.data.test_subset)
+        train_x, test_x = D.to_model_range(train_x, shape), D.to_model_range(test_x, shape)
 
-    shape = image_shape(cfg.data, cfg.vae)
-    train_x, train_y = D.load_images(cfg.data, "train", root=data_root, subset=cfg.data.train_subset)
-    test_x, test_y = D.load_images(cfg.data, "test", root=data_root, subset=cfg.data.test_subset)
-    train_x, test_x = D.to_model_range(train_x, shape), D.to_model_range(test_x, shape)
+        torch.manual_seed(tc.seed)
+        vae = VAE(cfg.vae).to(device)
+        gens = {"shuffle": torch.Generator().manual_seed(tc.seed),
+                "noise": torch.Generator(device=device).manual_seed(tc.seed + 1)}
+        run = Run("vae", cfg, tc, run_dir, vae, EMA(vae, tc.ema_decay, tc.ema_warmup_steps),
+                  make_optimizer(vae.parameters(), tc, device), gens, procs, device, log, progress,
+                  sections=("data", "vae", "train_vae"), save_weights=_save_weights)
+        loader = D.TensorLoader((train_x, train_y), batch_size=tc.batch_size, shuffle=True, generator=gens["shuffle"])
+        if resume:
+            run.resume()
+            if run.epoch >= epochs:
+                log(f"already trained {run.epoch} epochs (asked for {epochs}); nothing to do")
+        elif run.weights_path.exists():
+            log(f"note: overwriting the checkpoint in {run_dir} (pass resume=True / --resume to continue it)")
+        run.prepare()
+        log(f"VAE: {sum(p.numel() for p in vae.parameters()):,} parameters, {len(train_x):,} training images, batch "
+            f"{tc.batch_size}{run.split_note()}, {len(loader)} steps/epoch, device {device}, run dir {run_dir}")
 
-    torch.manual_seed(tc.seed)
-    vae = VAE(cfg.vae).to(device)
-    gens = {"shuffle": torch.Generator().manual_seed(tc.seed),
-            "noise": torch.Generator(device=device).manual_seed(tc.seed + 1)}
-    run = Run("vae", cfg, tc, run_dir, vae, EMA(vae, tc.ema_decay, tc.ema_warmup_steps),
-              make_optimizer(vae.parameters(), tc, device), gens, procs, device, log, progress,
-              sections=("data", "vae", "train_vae"), save_weights=_save_weights)
-    loader = D.TensorLoader((train_x, train_y), batch_size=tc.batch_size, shuffle=True, generator=gens["shuffle"])
-    if resume:
-        run.resume()
-        if run.epoch >= epochs:
-            log(f"already trained {run.epoch} epochs (asked for {epochs}); nothing to do")
-    elif run.weights_path.exists():
-        log(f"note: overwriting the checkpoint in {run_dir} (pass resume=True / --resume to continue it)")
-    run.prepare()
-    log(f"VAE: {sum(p.numel() for p in vae.parameters()):,} parameters, {len(train_x):,} training images, batch "
-        f"{tc.batch_size}{run.split_note()}, {len(loader)} steps/epoch, device {device}, run dir {run_dir}")
+        def train_step(batch):
+            x = batch[0].to(device, non_blocking=True)
+            # ε of the posterior samples, drawn for the global batch (see nbutils.distributed)
+            eps = torch.randn((len(x), *vae.latent_shape), generator=gens["noise"], device=device)
+            x_own, eps = procs.shard(x, eps)
+            with autocast(device, run.amp_dtype):
+                recon, mean, logvar = run.forward(x_own, noise=eps)
+            loss, parts = vae_loss(x_own, recon.float(), mean.float(), logvar.float(), cfg.vae.kl_weight)
+            return loss, procs.combine(parts, len(x)), len(x)
 
-    def train_step(batch):
-        x = batch[0].to(device, non_blocking=True)
-        # ε of the posterior samples, drawn for the global batch (see nbutils.distributed)
-        eps = torch.randn((len(x), *vae.latent_shape), generator=gens["noise"], device=device)
-        x_own, eps = procs.shard(x, eps)
-        with autocast(device, run.amp_dtype):
-            recon, mean, logvar = run.forward(x_own, noise=eps)
-        loss, parts = vae_loss(x_own, recon.float(), mean.float(), logvar.float(), cfg.vae.kl_weight)
-        return loss, procs.combine(parts, len(x)), len(x)
+        def after_epoch(record):
+            if tc.sample_every and record["epoch"] % tc.sample_every == 0:
+                _save_recon_grid(run.ema.model, test_x, test_y, run_dir / f"vae_recon_epoch{record['epoch']:03d}.png")
 
-    def after_epoch(record):
-        if tc.sample_every and record["epoch"] % tc.sample_every == 0:
-            _save_recon_grid(run.ema.model, test_x, test_y, run_dir / f"vae_recon_epoch{record['epoch']:03d}.png")
+        fit(run, epochs, lambda epoch: loader, train_step,
+            evaluate=lambda: {f"test_{k}": v for k, v in evaluate_vae(run.ema.model, test_x.to(device)).items()},
+            after_epoch=after_epoch,
+            describe=lambda r: f"  test PSNR {r['test_psnr']:.2f} dB  SSIM {r['test_ssim']:.4f}" if "test_psnr" in r
+            else "",
+            postfix=lambda running, parts: {"loss": f"{running:.4f}",
+                                            "psnr": f"{10 * math.log10(4 / max(parts['mse'], 1e-12)):.1f}dB"})
 
-    fit(run, epochs, lambda epoch: loader, train_step,
-        evaluate=lambda: {f"test_{k}": v for k, v in evaluate_vae(run.ema.model, test_x.to(device)).items()},
-        after_epoch=after_epoch,
-        describe=lambda r: f"  test PSNR {r['test_psnr']:.2f} dB  SSIM {r['test_ssim']:.4f}" if "test_psnr" in r
-        else "",
-        postfix=lambda running, parts: {"loss": f"{running:.4f}",
-                                        "psnr": f"{10 * math.log10(4 / max(parts['mse'], 1e-12)):.1f}dB"})
-
-    # the scale factor and the latent cache come from the final weights (process 0 computes them)
-    with procs.main_first():
-        if procs.is_main:
-            return finalize_vae(run_dir, cfg, data_root=data_root, log=log, device=device, progress=progress)
-    return load_vae(run_dir / VAE_FILE, device=device)[0]
+        # the scale factor and the latent cache come from the final weights (process 0 computes them)
+        with procs.main_first():
+            if procs.is_main:
+                return finalize_vae(run_dir, cfg, data_root=data_root, log=log, device=device, progress=progress)
+        return load_vae(run_dir / VAE_FILE, device=device)[0]
 
 
 def _save_weights(run: Run, epochs_done: int) -> None:

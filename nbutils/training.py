@@ -27,11 +27,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -194,18 +196,53 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def start(tc: TrainConfig, epochs: int, run_dir: str | Path | None, preset: str, device, log: Callable[[str], None],
-          progress: bool) -> tuple[Path, OneProcess, torch.device, Callable[[str], None], bool]:
-    """What both loops do first: check ``epochs`` and the batch size, create the run folder (default
-    ``runs/PRESET``), pick the device and the process group (one process, or one of several under
-    ``accelerate launch``). Returns ``(run_dir, procs, device, log, progress)``, log and progress for this process."""
+          progress: bool, resume_state: str | None = None
+          ) -> tuple[Path, OneProcess, torch.device, Callable[[str], None], bool]:
+    """What both loops do first: check ``epochs``, that there is a state to resume (``resume_state``, its file
+    name, when resuming), create the run folder (default ``runs/PRESET``), pick the device and the process group
+    (one process, or one of several under ``accelerate launch``). Returns ``(run_dir, procs, device, log,
+    progress)``, log and progress for this process."""
     if epochs < 1:
         raise ValueError(f"epochs must be ≥ 1, got {epochs}")
-    if tc.batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {tc.batch_size}")
     run_dir = Path(run_dir) if run_dir is not None else runs_dir() / preset
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_state is not None and not (run_dir / resume_state).is_file():
+        raise CheckpointError(f"cannot resume: {run_dir / resume_state} does not exist (train without --resume "
+                              "first)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create the run folder {run_dir} ({exc.strerror or exc})") from None
     procs = processes(pick_device(device))
     return run_dir, procs, procs.device(pick_device(device)), procs.log(log), progress and procs.is_main
+
+
+class RunInUseError(CheckpointError):
+    """Another process is training in the same run folder."""
+
+
+@contextmanager
+def owned(run_dir: Path, procs: OneProcess):
+    """Hold the run folder for the whole run: an OS lock (``RUN_DIR/.lock``, released even when the process is
+    killed), so that a second training process on the same folder stops at once with one clear error instead of
+    overwriting the first one's checkpoints. Inside the lock, temporary files left by a killed write are removed.
+    Only process 0 of several holds it (the others write nothing)."""
+    if not procs.is_main:
+        yield
+        return
+    lock = FileLock(run_dir / ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunInUseError(f"{run_dir} is in use by another training process; wait for it to finish, or train in "
+                            "another --run-dir") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot write in the run folder {run_dir} ({exc.strerror or exc})") from None
+    try:
+        for stale in run_dir.glob(".*.tmp"):  # atomic_write_bytes' temporaries of a write that was killed
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        lock.release()
 
 
 def image_shape(d: DataConfig, v: VAEConfig, vae_name: str = "the VAE") -> tuple[int, int, int]:
@@ -463,8 +500,7 @@ def fit(
                     msg = (f"{stop.signal or 'stop request'} received: stopped after step {run.step} (batch "
                            f"{b + 1}/{len(loader)} of epoch {epoch + 1}); checkpoint written to {run.run_dir}. "
                            + resume_hint(run.what, run.run_dir, epochs, run.cfg))
-                    run.log(msg)
-                    raise TrainingInterrupted(msg)
+                    raise TrainingInterrupted(msg)  # its message is the one the user sees (CLI: the error line)
             bar.close()
             record = {"epoch": epoch + 1, "step": run.step, "seconds": time.perf_counter() - t0,
                       "train_loss": running, "processes": procs.world_size}

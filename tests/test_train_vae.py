@@ -450,3 +450,67 @@ def test_second_phase_is_the_two_run_recipe_exactly(smoke_run, tmp_path, monkeyp
             TU.train_unet(phased, run_dir=cut, **quiet)
     TU.train_unet(phased, run_dir=cut, resume=True, **quiet)
     _assert_same_state(one / "unet_state.pt", cut / "unet_state.pt")
+
+
+def test_resume_refuses_a_vae_other_than_the_runs_own(smoke_run, tmp_path):
+    """Swapping another VAE into a UNet run cannot be laundered by --resume: the run records its VAE."""
+    import shutil
+
+    from nbutils.config import checkpoints_dir
+
+    cfg, vae_run, _ = smoke_run
+    (run,) = _unet_runs(vae_run, tmp_path, "swap")
+    TU.train_unet(cfg, run_dir=run, epochs=1, device="cpu", progress=False, log=lambda m: None)
+    shutil.copy(checkpoints_dir() / "vae.safetensors", run / "vae.safetensors")
+    with pytest.raises(CheckpointError, match="is not the VAE the run in .* was trained with"):
+        TU.train_unet(cfg, run_dir=run, epochs=2, resume=True, device="cpu", progress=False, log=lambda m: None)
+
+
+def test_a_run_folder_belongs_to_one_process_and_stale_temporaries_go(smoke_run, tmp_path):
+    """A second training process on a folder in use stops at once; temporaries of a killed write are removed."""
+    from filelock import FileLock
+
+    cfg, vae_run, _ = smoke_run
+    (run,) = _unet_runs(vae_run, tmp_path, "owned")
+    with FileLock(run / ".lock"):  # another process's run (a lock on another open file, as a process holds)
+        with pytest.raises(TR.RunInUseError, match="in use by another training process"):
+            TU.train_unet(cfg, run_dir=run, epochs=1, device="cpu", progress=False, log=lambda m: None)
+    assert not (run / "unet.safetensors").exists()
+    stale = run / ".unet.safetensors.abc123.tmp"
+    stale.write_bytes(b"half a file")
+    TU.train_unet(cfg, run_dir=run, epochs=1, device="cpu", progress=False, log=lambda m: None)
+    assert not stale.exists() and (run / "unet.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_weights(tmp_path):
+    """kill -9 at 20 random moments of a real training process (start-up, steps, checkpoint writes, the latent
+    cache), each time started again with --resume (or afresh when no state was written yet): the weights at the
+    end are bit for bit those of a run that was never interrupted."""
+    import random
+    import subprocess
+    import sys
+    import time
+
+    base = [sys.executable, "-m", "nbutils", "train-vae", "--preset", "smoke", "--epochs", "12", "--device", "cpu",
+            "--no-progress"]
+    t0 = time.perf_counter()
+    subprocess.run([*base, "--run-dir", str(tmp_path / "whole")], check=True, capture_output=True, timeout=600)
+    duration = time.perf_counter() - t0
+    run, rng, kills = tmp_path / "killed", random.Random(0), 0
+    while kills < 20:
+        resume = ["--resume"] if (run / "vae_state.pt").exists() else []
+        proc = subprocess.Popen([*base, "--run-dir", str(run), *resume], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, duration))
+        if proc.poll() is None:
+            proc.kill()
+            kills += 1
+        proc.wait()
+    resume = ["--resume"] if (run / "vae_state.pt").exists() else []
+    done = subprocess.run([*base, "--run-dir", str(run), *resume], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    _assert_same_state(tmp_path / "whole" / "vae_state.pt", run / "vae_state.pt")
+    a, b = P.load_vae(tmp_path / "whole", device="cpu")[1], P.load_vae(run, device="cpu")[1]
+    assert a["tensor_digest"] == b["tensor_digest"]
+    assert not list(run.glob(".*.tmp"))

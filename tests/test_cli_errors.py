@@ -1,0 +1,133 @@
+"""Every bad input we know of, through the real command line in a fresh process: a non-zero exit, exactly one
+``error:`` line on stderr, no traceback, and no file created or changed."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nbutils.checkpoints import read_model, save_model
+from nbutils.config import Config, checkpoints_dir
+
+pytestmark = pytest.mark.slow  # a fresh process per case
+
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Damaged and doctored copies of the shipped models, and malformed sample files."""
+    d = tmp_path_factory.mktemp("bad")
+    shipped = checkpoints_dir()
+
+    def copy(name: str) -> Path:
+        folder = d / name
+        folder.mkdir()
+        for f in ("unet.safetensors", "vae.safetensors"):
+            shutil.copy(shipped / f, folder / f)
+        return folder
+
+    flipped = copy("flipped")  # one byte of the UNet's last tensor flipped
+    raw = bytearray((flipped / "unet.safetensors").read_bytes())
+    raw[-10] ^= 0xFF
+    (flipped / "unet.safetensors").write_bytes(bytes(raw))
+
+    tensors, meta = read_model(shipped / "unet.safetensors", "unet")
+    cfg = Config.from_dict(meta["config"])
+    nan = copy("nan")  # a NaN weight, with a digest that matches it
+    poisoned = dict(tensors)
+    name = next(iter(poisoned))
+    poisoned[name] = poisoned[name].clone()
+    poisoned[name].view(-1)[0] = float("nan")
+    save_model(nan / "unet.safetensors", "unet", poisoned, cfg, meta["extra"])
+
+    unrecorded = copy("unrecorded")  # a UNet that does not say which VAE it was trained with
+    extra = {k: v for k, v in meta["extra"].items() if not k.startswith("vae_")}
+    save_model(unrecorded / "unet.safetensors", "unet", tensors, cfg, extra)
+
+    swapped = copy("swapped")  # another VAE (same architecture, other weights) beside the shipped UNet
+    vae_tensors, vae_meta = read_model(shipped / "vae.safetensors", "vae")
+    other = {k: v + 1e-3 if v.is_floating_point() else v for k, v in vae_tensors.items()}
+    save_model(swapped / "vae.safetensors", "vae", other, Config.from_dict(vae_meta["config"]), vae_meta["extra"])
+
+    listcfg = copy("listcfg")  # metadata whose config is a list
+    header = {"format_version": 1, "kind": "unet", "config": [1, 2], "extra": {}}
+    from safetensors.torch import save
+
+    (listcfg / "unet.safetensors").write_bytes(save({"w": torch.zeros(1)}, metadata={"nbutils": json.dumps(header)}))
+
+    (d / "text.npz").write_text("images,labels\n1,2\n")
+    with zipfile.ZipFile(d / "bomb.npz", "w") as zf:  # a header that promises 2 million images, and no data
+        with zf.open("images.npy", "w") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                     "shape": (2_000_000, 28, 28)})
+        with zf.open("labels.npy", "w") as f:
+            np.lib.format.write_array(f, np.zeros(2_000_000, np.int64))
+    np.savez(d / "colour.npz", images=np.zeros((4, 32, 32, 3), np.uint8), labels=np.zeros(4, np.int64))
+    (d / "folder.npz").mkdir()
+    (d / "empty").mkdir()
+    return d
+
+
+SHIPPED = ["--checkpoint", str(checkpoints_dir())]
+CASES = {
+    "guidance nan": (["sample", *SHIPPED, "--guidance", "nan", "--out", "{d}/s.npz"], "--guidance must be a finite"),
+    "guidance inf": (["sample", *SHIPPED, "--guidance", "inf", "--out", "{d}/s.npz"], "--guidance must be a finite"),
+    "eta nan": (["sample", *SHIPPED, "--sampler", "ddim", "--eta", "nan", "--out", "{d}/s.npz"], "--eta must be"),
+    "huge seed": (["sample", *SHIPPED, "--seed", "12345678901234567890123", "--out", "{d}/s.npz"], "--seed"),
+    "n = 0": (["sample", *SHIPPED, "--n", "0", "--out", "{d}/s.npz"], "--n"),
+    "n too large": (["sample", *SHIPPED, "--n", "5000000", "--out", "{d}/s.npz"], "at most 1,000,000"),
+    "out is a folder": (["sample", *SHIPPED, "--n", "2", "--out", "{d}/folder.npz"], "is a folder"),
+    "out of another kind": (["sample", *SHIPPED, "--out", "{d}/s.txt"], "must end in .npz or .png"),
+    "out in a missing folder": (["sample", *SHIPPED, "--out", "{d}/nowhere/s.npz"], "does not exist"),
+    "guided steps > steps": (["sample", *SHIPPED, "--steps", "10", "--guided-steps", "12", "--guidance-interval",
+                              "0,400", "--out", "{d}/s.npz"], "less than --steps (10)"),
+    "unknown class": (["sample", *SHIPPED, "--class", "sock", "--out", "{d}/s.npz"], "unknown class"),
+    "garbage device": (["sample", *SHIPPED, "--out", "{d}/s.npz"], "unknown device 'garbage'"),
+    "flipped byte": (["sample", "--checkpoint", "{d}/flipped", "--out", "{d}/s.npz"], "do not match the digest"),
+    "NaN weight": (["sample", "--checkpoint", "{d}/nan", "--out", "{d}/s.npz"], "non-finite weights"),
+    "VAE not recorded": (["sample", "--checkpoint", "{d}/unrecorded", "--out", "{d}/s.npz"], "--allow-unverified-vae"),
+    "swapped VAE": (["sample", "--checkpoint", "{d}/swapped", "--out", "{d}/s.npz"], "is not the VAE"),
+    "config is a list": (["sample", "--checkpoint", "{d}/listcfg", "--out", "{d}/s.npz"], "malformed metadata"),
+    "batch size 0": (["train-vae", "--preset", "smoke", "--set", "train_vae.batch_size=0", "--run-dir", "{d}/run"],
+                     "train_vae.batch_size must be a whole number ≥ 1"),
+    "batch size none": (["train-unet", "--preset", "smoke", "--set", "train_unet.batch_size=none", "--run-dir",
+                         "{d}/run"], "train_unet.batch_size must be a whole number ≥ 1"),
+    "no latent channels": (["train-vae", "--preset", "smoke", "--set", "vae.latent_channels=0", "--run-dir",
+                            "{d}/run"], "vae.latent_channels"),
+    "lr nan": (["train-unet", "--preset", "smoke", "--set", "train_unet.lr=nan", "--run-dir", "{d}/run"], "lr"),
+    "unknown preset": (["train-vae", "--preset", "turbo", "--run-dir", "{d}/run"], "invalid choice: 'turbo'"),
+    "resume nothing": (["train-vae", "--preset", "smoke", "--resume", "--run-dir", "{d}/empty"],
+                       "cannot resume"),
+    "text file": (["evaluate", "{d}/text.npz"], "is not an .npz file"),
+    "zip bomb": (["evaluate", "{d}/bomb.npz"], "more than the 1,000,000"),
+    "colour samples": (["evaluate", "{d}/colour.npz"], "shape (N, 28, 28)"),
+    "n-ref 1": (["evaluate", "{d}/colour.npz", "--n-ref", "1"], "--n-ref must be ≥ 2"),
+    "reconstruct n 0": (["reconstruct", *SHIPPED, "--n", "0", "--out", "{d}/r.npz"], "--n"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_error_line_and_writes_nothing(case, files):
+    argv, message = CASES[case]
+    argv = [a.replace("{d}", str(files)) for a in argv]
+    env = dict(os.environ, NBUTILS_DEVICE="garbage" if case == "garbage device" else "cpu")
+    before = _snapshot(files)
+    out = subprocess.run([sys.executable, "-m", "nbutils", *argv], capture_output=True, text=True, env=env,
+                         cwd=files, timeout=300)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode != 0, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert len(errors) == 1 or (out.returncode == 2 and "error:" in out.stderr), out.stderr  # argparse adds usage
+    assert message in out.stderr, out.stderr
+    assert _snapshot(files) == before, "files were created or changed"
