@@ -1,5 +1,5 @@
 # FashionMNIST Latent Diffusion — `make demo`, `make test`, `make test-all`, `make train`, `make reproduce`, `make lab`.
-# Each target builds .venv on demand (python3 -m venv + pip install -e '.[dev]').
+# Each target builds .venv on demand (python3 -m venv + pip install -e '.[dev,notebooks]').
 
 PYTHON ?= python3
 VENV   := .venv
@@ -12,7 +12,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,notebooks]'
 	@touch $(STAMP)
 
 # The dataset: found locally, else (as root on Debian/Ubuntu) the package dataset-fashion-mnist,

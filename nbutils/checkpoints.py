@@ -246,6 +246,8 @@ def resolve_checkpoint(filename: str, checkpoint: str | os.PathLike | None = Non
     """
     if checkpoint is not None:
         p = Path(checkpoint)
+        if not p.exists() and _is_hub_id(str(checkpoint)):
+            p = _hub_download(str(checkpoint))
         if p.is_dir():
             p = p / filename
         if not p.is_file():
@@ -263,6 +265,25 @@ def resolve_checkpoint(filename: str, checkpoint: str | os.PathLike | None = Non
         f"no {filename} found in {runs_dir()}/*/ nor in {checkpoints_dir()}; train one first "
         f"(python -m nbutils train-{filename.split('.')[0]})"
     )
+
+
+def _is_hub_id(text: str) -> bool:
+    """``owner/name`` as the Hugging Face Hub spells model ids (and not a relative path such as ``runs/x``)."""
+    owner, sep, name = text.partition("/")
+    return bool(sep and owner and name and "/" not in name and not text.startswith(".")
+                and owner not in ("runs", "checkpoints", "data", "notebooks") and not Path(owner).exists())
+
+
+def _hub_download(repo_id: str) -> Path:
+    """A Hub model folder, downloaded once into huggingface_hub's cache (then read offline from there)."""
+    from huggingface_hub import snapshot_download  # only when a Hub id is given
+
+    try:
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=["*.safetensors", "*.json", "*.md"]))
+    except Exception as exc:  # offline, no such repository, no access
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(f"{repo_id} is neither a local path nor a reachable Hugging Face Hub model "
+                              f"({type(exc).__name__}: {first})") from None
 
 
 def export_model(src: str | os.PathLike, dst: str | os.PathLike, kind: str, dtype: torch.dtype | None = None,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import __version__
 from .checkpoints import CheckpointError, atomic_write_bytes, read_model, resolve_checkpoint
@@ -53,9 +54,11 @@ from .data import (
 )
 from .distributed import is_main_process
 from .evaluation import Evaluator, evaluate_file, load_sample_file, to_json
+from .hub import save_pretrained
 from .metrics import reconstruction_metrics
 from .nbtools import fix_notebook, notebook_paths, notebook_problems, write_solutions
 from .pipeline import PRECISIONS, SHIPPED_RECIPE, SamplingRecipe, load_pipeline, load_vae, sample
+from .plotting import plot_run
 from .samplers import SAMPLERS, SPACINGS
 from .train_unet import train_unet
 from .train_vae import train_vae
@@ -183,7 +186,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     print(json.dumps(stats, indent=2))
     if out is not None:
         images, labels = load_split("train", root=folder)
-        save_grid(per_class(images, labels, args.per_class), out, nrow=args.per_class)
+        save_grid(per_class(images, labels, args.per_class), out, nrow=args.per_class, row_labels=CLASS_NAMES)
         print(f"wrote {out} (one row per class: {', '.join(CLASS_NAMES)})", file=sys.stderr)
     return 0
 
@@ -295,20 +298,47 @@ _RECIPE_FLAGS = {"guided_steps": "--guided-steps", "guidance_interval": "--guida
                  "precision": "--precision", "sampler": "--sampler"}
 
 
+def _output_folder(text: str) -> Path:
+    """``--out DIR/``: a folder for one PNG per image, new or empty, in a folder that exists."""
+    path = Path(text)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise CLIError(f"output folder {text!r} exists and is not empty (name a new one)")
+    if not path.parent.is_dir():
+        raise CLIError(f"output folder {str(path.parent)!r} does not exist (create it first)")
+    return path
+
+
+def _write_png_folder(out: Path, images: np.ndarray, labels: np.ndarray, class_names) -> None:
+    """One 8-bit PNG per image (what clean-fid and torch-fidelity read) and ``manifest.csv`` (file, label, class)."""
+    out.mkdir(exist_ok=True)
+    rows = ["file,label,class"]
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        name = f"{i:06d}.png"
+        Image.fromarray(image, "RGB" if image.ndim == 3 else "L").save(out / name)
+        rows.append(f"{name},{int(label)},{class_names[label] if label >= 0 else 'unconditional'}")
+    atomic_write_bytes(out / "manifest.csv", ("\n".join(rows) + "\n").encode())
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    out = _output_path(args.out, (".npz", ".png"))
+    folder = args.out.endswith(("/", os.sep))
+    out = _output_folder(args.out) if folder else _output_path(args.out, (".npz", ".png"))
     t0 = time.perf_counter()
     pipe = load_pipeline(args.checkpoint, device=args.device, allow_unverified_vae=args.allow_unverified_vae)
     recipe = sampling_recipe(args, pipe.recipe)
     result = sample(pipe, args.n, args.class_, recipe, make_generator(args.seed), batch_size=args.batch_size,
                     progress=not args.no_progress)
-    images, labels = to_uint8(result.images).numpy(), result.labels.numpy()
-    if out.suffix == ".png":
-        nrow = 10 if args.class_.strip().lower() == "all" and args.n % 10 == 0 else None
-        order = np.argsort(labels, kind="stable") if nrow else np.arange(args.n)
-        save_grid(images[order], out, nrow=nrow)
-    else:
-        _write_npz(out, images=images, labels=labels.astype(np.int64))
+    images, labels = to_uint8(result.images).numpy(), result.labels.numpy().astype(np.int64)
+    if folder:
+        _write_png_folder(out, images, labels, pipe.class_names)
+    elif out.suffix.lower() == ".png":
+        order = np.argsort(labels, kind="stable")  # one class after the other
+        per_row = 10 if args.n % 10 == 0 else None
+        rows = labels[order].reshape(-1, per_row) if per_row else None
+        single = rows is not None and (rows == rows[:, :1]).all() and (rows >= 0).all()
+        names = [pipe.class_names[r[0]] for r in rows] if single else None
+        save_grid(images[order], out, nrow=per_row, row_labels=names)
+    else:  # the keys of this project and, as arr_0 / arr_1, those of ADM-style sample files
+        _write_npz(out, images=images, labels=labels, arr_0=images, arr_1=labels)
     seconds = time.perf_counter() - t0
     print(json.dumps({"out": str(out), "n": args.n, **recipe.to_dict(), "precision": result.precision,
                       "seed": args.seed, "checkpoint": pipe.meta["path"], "seconds": round(seconds, 2)}))
@@ -336,6 +366,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     evaluator = Evaluator(classifier_path=args.classifier, data_root=args.data_root)
     result = evaluate_file(args.file, n_ref=args.n_ref, evaluator=evaluator, with_novelty=not args.no_novelty)
     print(to_json(result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A run (or checkpoint folder) as a Hub-format folder: weights, config.json, results.json, a model card."""
+    results = None
+    if args.results:
+        try:
+            results = json.loads(Path(args.results).read_text().strip().splitlines()[-1])
+        except (OSError, ValueError, IndexError) as exc:
+            raise CLIError(f"--results {args.results}: not a JSON record ({exc})") from None
+    out = save_pretrained(args.source, args.out, results)
+    print(json.dumps({"out": str(out), "files": sorted(p.name for p in out.iterdir())}))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw a run's training curves (loss, learning rate, gradient norm, per-epoch metric) into a PNG."""
+    out = _output_path(args.out, (".png",))
+    fig = plot_run(args.run_dir)
+    fig.savefig(out, dpi=110)
+    print(json.dumps({"out": str(out), "run_dir": args.run_dir}))
     return 0
 
 
@@ -467,7 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unverified-vae", action="store_true",
                    help="use a UNet that does not record which VAE it was trained with (the VAE beside it is then "
                         "not checked)")
-    p.add_argument("--out", required=True, help="output .npz or .png")
+    p.add_argument("--out", required=True,
+                   help="output .npz (images, labels; also arr_0, arr_1), .png grid (rows labelled by class), or "
+                        "DIR/ (one PNG per image and manifest.csv)")
     p.add_argument("--device", help="cpu, cuda, mps (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
@@ -488,6 +542,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-novelty", action="store_true", help="skip the nearest-training-image check")
     p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="a run as a Hub-format folder: weights, config.json and a generated model card")
+    p.add_argument("source", help="a run folder (unet.safetensors + the vae.safetensors it was trained with)")
+    p.add_argument("out", help="the folder to write (may be SOURCE itself)")
+    p.add_argument("--results", help="a record of `python -m benchmarks shipped` (JSON, its last line is used)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plot", help="draw a run's training curves (loss, lr, gradient norm, epoch metrics) as a PNG")
+    p.add_argument("run_dir", help="a run folder (holds vae_steps.jsonl and/or unet_steps.jsonl)")
+    p.add_argument("--out", required=True, help="output .png")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("notebooks", help="check every notebook's Colab badge and setup cell (--fix rewrites)")
     p.add_argument("--fix", action="store_true", help="rewrite badges and setup cells from pyproject.toml")

@@ -32,9 +32,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib.image
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from .config import ANY_SHAPE_DATASETS, DATASET_SHAPES, data_dir, dataset_name
 
@@ -518,18 +518,25 @@ def image_grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, pad: 
     return grid
 
 
-def save_grid(
-    images: torch.Tensor | np.ndarray, path: str | os.PathLike, nrow: int | None = None, scale: int = 2
-) -> Path:
-    """Write an image grid as a PNG (``scale``× nearest-neighbour upsampling). Returns the path."""
+def save_grid(images: torch.Tensor | np.ndarray, path: str | os.PathLike, nrow: int | None = None, scale: int = 2,
+              row_labels: Sequence[str] | None = None) -> Path:
+    """Write an image grid as an 8-bit PNG (grey, or RGB for colour images; ``scale``× nearest-neighbour
+    upsampling), with ``row_labels`` (e.g. class names) written left of the rows. Returns the path."""
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder {path.parent} does not exist")
     grid = image_grid(images, nrow=nrow)
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    if grid.ndim == 3:  # colour
-        matplotlib.image.imsave(path, grid)
-    else:
-        matplotlib.image.imsave(path, grid, cmap="gray", vmin=0, vmax=255)
+    picture = Image.fromarray(grid, "RGB" if grid.ndim == 3 else "L")
+    if row_labels:
+        font = ImageFont.load_default()
+        margin = 8 + max(int(ImageDraw.Draw(picture).textlength(label, font=font)) for label in row_labels)
+        labelled = Image.new(picture.mode, (picture.width + margin, picture.height), "white")
+        labelled.paste(picture, (margin, 0))
+        draw, row_height = ImageDraw.Draw(labelled), picture.height / len(row_labels)
+        for i, label in enumerate(row_labels):
+            draw.text((4, (i + 0.5) * row_height), label, fill="black", font=font, anchor="lm")
+        picture = labelled
+    picture.save(path, format="PNG", optimize=True)
     return path

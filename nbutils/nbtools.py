@@ -51,16 +51,17 @@ def setup_cell_source(repo: str | None = None) -> str:
     return f'''{SETUP_MARKER}, fetch the repository and install nbutils; elsewhere this does nothing.
 import sys
 
-if "google.colab" in sys.modules:
+if "google.colab" in sys.modules:  # safe to run again: one clone, at an absolute path
     import os
     import subprocess
 
     REPO = "{repo}"
-    if not os.path.isdir("{name}"):
-        subprocess.run(["git", "clone", "--depth", "1", REPO], check=True)
-    os.chdir("{name}/notebooks")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", ".."], check=True)
-    sys.path.insert(0, os.path.abspath(".."))'''
+    ROOT = "/content/{name}"
+    if not os.path.isdir(ROOT):
+        subprocess.run(["git", "clone", "--depth", "1", REPO, ROOT], check=True)
+    os.chdir(f"{{ROOT}}/notebooks")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{{ROOT}}[notebooks]"], check=True)
+    sys.path.insert(0, ROOT)'''
 
 
 def _source(cell: dict) -> str:

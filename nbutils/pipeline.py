@@ -361,7 +361,9 @@ def sample(
     lo, hi = recipe.guidance_interval or (0, math.inf)
     null = unet.null_label
     images, latents, trajectory = [], [], []
-    bar = tqdm(total=n, desc=f"{recipe.sampler} {recipe.steps or ''}".strip(), disable=not progress, leave=False)
+    batches = -(-n // batch_size)
+    bar = tqdm(total=batches, desc=f"{recipe.sampler} {recipe.steps or ''}".strip(), unit="batch", disable=not progress,
+               leave=False)
     for start in range(0, n, batch_size):
         lab = labels[start : start + batch_size]
         model_labels = torch.where(lab < 0, torch.full_like(lab, null), lab).to(device)
@@ -380,6 +382,9 @@ def sample(
         if return_trajectory and start == 0:
             idx = torch.linspace(0, len(timesteps) - 1, min(trajectory_points, len(timesteps))).round().long().tolist()
             record = {int(timesteps[i]) for i in idx}
+        if start == 0:  # one tick per denoising step: the bar moves even for a single batch of many steps
+            bar.reset(total=batches * len(timesteps))
+            bar.unit = "step"
         for t in timesteps:
             w = recipe.guidance if lo <= int(t) <= hi else 1.0
             out = guided_output(model, x, t, model_labels, w, null)
@@ -388,8 +393,8 @@ def sample(
                 x0 = to_x0(out, x, tt, s.alphas_cumprod, pipe.diffusion.prediction_type)
                 trajectory.append((int(t), vae.decode(x0).cpu()))
             x = s.step(out, t, x, generator=generator)
+            bar.update(1)
         latents.append(x.cpu())
         images.append(vae.decode(x).cpu())
-        bar.update(len(lab))
     bar.close()
     return SampleResult(torch.cat(images), torch.cat(latents), labels, trajectory, precision)

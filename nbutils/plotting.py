@@ -7,7 +7,10 @@ work the same: float (N, 3, H, W) in [-1, 1], or uint8 (N, 3, H, W) / channel-la
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
@@ -105,6 +108,47 @@ def plot_training_history(steps: list[dict], epochs: list[dict], metric: str = "
     if epochs:
         ax2.plot([e["epoch"] for e in epochs], [e[metric] for e in epochs], "o-")
     ax2.set(xlabel="epoch", ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')} after each epoch")
+    fig.tight_layout()
+    return fig
+
+
+def read_curves(run_dir: str | os.PathLike, what: str) -> tuple[list[dict], list[dict]]:
+    """``(per-step records, per-epoch records)`` of a run's ``{what}_steps.jsonl`` and ``{what}_history.json``."""
+    run_dir = Path(run_dir)
+    steps_file, epochs_file = run_dir / f"{what}_steps.jsonl", run_dir / f"{what}_history.json"
+    if not steps_file.is_file():
+        raise FileNotFoundError(f"no training curves at {steps_file} (a run trained by this version writes them)")
+    steps = [json.loads(line) for line in steps_file.read_text().splitlines() if line.strip()]
+    epochs = json.loads(epochs_file.read_text()) if epochs_file.is_file() else []
+    return steps, epochs
+
+
+def plot_run(run_dir: str | os.PathLike, smooth: int = 50):
+    """A run's training curves, one row per model it trained: the loss per step (raw and a running mean), the
+    learning rate, the gradient norm, and the loss (UNet) or test PSNR (VAE) after each epoch."""
+    import matplotlib.pyplot as plt
+
+    found = [w for w in ("vae", "unet") if (Path(run_dir) / f"{w}_steps.jsonl").is_file()]
+    if not found:
+        raise FileNotFoundError(f"no training curves (vae_steps.jsonl, unet_steps.jsonl) in {run_dir}")
+    fig, axes = plt.subplots(len(found), 4, figsize=(15, 3.1 * len(found)), squeeze=False)
+    for row, what in zip(axes, found, strict=True):
+        steps, epochs = read_curves(run_dir, what)
+        x = np.array([r["step"] for r in steps])
+        loss = np.array([r["loss"] for r in steps])
+        row[0].plot(x, loss, alpha=0.3, lw=0.8, label="per step")
+        if len(loss) >= smooth:
+            row[0].plot(x[smooth - 1 :], np.convolve(loss, np.ones(smooth) / smooth, mode="valid"), lw=1.5,
+                        label=f"mean of {smooth}")
+        row[0].set(xlabel="step", ylabel="training loss", yscale="log", title=f"{what.upper()}: loss")
+        row[0].legend(fontsize=8)
+        for ax, key, label in ((row[1], "lr", "learning rate"), (row[2], "grad_norm", "gradient norm")):
+            ax.plot(x, [r.get(key, np.nan) for r in steps], lw=0.8)
+            ax.set(xlabel="step", ylabel=label, title=f"{what.upper()}: {label}")
+        metric = "test_psnr" if what == "vae" and epochs and "test_psnr" in epochs[0] else "train_loss"
+        row[3].plot([e["epoch"] for e in epochs], [e.get(metric, np.nan) for e in epochs], "o-")
+        row[3].set(xlabel="epoch", ylabel=metric.replace("_", " ") + (" (dB)" if metric == "test_psnr" else ""),
+                   title=f"{what.upper()}: after each epoch")
     fig.tight_layout()
     return fig
 

@@ -115,8 +115,9 @@ def make_optimizer(params, tc: TrainConfig, device: torch.device) -> torch.optim
 
 def optimizer_step(what: str, loss: torch.Tensor, parts: dict[str, float], model: nn.Module, ema: EMA,
                    opt: torch.optim.Optimizer, tc: TrainConfig, step: int, epoch: int, last_checkpoint: Path,
-                   scaler: torch.amp.GradScaler | None = None) -> None:
-    """One optimizer step: NaN/inf guard, backward, gradient clipping, Adam, EMA update.
+                   scaler: torch.amp.GradScaler | None = None) -> float:
+    """One optimizer step: NaN/inf guard, backward, gradient clipping, Adam, EMA update; returns the gradient norm
+    (before clipping).
 
     ``parts`` are the loss parts of the whole (global) batch; ``scaler`` is fp16's gradient scaler."""
     if not math.isfinite(parts["loss"]):
@@ -130,14 +131,14 @@ def optimizer_step(what: str, loss: torch.Tensor, parts: dict[str, float], model
     else:
         scaler.scale(loss).backward()
         scaler.unscale_(opt)  # clip the true gradients
-    if tc.grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
     if scaler is None:
         opt.step()
     else:
         scaler.step(opt)  # skipped when fp16 gradients overflowed
         scaler.update()
     ema.update(model)
+    return float(grad_norm)
 
 
 def autocast_dtype(setting: str, device: torch.device, log: Callable[[str], None] = print,
@@ -425,6 +426,9 @@ class Run:
         }, self.state_path)
         atomic_write_bytes(self.run_dir / f"{self.what}_history.json",
                            json.dumps(self.history.epochs, indent=1).encode())
+        # the training curves, one JSON object per step (loss parts, lr, gradient norm): for plots and other tools
+        atomic_write_bytes(self.run_dir / f"{self.what}_steps.jsonl",
+                           "".join(json.dumps(r) + "\n" for r in self.history.steps).encode())
 
     def split_note(self) -> str:
         n = self.procs.world_size
@@ -481,14 +485,15 @@ def fit(
             for b, batch in enumerate(bar, start=skip):
                 if len(batch[0]) < procs.world_size:  # a last batch too small to split (several processes only)
                     continue
+                lr = lr_at(run.step - run.phase_start, run.tc, run.tc.lr_warmup_steps)
                 for group in run.opt.param_groups:
-                    group["lr"] = lr_at(run.step - run.phase_start, run.tc, run.tc.lr_warmup_steps)
+                    group["lr"] = lr
                 loss, parts, n_global = train_step(batch)
-                optimizer_step(run.what.upper(), loss * procs.loss_factor(n_global), parts, run.model, run.ema,
-                               run.opt, run.tc, run.step, epoch, run.weights_path, run.scaler)
+                grad_norm = optimizer_step(run.what.upper(), loss * procs.loss_factor(n_global), parts, run.model,
+                                           run.ema, run.opt, run.tc, run.step, epoch, run.weights_path, run.scaler)
                 run.step += 1
                 running = _smooth(running, parts["loss"])
-                run.history.steps.append({"step": run.step, **parts})
+                run.history.steps.append({"step": run.step, **parts, "lr": lr, "grad_norm": grad_norm})
                 bar.set_postfix(**postfix(running, parts))
                 if on_step is not None:
                     on_step(run.step, parts)
@@ -502,8 +507,9 @@ def fit(
                            + resume_hint(run.what, run.run_dir, epochs, run.cfg))
                     raise TrainingInterrupted(msg)  # its message is the one the user sees (CLI: the error line)
             bar.close()
-            record = {"epoch": epoch + 1, "step": run.step, "seconds": time.perf_counter() - t0,
-                      "train_loss": running, "processes": procs.world_size}
+            seconds = time.perf_counter() - t0
+            record = {"epoch": epoch + 1, "step": run.step, "seconds": seconds, "train_loss": running,
+                      "processes": procs.world_size, "batches_per_s": (len(loader) - skip) / max(seconds, 1e-9)}
             if skip:  # "seconds" then covers only the batches run after resuming
                 record["resumed_at_batch"] = skip
             if procs.is_main and evaluate is not None:

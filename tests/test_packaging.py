@@ -10,21 +10,36 @@ ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
-def test_environment_yml_installs_exactly_pyproject():
+#: conda-forge's names where they differ from PyPI's
+CONDA_NAMES = {"torch": "pytorch", "matplotlib": "matplotlib-base"}
+
+
+def test_environment_yml_covers_pyproject():
+    """environment.yml (conda-forge packages, the project then with pip --no-deps) holds every dependency of the
+    library, the notebooks and the tests, and a Python range inside requires-python."""
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
-    deps = env["dependencies"]
-    conda = [d for d in deps if isinstance(d, str)]
-    pip = [d for d in deps if isinstance(d, dict)]
-    # conda provides only Python and pip; every Python package comes from pyproject via pip
-    assert sorted(re.split(r"[<>=\s]", d)[0] for d in conda) == ["pip", "python"]
-    assert pip == [{"pip": ["-e .[dev]"]}]
-    python = next(d for d in conda if d.startswith("python"))
-    assert python.removeprefix("python") == PYPROJECT["project"]["requires-python"]
+    conda = {re.split(r"[<>=\s]", d)[0] for d in env["dependencies"] if isinstance(d, str)}
+    project = PYPROJECT["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["notebooks"] \
+        + project["optional-dependencies"]["dev"]
+    names = {re.split(r"[<>=\[ ]", d)[0].lower() for d in wanted}
+    assert {CONDA_NAMES.get(n, n) for n in names} <= conda
+    python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python"))
+    assert python.startswith("python" + project["requires-python"]) and "<" in python
+    assert "pip install --no-deps -e ." in (ROOT / "environment.yml").read_text()
+
+
+def test_distribution_name_license_and_extras():
+    project = PYPROJECT["project"]
+    assert project["name"] != "nbutils"  # taken on PyPI by an unrelated package; the import name stays nbutils
+    assert project["license"] == "MIT" and (ROOT / "LICENSE").read_text().startswith("MIT License")
+    core = {re.split(r"[<>=\[ ]", d)[0].lower() for d in project["dependencies"]}
+    assert not {"pandas", "seaborn", "ipywidgets"} & core  # notebook-only: the `notebooks` extra
 
 
 def test_required_dependencies_are_declared():
     names = {re.split(r"[<>=\[ ]", d)[0].lower() for d in PYPROJECT["project"]["dependencies"]}
-    need = {"torch", "torchvision", "matplotlib", "seaborn", "ipywidgets", "tqdm", "safetensors", "scipy", "numpy"}
+    need = {"torch", "torchvision", "matplotlib", "tqdm", "safetensors", "scipy", "numpy", "filelock"}
     assert need <= names
     dev = {re.split(r"[<>=\[ ]", d)[0].lower() for d in PYPROJECT["project"]["optional-dependencies"]["dev"]}
     assert {"pytest", "nbval", "jupyterlab", "ruff"} <= dev

@@ -307,3 +307,29 @@ def test_guided_steps_put_the_steps_inside_the_interval():
     for steps, guided in [(10, 10), (None, 5), (10, 0)]:
         with pytest.raises(ValueError, match="guided_steps"):
             _sample(_Recorder(), _IdentityVAE(), 2, 1, steps=steps, guided_steps=guided, guidance_interval=(0, 400))
+
+
+def test_sample_outputs_other_tools_read(tmp_path, capsys):
+    """A folder of 8-bit PNGs with a manifest (clean-fid, torch-fidelity), ADM-style arr_0/arr_1 keys beside
+    images/labels, and an 8-bit grid with class names on its rows."""
+    import numpy as np
+    from PIL import Image
+
+    from nbutils import cli
+    from nbutils.config import checkpoints_dir
+
+    common = ["sample", "--checkpoint", str(checkpoints_dir()), "--steps", "2", "--seed", "3", "--no-progress"]
+    assert cli.main([*common, "--n", "10", "--class", "all", "--out", str(tmp_path / "pngs") + "/"]) == 0
+    assert cli.main([*common, "--n", "10", "--class", "all", "--out", str(tmp_path / "S.NPZ")]) == 0
+    assert cli.main([*common, "--n", "20", "--class", "all", "--out", str(tmp_path / "grid.png")]) == 0
+    files = sorted((tmp_path / "pngs").glob("*.png"))
+    manifest = (tmp_path / "pngs" / "manifest.csv").read_text().splitlines()
+    assert len(files) == 10 and manifest[0] == "file,label,class" and manifest[1] == "000000.png,0,T-shirt/top"
+    with np.load(tmp_path / "S.NPZ") as f:  # exactly the name asked for
+        assert np.array_equal(f["arr_0"], f["images"]) and np.array_equal(f["arr_1"], f["labels"])
+        for i, path in enumerate(files):
+            assert np.array_equal(np.asarray(Image.open(path)), f["images"][i])
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.mode == "L" and grid.width > 2 * (10 * 30)  # the class names' margin beside 10 images per row
+    assert cli.main([*common, "--n", "2", "--out", str(tmp_path / "pngs") + "/"]) == 1  # not empty: not overwritten
+    assert "exists and is not empty" in capsys.readouterr().err

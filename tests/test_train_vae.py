@@ -514,3 +514,19 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_weights(tmp_path):
     a, b = P.load_vae(tmp_path / "whole", device="cpu")[1], P.load_vae(run, device="cpu")[1]
     assert a["tensor_digest"] == b["tensor_digest"]
     assert not list(run.glob(".*.tmp"))
+
+
+def test_training_curves_are_logged_per_step_and_plotted(smoke_run, tmp_path, capsys):
+    """Every run folder holds its curves as JSON lines (loss parts, lr, gradient norm per step) beside the
+    per-epoch history, and `plot` draws them."""
+    _, run, _ = smoke_run
+    lines = (run / "vae_steps.jsonl").read_text().splitlines()
+    steps, epochs = TR.load_history(run)
+    assert [json.loads(line) for line in lines] == steps and len(steps) == epochs[-1]["step"]
+    assert {"loss", "mse", "lr", "grad_norm"} <= set(steps[0]) and steps[0]["lr"] < steps[-1]["lr"]  # warm-up
+    assert all(math.isfinite(s["grad_norm"]) and s["grad_norm"] > 0 for s in steps)
+    assert epochs[-1]["batches_per_s"] > 0
+    out = tmp_path / "curves.png"
+    assert cli.main(["plot", str(run), "--out", str(out)]) == 0 and out.stat().st_size > 10_000
+    assert cli.main(["plot", str(tmp_path), "--out", str(tmp_path / "none.png")]) == 1
+    assert "no training curves" in capsys.readouterr().err

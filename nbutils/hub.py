@@ -1,0 +1,147 @@
+"""Hub-format model folders: what the Hugging Face Hub (and anyone without this repository) expects to find.
+
+A folder holds the VAE and UNet weights (the project's safetensors checkpoints, unchanged, so their digests and
+the UNet's record of its VAE still hold), a ``config.json`` that says what is in it (architecture, diffusion
+process, sampling recipe, class names, files), an optional ``results.json`` (measured quality, with the date,
+machine and command that measured it), and a model card, ``README.md``, generated from all of that — never
+written by hand, so it cannot drift from the weights.
+
+* :func:`save_pretrained` — a run folder (or the shipped ``checkpoints/``) → a Hub-format folder.
+* ``load_pipeline("owner/name")`` (and ``--checkpoint owner/name``) downloads such a folder from the Hub once
+  (:func:`nbutils.checkpoints.resolve_checkpoint`).
+* Publishing: ``huggingface_hub.upload_folder(repo_id="you/fashion-ldm", folder_path="checkpoints")``
+  after ``huggingface-cli login`` (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .checkpoints import atomic_write_bytes, read_model
+from .config import Config
+from .data import dataset_spec
+from .pipeline import UNET_FILE, VAE_FILE, SamplingRecipe, check_vae
+
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"
+CARD_FILE = "README.md"
+HUB_DATASETS = {"fashion_mnist": "zalando-datasets/fashion_mnist", "cifar10": "uoft-cs/cifar10"}
+
+
+def save_pretrained(source: str | Path, out_dir: str | Path, results: dict[str, Any] | None = None) -> Path:
+    """Write the UNet + VAE of ``source`` (a run folder or checkpoint folder) to ``out_dir`` in Hub format.
+
+    ``results`` (e.g. the record ``python -m benchmarks shipped`` prints) goes to ``results.json`` and into the
+    card; by default the one already in ``source`` is kept."""
+    source, out_dir = Path(source), Path(out_dir)
+    unet_tensors, unet_meta = read_model(source / UNET_FILE, "unet")
+    _, vae_meta = read_model(source / VAE_FILE, "vae")
+    vae_meta["path"] = str(source / VAE_FILE)
+    check_vae(unet_meta["extra"], vae_meta, str(source / UNET_FILE))
+    if results is None and (source / RESULTS_FILE).is_file():
+        results = json.loads((source / RESULTS_FILE).read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (UNET_FILE, VAE_FILE):
+        if (source / name).resolve() != (out_dir / name).resolve():
+            shutil.copyfile(source / name, out_dir / name)
+            if (source / name).with_suffix(".json").is_file():
+                shutil.copyfile((source / name).with_suffix(".json"), (out_dir / name).with_suffix(".json"))
+    config = hub_config(unet_meta, vae_meta)
+    atomic_write_bytes(out_dir / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+    if results is not None:
+        atomic_write_bytes(out_dir / RESULTS_FILE, (json.dumps(results, indent=2) + "\n").encode())
+    atomic_write_bytes(out_dir / CARD_FILE, model_card(config, unet_meta, results).encode())
+    return out_dir
+
+
+def hub_config(unet_meta: dict[str, Any], vae_meta: dict[str, Any]) -> dict[str, Any]:
+    """``config.json``: what the folder holds, in the names diffusers users know where they exist."""
+    cfg = Config.from_dict(unet_meta["config"]).to_dict()
+    recipe = SamplingRecipe.from_dict(unet_meta["extra"].get("sampling_recipe") or {})
+    return {
+        "library_name": "nbutils",
+        "pipeline": "class-conditional latent diffusion",
+        "files": {"unet": UNET_FILE, "vae": VAE_FILE},
+        "weights_sha256": {"unet": unet_meta["tensor_digest"], "vae": vae_meta["tensor_digest"]},
+        "dataset": cfg["data"]["dataset"],
+        "image_shape": [cfg["data"]["channels"], cfg["data"]["image_size"], cfg["data"]["image_size"]],
+        "class_names": list(dataset_spec(cfg["data"]["dataset"]).class_names),
+        "vae": Config.from_dict(vae_meta["config"]).to_dict()["vae"],
+        "unet": cfg["unet"],
+        "scheduler": cfg["diffusion"],
+        "sampling_recipe": recipe.to_dict(),
+    }
+
+
+def model_card(config: dict[str, Any], unet_meta: dict[str, Any], results: dict[str, Any] | None) -> str:
+    """The ``README.md`` of a Hub folder: metadata for the Hub, then what the model is, how it was trained and
+    sampled, and what it measured."""
+    unet, vae, sched, recipe = config["unet"], config["vae"], config["scheduler"], config["sampling_recipe"]
+    extra = unet_meta["extra"]
+    interval = recipe["guidance_interval"]
+    lines = [
+        "---",
+        "license: mit",
+        "library_name: nbutils",
+        "pipeline_tag: unconditional-image-generation",
+        f"datasets:\n- {HUB_DATASETS.get(config['dataset'], config['dataset'])}",
+        "tags:\n- diffusion\n- latent-diffusion\n- class-conditional\n- classifier-free-guidance",
+        "---",
+        "",
+        f"# Class-conditional latent diffusion on {config['dataset']}",
+        "",
+        f"A VAE (channels {tuple(vae['block_out_channels'])}, latent {vae['latent_channels']}×"
+        f"{config['image_shape'][1] // 4}×{config['image_shape'][2] // 4}) and a class-conditional UNet (channels "
+        f"{tuple(unet['block_out_channels'])}, {unet['layers_per_block']} residual block(s) per level, "
+        f"cross-attention to {unet['context_tokens']} class tokens) trained on a "
+        f"{sched['num_train_timesteps']}-step diffusion process ({sched['beta_schedule']} schedule, "
+        f"{sched['prediction_type']} target). Classes: {', '.join(config['class_names'])}.",
+        "",
+        "This card is generated by `nbutils.hub.save_pretrained` from the files beside it.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import nbutils",
+        "from nbutils.pipeline import load_pipeline, sample",
+        "",
+        'pipe = load_pipeline("THIS_FOLDER_OR_HUB_ID")  # checks the VAE is the one the UNet was trained with',
+        'out = sample(pipe, 10, classes="all", generator=nbutils.make_generator(0))  # the recipe below',
+        "```",
+        "",
+        "## Training",
+        "",
+        f"EMA weights after epoch {extra.get('epoch')} (step {extra.get('step')}). "
+        + (f"How: {extra['trained']}." if extra.get("trained") else "")
+        + f" UNet dropout {unet['dropout']}, class dropped for guidance with probability {sched['cond_drop_prob']}.",
+        "",
+        "## Sampling recipe",
+        "",
+        f"{recipe['sampler']}, {recipe['steps'] or 'default'} steps, spacing "
+        f"{recipe['timestep_spacing'] or 'default'}, "
+        f"classifier-free guidance w = {recipe['guidance']:g}"
+        + (f" on {interval[0]} ≤ t ≤ {interval[1]} only" if interval else " on every step")
+        + f", {recipe['precision']}.",
+        "",
+    ]
+    if results:
+        lines += ["## Measured quality", "", _results_table(results), ""]
+    lines += ["## License", "", "MIT.", ""]
+    return "\n".join(lines)
+
+
+def _results_table(results: dict[str, Any]) -> str:
+    rows = ["| images | FID | KID | conditional accuracy | FID ÷ VAE ceiling |", "| --- | --- | --- | --- | --- |"]
+    for r in results.get("rows", []):
+        ratio = f"{r['fid_vs_ceiling']:g}×" if "fid_vs_ceiling" in r else "—"
+        rows.append(f"| {r['row']} | {r['fid']:g} | {r['kid']:g} | {100 * r['cond_acc']:.2f}% | {ratio} |")
+    machine = results.get("machine", {})
+    rows.append("")
+    rows.append(f"N = {results.get('n')}, features and predictions of the project's FashionMNIST classifier against "
+                f"the test images; measured {results.get('date', '?')[:10]} on {machine.get('cpu', '?')} "
+                f"({machine.get('cores', '?')} cores, torch {machine.get('torch', '?')}) by "
+                f"`{results.get('command', '?')}`.")
+    return "\n".join(rows)
