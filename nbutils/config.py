@@ -177,7 +177,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _whole(self, "epochs", "batch_size", "lr_warmup_steps")
         _whole(self, "ema_warmup_steps", "seed", "sample_every", minimum=0)
-        _real(self, "lr", 0, math.inf, low_open=True)
+        _real(self, "lr", 0, math.inf)  # 0: the weights stay (a frozen run)
         _real(self, "weight_decay", 0, math.inf)
         _real(self, "grad_clip", 0, math.inf, low_open=True, optional=True)
         _real(self, "ema_decay", 0, 1, high_open=True)
@@ -196,7 +196,7 @@ class PhaseConfig:
     def __post_init__(self) -> None:
         _whole(self, "epochs", minimum=0)
         _whole(self, "lr_warmup_steps")
-        _real(self, "lr", 0, math.inf, low_open=True)
+        _real(self, "lr", 0, math.inf)  # 0: the weights stay (a frozen run)
 
 
 @dataclass

@@ -202,10 +202,11 @@ def _signal_at_step(monkeypatch, k, sig=None):
     calls = {"n": 0}
 
     def optimize(*args, **kwargs):
-        real(*args, **kwargs)
+        grad_norm = real(*args, **kwargs)
         if calls["n"] == k:
             os.kill(os.getpid(), sig or signal.SIGINT)
         calls["n"] += 1
+        return grad_norm
 
     monkeypatch.setattr(TR, "optimizer_step", optimize)
 
