@@ -361,9 +361,7 @@ def sample(
     lo, hi = recipe.guidance_interval or (0, math.inf)
     null = unet.null_label
     images, latents, trajectory = [], [], []
-    batches = -(-n // batch_size)
-    bar = tqdm(total=batches, desc=f"{recipe.sampler} {recipe.steps or ''}".strip(), unit="batch", disable=not progress,
-               leave=False)
+    batches, bar = -(-n // batch_size), None
     for start in range(0, n, batch_size):
         lab = labels[start : start + batch_size]
         model_labels = torch.where(lab < 0, torch.full_like(lab, null), lab).to(device)
@@ -382,9 +380,9 @@ def sample(
         if return_trajectory and start == 0:
             idx = torch.linspace(0, len(timesteps) - 1, min(trajectory_points, len(timesteps))).round().long().tolist()
             record = {int(timesteps[i]) for i in idx}
-        if start == 0:  # one tick per denoising step: the bar moves even for a single batch of many steps
-            bar.reset(total=batches * len(timesteps))
-            bar.unit = "step"
+        if bar is None:  # one tick per denoising step: the bar moves even for a single batch of many steps
+            bar = tqdm(total=batches * len(timesteps), desc=f"{recipe.sampler} {len(timesteps)}", unit="step",
+                       disable=not progress, leave=False)
         for t in timesteps:
             w = recipe.guidance if lo <= int(t) <= hi else 1.0
             out = guided_output(model, x, t, model_labels, w, null)

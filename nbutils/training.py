@@ -365,6 +365,7 @@ class Run:
     scaler: torch.amp.GradScaler | None = None
     amp_dtype: torch.dtype | None = None
     forward: nn.Module | None = None
+    saved_scaler: dict | None = None  # fp16's loss scale from the state being resumed
 
     @property
     def weights_path(self) -> Path:
@@ -396,7 +397,7 @@ class Run:
         self.phase_start = int(state.get("phase_start", 0))
         self.history = History(**state["history"])
         self.partial = state.get("partial")
-        self._saved_scaler = state.get("scaler")
+        self.saved_scaler = state.get("scaler")
         where = f" (batch {self.partial['batch']} of epoch {self.epoch + 1})" if self.partial else ""
         self.log(f"resuming {self.run_dir} after epoch {self.epoch}{where}, step {self.step}")
 
@@ -404,9 +405,8 @@ class Run:
         """Mixed precision and compile for the forward pass; an fp16 run resumes with the loss scale it reached."""
         self.amp_dtype, self.scaler, self.forward = precision(self.tc, self.procs.prepare(self.model), self.device,
                                                               self.log)
-        saved = getattr(self, "_saved_scaler", None)
-        if self.scaler is not None and saved:
-            self.scaler.load_state_dict(saved)
+        if self.scaler is not None and self.saved_scaler:
+            self.scaler.load_state_dict(self.saved_scaler)
 
     def save(self, epochs_done: int, partial: dict | None = None) -> None:
         """Weights, the resumable state and the per-epoch history (JSON), each written atomically."""
