@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import io
 import json
+import math
 import os
 import platform
 import re
@@ -54,9 +55,10 @@ from .data import (
 )
 from .distributed import is_main_process
 from .evaluation import Evaluator, evaluate_file, load_sample_file, to_json
+from .grading import DEFAULT_TIMEOUT, grade, write_scores
 from .hub import save_pretrained
 from .metrics import reconstruction_metrics
-from .nbtools import fix_notebook, notebook_paths, notebook_problems, write_solutions
+from .nbtools import fix_notebook, notebook_paths, notebook_problems
 from .pipeline import PRECISIONS, SHIPPED_RECIPE, SamplingRecipe, load_pipeline, load_vae, sample
 from .plotting import plot_run
 from .samplers import SAMPLERS, SPACINGS
@@ -405,19 +407,22 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def cmd_solutions(args: argparse.Namespace) -> int:
-    """Write solution copies of the notebooks (every exercise stub filled in)."""
-    out = Path(args.out) if args.out else project_root() / "notebooks" / "solutions"
-    if args.out is None:
-        out.mkdir(parents=True, exist_ok=True)
-    try:
-        written = write_solutions(out)
-    except FileNotFoundError as err:
-        raise CLIError(str(err)) from None
-    for path in written:
-        print(path)
-    print(f"{len(written)} solution notebooks in {out} (run them with NBUTILS_STRICT_CHECKS=1 to turn a failed "
-          "check into an error)")
+def cmd_grade(args: argparse.Namespace) -> int:
+    """Grade submitted notebooks: one CSV row per notebook × exercise (docs/instructors.md)."""
+    if not math.isfinite(args.timeout) or args.timeout <= 0:
+        raise CLIError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    missing = [p for p in args.notebooks if not Path(p).is_file()]
+    if missing:
+        raise CLIError(f"no such notebook: {missing[0]}")
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise CLIError(f"--out must be a CSV file in an existing folder, got {out}")
+    scores = grade(args.notebooks, out=None, timeout=args.timeout,
+                   progress=lambda p: print(f"graded {p}", file=sys.stderr))
+    write_scores(scores, out)
+    total = sum(s.points for s in scores)
+    best = sum(s.max_points for s in scores)
+    print(f"{len(args.notebooks)} notebook(s), {len(scores)} exercise(s): {total:g} of {best:g} points -> {out}")
     return 0
 
 
@@ -558,9 +563,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fix", action="store_true", help="rewrite badges and setup cells from pyproject.toml")
     p.set_defaults(func=cmd_notebooks)
 
-    p = sub.add_parser("solutions", help="write copies of the notebooks with every exercise solved (instructors)")
-    p.add_argument("--out", help="output folder (default: notebooks/solutions, created)")
-    p.set_defaults(func=cmd_solutions)
+    p = sub.add_parser("grade", help="grade submitted notebooks' exercises into a CSV (instructors)")
+    p.add_argument("notebooks", nargs="+", help="the submitted .ipynb files")
+    p.add_argument("--out", required=True, help="the scores, one CSV row per notebook × exercise")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help=f"seconds each exercise may run (default {DEFAULT_TIMEOUT:g})")
+    p.set_defaults(func=cmd_grade)
     return parser
 
 

@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 
 from .config import project_root
-from .exercises import EXERCISES
+from .exercises import EXERCISE_KEY, EXERCISES
 
 COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 SETUP_MARKER = "# Setup: on Colab"
@@ -119,7 +119,6 @@ def notebook_paths() -> list[Path]:
 # Exercises (the course kit): the cells at the end of notebooks 01–06, and their solution copies
 # --------------------------------------------------------------------------------------------
 
-EXERCISE_KEY = "nbutils_exercise"  # cell metadata: which exercise a stub/solution cell holds
 EXERCISES_HEADING = "## Exercises"
 
 
@@ -137,21 +136,19 @@ def exercise_cells(notebook: str) -> list[dict]:
     if not chosen:
         raise ValueError(f"no exercises for notebook {notebook!r}")
     intro = (f"{EXERCISES_HEADING}\n\nFill in each function where it says `# YOUR CODE HERE` and run the cell below "
-             "it: the check runs your code on random inputs (edge cases included) against the library's own "
-             "implementation and tells you which input went wrong, what it expected, what it got, and — when "
-             "your answer matches a common mistake — which one. Instructors: `python -m nbutils solutions` writes "
-             "copies of the notebooks with the solutions filled in (`docs/instructors.md`).")
-    code = "".join(ex.solution for ex in chosen)
-    # what the solutions use; the stubs do not use it yet, hence the noqa
-    imports = [f"{line}  # noqa: F401 (for your code)" for name, line in
-               (("math.", "import math"), ("np.", "import numpy as np"), ("torch.", "import torch")) if name in code]
+             "it. The check runs your function on stored test inputs (edge cases included) and says which input "
+             "went wrong, what it expected and what it got, and — when your answer matches a common mistake — "
+             "which one; from the second failed try it also gives the formula (`exercises.hint(\"name\")` gives it "
+             "at once). Write the code with plain tensor operations: a function that calls the library's own "
+             "version, or the PyTorch function that does the whole job, does not pass.")
+    imports = ["import math  # noqa: F401 (for your code)", "import numpy as np  # noqa: F401",
+               "import torch  # noqa: F401", "", "from nbutils import exercises"]
     cells = [_cell("markdown", intro, f"exercises-{notebook}"),
-             _cell("code", "\n".join([*imports, "", "from nbutils import exercises"]).lstrip("\n"),
-                   f"exercises-imports-{notebook}")]
+             _cell("code", "\n".join(imports), f"exercises-imports-{notebook}")]
     for ex in chosen:
         cells.append(_cell("markdown", f"### Exercise {ex.number}: {ex.title}\n\n{ex.goal}", f"goal-{ex.key}"))
         cells.append(_cell("code", ex.stub.rstrip("\n"), f"exercise-{ex.key}", {EXERCISE_KEY: ex.key}))
-        cells.append(_cell("code", f"exercises.check_{ex.key}({ex.key});", f"check-{ex.key}"))
+        cells.append(_cell("code", f'exercises.check("{ex.key}", {ex.key});', f"check-{ex.key}"))
     return cells
 
 
@@ -169,28 +166,13 @@ def add_exercises(path: Path, replace: bool = False) -> bool:
     return True
 
 
-def solution_notebook(nb: dict) -> dict:
-    """A copy of notebook ``nb`` with every exercise stub replaced by its solution (outputs cleared)."""
+def solution_notebook(nb: dict, solutions: dict[str, str]) -> dict:
+    """A copy of notebook ``nb`` with every exercise stub replaced by its cell from ``solutions`` (the answer
+    key: ``{exercise key: solved cell source}``, kept outside the package), outputs cleared."""
     out = copy.deepcopy(nb)
     for cell in out["cells"]:
         key = cell.get("metadata", {}).get(EXERCISE_KEY)
         if key is not None:
-            cell["source"] = EXERCISES[key].solution.rstrip("\n").splitlines(keepends=True)
+            cell["source"] = solutions[key].rstrip("\n").splitlines(keepends=True)
             cell["outputs"], cell["execution_count"] = [], None
     return out
-
-
-def write_solutions(out_dir: str | Path) -> list[Path]:
-    """Solution copies of every notebook that has exercises, written to ``out_dir`` (same file names)."""
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        raise FileNotFoundError(f"output folder {out_dir} does not exist (create it first)")
-    written = []
-    for path in notebook_paths():
-        nb = json.loads(path.read_text(encoding="utf-8"))
-        if not any(EXERCISE_KEY in c.get("metadata", {}) for c in nb["cells"]):
-            continue
-        target = out_dir / path.name
-        target.write_text(json.dumps(solution_notebook(nb), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        written.append(target)
-    return written

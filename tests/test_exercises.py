@@ -1,8 +1,12 @@
-"""The course kit: every check fails on its stub and on plausible wrong answers, passes on the solution and on
-an equivalent rewrite; the notebooks carry the stubs; `nbutils solutions` fills them in."""
+"""The course kit: every check fails on its stub, on plausible wrong answers and on code that delegates the work to
+the library, passes on the answer key and on an equivalent rewrite; the stored cases match the answer key; the
+notebooks carry the stubs; the package holds no answers; the grader scores submissions in fresh processes."""
 
+import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +14,14 @@ import pytest
 import torch
 
 from nbutils import exercises as E
+from nbutils import grading
 
+ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = {"math": math, "np": np, "torch": torch}
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = ROOT / "notebooks"
+sys.path.insert(0, str(ROOT / "instructor"))
+import answers  # noqa: E402 - the instructor's folder is not a package
+import make_fixtures  # noqa: E402
 
 # Plausible student code: (wrong answers, a correct rewrite that differs from the solution).
 ATTEMPTS = {
@@ -122,11 +131,11 @@ ATTEMPTS = {
 }
 
 
+
 def _function(key: str, body: str):
     ex = E.EXERCISES[key]
-    signature = ex.stub.splitlines()[0]
     ns = dict(NAMESPACE)
-    exec(f"{signature}\n    {body}\n", ns)  # noqa: S102 - test code
+    exec(f"{ex.signature}\n    {body}\n", ns)  # noqa: S102 - test code
     return ns[key]
 
 
@@ -136,24 +145,58 @@ def _from_cell(key: str, source: str):
     return ns[key]
 
 
-def test_every_exercise_has_attempts_and_a_check():
-    assert set(ATTEMPTS) == set(E.EXERCISES)
+# Code that hands the job to the library (nbutils or torch): it must never pass.
+DELEGATES = {
+    "kl_divergence": "from nbutils.vae import kl_divergence as k\n    return k(mean, logvar)",
+    "latent_stats": "from nbutils import vae\n    return vae.latent_stats(mean, std)",
+    "add_noise": "from nbutils.diffusion import add_noise as a\n    return a(x0, noise, t, alphas_cumprod)",
+    "cosine_alphas_cumprod": "from nbutils.schedules import alphas_cumprod, make_betas\n"
+                             "    return alphas_cumprod(make_betas('squaredcos_cap_v2', T))",
+    "timestep_embedding": "import nbutils.unet\n    return nbutils.unet.timestep_embedding(t, dim)",
+    "attention": "import torch.nn.functional as F\n    return F.scaled_dot_product_attention(q, k, v)",
+    "fid_from_features": "from nbutils.metrics import fid\n    return fid(feats_a, feats_b)",
+}
+
+
+def test_every_exercise_has_an_answer_cases_attempts_and_hints():
+    assert set(ATTEMPTS) == set(E.EXERCISES) == set(answers.SOLUTIONS) == set(answers.CASES) == set(answers.MISTAKES)
     by_notebook = {}
     for ex in E.EXERCISES.values():
-        assert callable(ex.check) and ex.stub.count("raise NotImplementedError") == 1
+        assert ex.stub.count("raise NotImplementedError") == 1 and ex.formula
+        assert len(E.cases(ex.key)) >= 3
         by_notebook.setdefault(ex.notebook, []).append(ex.key)
     assert sorted(by_notebook) == ["01", "02", "03", "04", "05", "06"]
-    assert all(2 <= len(v) <= 4 for v in by_notebook.values())
+
+
+def test_the_stored_cases_are_the_answer_keys():
+    """nbutils/fixtures/exercises.safetensors is what instructor/make_fixtures.py writes today."""
+    tensors, index = make_fixtures.build()
+    stored, stored_index = E._fixtures()
+    assert stored_index == json.loads(json.dumps(index, ensure_ascii=False))
+    assert stored.keys() == tensors.keys()
+    for name, t in tensors.items():
+        torch.testing.assert_close(stored[name], t, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_the_package_holds_no_answers():
+    """The course kit's modules hold no line of the answer key (the library itself implements several of the
+    exercises: that is what the notebooks compare with), and the wheel's package list names nbutils alone."""
+    package_text = "\n".join((ROOT / "nbutils" / f).read_text() for f in ("exercises.py", "grading.py", "nbtools.py"))
+    for key, body in answers.SOLUTIONS.items():
+        lines = [line.strip() for line in body.strip().splitlines() if len(line.strip()) > 25]
+        assert lines and not any(line in package_text for line in lines), key
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'packages = ["nbutils"]' in pyproject and not (ROOT / "instructor" / "__init__.py").exists()
 
 
 @pytest.mark.parametrize("key", list(E.EXERCISES))
 def test_check_fails_on_the_stub_and_says_so(key, capsys):
     ex = E.EXERCISES[key]
-    result = ex.check(_from_cell(key, ex.stub), strict=False)
-    assert not result and "not implemented yet" in result.message
+    result = E.check(key, _from_cell(key, ex.stub), strict=False)
+    assert not result and "not implemented yet" in result.message and result.points == 0
     assert result.message in capsys.readouterr().out
     with pytest.raises(AssertionError, match="not implemented yet"):
-        ex.check(_from_cell(key, ex.stub), strict=True)
+        E.check(key, _from_cell(key, ex.stub), strict=True)
 
 
 @pytest.mark.parametrize("key", list(E.EXERCISES))
@@ -162,35 +205,64 @@ def test_check_fails_on_wrong_answers_with_a_specific_message(key):
     assert len(wrong) >= 2
     diagnosed = 0
     for body in wrong:
-        result = E.EXERCISES[key].check(_function(key, body), strict=False)
+        result = E.check(key, _function(key, body), strict=False)
         assert not result, f"{key}: wrong answer accepted:\n{body}"
         assert "case" in result.message and ("expected" in result.message or "raised" in result.message
                                              or "shape" in result.message), result.message
-        diagnosed += "Your result is exactly what you get when" in result.message
+        diagnosed += "This is exactly what you get when" in result.message
     assert diagnosed >= 2, f"{key}: fewer than two wrong answers were recognised as a known mistake"
 
 
 @pytest.mark.parametrize("key", list(E.EXERCISES))
-def test_check_passes_the_solution_and_an_equivalent_rewrite(key):
-    ex = E.EXERCISES[key]
-    assert ex.check(_from_cell(key, ex.solution), strict=True)
+def test_check_passes_the_answer_key_and_an_equivalent_rewrite(key):
+    assert E.check(key, answers.solved(key), strict=True).points == E.EXERCISES[key].points
     _, rewrite = ATTEMPTS[key]
-    assert ex.check(_function(key, rewrite), strict=True)
+    assert E.check(key, _function(key, rewrite), strict=True)
+
+
+@pytest.mark.parametrize("key", list(DELEGATES))
+def test_check_fails_code_that_delegates_to_the_library(key):
+    result = E.check(key, _function(key, DELEGATES[key]), strict=False)
+    assert not result and "calls " in result.message and "write it with plain tensor operations" in result.message
+
+
+def test_check_fails_code_that_reads_the_stored_answers_or_stops_the_monitor():
+    reads = _function("guided_epsilon", "import safetensors.torch\n"
+                      f"    safetensors.torch.load_file({str(E.FIXTURES)!r})\n    return eps_cond")
+    opens = _function("guided_epsilon", f"open({str(E.FIXTURES)!r}, 'rb').close()\n    return eps_cond")
+    stops = _function("guided_epsilon", "import sys\n    sys.setprofile(None)\n    return eps_cond")
+    for fn in (reads, opens):
+        assert "reads a file" in E.check("guided_epsilon", fn, strict=False).message
+    assert "switched off" in E.check("guided_epsilon", stops, strict=False).message
+
+
+def test_hints_come_in_tiers_and_never_give_the_code(capsys):
+    E._attempts.clear()
+    wrong = _function("add_noise", "a = alphas_cumprod[t].reshape(-1, 1, 1, 1)\n    return a * x0 + (1 - a) * noise")
+    first = E.check("add_noise", wrong, strict=False).message
+    second = E.check("add_noise", wrong, strict=False).message
+    assert "Hint:" not in first and "√ᾱ_t belongs" in first  # tier 1: what is wrong
+    assert second.endswith(E.EXERCISES["add_noise"].formula)  # tier 2: which formula
+    assert E.check("add_noise", answers.solved("add_noise"), strict=False)
+    assert "Hint:" not in E.check("add_noise", wrong, strict=False).message  # a pass starts the tiers again
+    for key, body in answers.SOLUTIONS.items():  # tier 3 never comes: no hint holds a line of the answer
+        for line in body.strip().splitlines():
+            assert line.strip() not in E.EXERCISES[key].formula or len(line.strip()) < 12
 
 
 def test_strict_mode_from_the_environment(monkeypatch):
-    ex = E.EXERCISES["guided_epsilon"]
+    stub = _from_cell("guided_epsilon", E.EXERCISES["guided_epsilon"].stub)
     monkeypatch.setenv(E.STRICT_ENV, "1")
     with pytest.raises(AssertionError):
-        ex.check(_from_cell("guided_epsilon", ex.stub))
+        E.check("guided_epsilon", stub)
     monkeypatch.setenv(E.STRICT_ENV, "0")
-    assert not ex.check(_from_cell("guided_epsilon", ex.stub))
+    assert not E.check("guided_epsilon", stub)
 
 
 def test_a_student_error_is_reported_not_raised():
     def broken(eps_cond, eps_uncond, w):
         return eps_cond.flatten() @ eps_uncond  # shapes that do not multiply
-    result = E.check_guided_epsilon(broken, strict=False)
+    result = E.check("guided_epsilon", broken, strict=False)
     assert not result and "raised RuntimeError" in result.message
 
 
@@ -202,48 +274,56 @@ def test_the_ddim_closed_form_is_the_library_sampler():
     s = DDIMSampler(sch, "epsilon", "trailing")
     s.set_timesteps(20)
     ts = [int(t) for t in s.timesteps]
-    solved = _from_cell("ddim_step", E.EXERCISES["ddim_step"].solution)
+    solved = answers.solved("ddim_step")
     for j, t in enumerate(ts):
         eps, x = torch.randn(2, 4, 7, 7, dtype=torch.float64), torch.randn(2, 4, 7, 7, dtype=torch.float64)
         prev = float(sch.alphas_cumprod[ts[j + 1]]) if j + 1 < len(ts) else 1.0
         assert torch.allclose(s.step(eps, t, x), solved(eps, x, float(sch.alphas_cumprod[t]), prev), atol=1e-10)
 
 
+def test_the_answer_key_equals_the_library():
+    """What the course's exercises teach is what nbutils computes."""
+    from nbutils.diffusion import add_noise
+    from nbutils.metrics import fid
+    from nbutils.unet import timestep_embedding
+    from nbutils.vae import kl_divergence, latent_stats
+
+    for key, lib in [("add_noise", add_noise), ("kl_divergence", kl_divergence), ("fid_from_features", fid),
+                     ("timestep_embedding", timestep_embedding), ("latent_stats", latent_stats),
+                     ("attention", torch.nn.functional.scaled_dot_product_attention)]:
+        for kwargs, _ in answers.CASES[key]():
+            got, want = E.normalise(answers.solved(key)(**kwargs)), E.normalise(lib(*kwargs.values()))
+            assert E._compare(got, want["values"], want["tuple_len"], 1e-4, 1e-6) is None, key
+
+
 # ---- the notebooks ------------------------------------------------------------------------
 
 
-def _exercise_cells(nb: dict) -> dict[str, str]:
-    return {c["metadata"]["nbutils_exercise"]: "".join(c["source"]) for c in nb["cells"]
-            if c["cell_type"] == "code" and "nbutils_exercise" in c.get("metadata", {})}
-
-
 def test_notebooks_carry_the_stubs_with_a_check_below_each():
-    notebooks_dir = NOTEBOOKS
     for ex in E.EXERCISES.values():
-        path = next(notebooks_dir.glob(f"{ex.notebook}_*.ipynb"))
+        path = next(NOTEBOOKS.glob(f"{ex.notebook}_*.ipynb"))
         nb = json.loads(path.read_text())
         cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
-        i = next(i for i, c in enumerate(cells) if c.get("metadata", {}).get("nbutils_exercise") == ex.key)
+        i = next(i for i, c in enumerate(cells) if c.get("metadata", {}).get(E.EXERCISE_KEY) == ex.key)
         assert "".join(cells[i]["source"]) == ex.stub.rstrip("\n"), f"{path.name}: stub of {ex.key} differs"
-        assert f"check_{ex.key}({ex.key})" in "".join(cells[i + 1]["source"]), f"{path.name}: no check after {ex.key}"
+        below = "".join(cells[i + 1]["source"])
+        assert f'check("{ex.key}", {ex.key})' in below, f"{path.name}: no check after {ex.key}"
 
 
-def test_solutions_command_fills_in_every_exercise_and_they_pass(tmp_path, monkeypatch):
-    """`nbutils solutions` writes copies whose exercise section runs cleanly with strict checks: every code cell
+def test_solution_notebooks_fill_in_every_exercise_and_they_pass(tmp_path, monkeypatch):
+    """instructor/solutions.py writes copies whose exercise section runs cleanly with strict checks: every code cell
     from the "Exercises" heading on is executed, as the kernel would."""
-    from nbutils import cli
-
-    assert cli.main(["solutions", "--out", str(tmp_path)]) == 0
+    subprocess.run([sys.executable, str(ROOT / "instructor" / "solutions.py"), "--out", str(tmp_path)], check=True,
+                   capture_output=True)
     monkeypatch.setenv(E.STRICT_ENV, "1")
     written = sorted(tmp_path.glob("*.ipynb"))
     assert [p.name for p in written] == sorted(p.name for p in NOTEBOOKS.glob("0[1-6]_*.ipynb"))
     seen = set()
     for path in written:
         nb = json.loads(path.read_text())
-        cells = _exercise_cells(nb)
+        cells = grading.exercise_sources(nb)
         for key, source in cells.items():
-            assert source == E.EXERCISES[key].solution.rstrip("\n")
-            assert all(c.get("outputs") == [] for c in nb["cells"] if c.get("metadata", {}).get("nbutils_exercise"))
+            assert source == answers.solution_cell(key).rstrip("\n")
         start = next(i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "markdown"
                      and "".join(c["source"]).startswith("## Exercises"))
         ns = {}
@@ -252,3 +332,91 @@ def test_solutions_command_fills_in_every_exercise_and_they_pass(tmp_path, monke
                 exec("".join(c["source"]), ns)  # noqa: S102 - the notebook's own cells
         seen |= set(cells)
     assert seen == set(E.EXERCISES)
+
+
+# ---- the grader -----------------------------------------------------------------------------
+
+
+def _submission(tmp_path: Path, name: str, bodies: dict[str, str | None], drop_checks: bool = False) -> Path:
+    """A copy of course notebook ``name[:2]`` whose exercise cells hold ``bodies`` (None: leave the stub; a
+    string starting with "def ": the whole cell; else the function body)."""
+    src = next(NOTEBOOKS.glob(f"{name[:2]}_*.ipynb"))
+    nb = json.loads(src.read_text())
+    cells = []
+    for c in nb["cells"]:
+        key = c.get("metadata", {}).get(E.EXERCISE_KEY)
+        if key in bodies and bodies[key] is not None:
+            body = bodies[key]
+            c["source"] = body if body.startswith("def ") else f"{E.EXERCISES[key].signature}\n    {body}\n"
+        if drop_checks and "exercises.check(" in "".join(c["source"]):
+            continue
+        cells.append(c)
+    nb["cells"] = cells
+    path = tmp_path / name
+    path.write_text(json.dumps(nb))
+    return path
+
+
+def test_grade_scores_stubs_zero_answers_full_and_delegation_zero(tmp_path):
+    """Notebook 03 three ways, through the real command: the stubs, the answer key (check cells deleted: the
+    grader does not need them), and code that calls the library."""
+    keys = [k for k, ex in E.EXERCISES.items() if ex.notebook == "03"]
+    stub = _submission(tmp_path, "03_stub.ipynb", {})
+    solved = _submission(tmp_path, "03_solved.ipynb", {k: answers.solution_cell(k) for k in keys}, drop_checks=True)
+    delegating = _submission(tmp_path, "03_delegating.ipynb", {k: DELEGATES[k] for k in keys})
+    out = tmp_path / "scores.csv"
+    proc = subprocess.run([sys.executable, "-m", "nbutils", "grade", str(stub), str(solved), str(delegating),
+                           "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == list(grading.FIELDS) and len(rows) == 3 * len(keys)
+    points = {(r["notebook"], r["function"]): float(r["points"]) for r in rows}
+    for k in keys:
+        assert points["03_stub.ipynb", k] == 0 and points["03_delegating.ipynb", k] == 0
+        assert points["03_solved.ipynb", k] == E.EXERCISES[k].points
+    assert all("calls nbutils" in r["message"] for r in rows if r["notebook"] == "03_delegating.ipynb")
+    assert f"{2 * len(keys)} of {3 * len(keys)} points" not in proc.stdout  # one notebook's worth, no more
+    assert f"{len(keys)}" in proc.stdout
+
+
+def test_grade_handles_missing_cells_endless_loops_and_broken_files(tmp_path):
+    keys = [k for k, ex in E.EXERCISES.items() if ex.notebook == "05"]
+    looping = _submission(tmp_path, "05_loop.ipynb", {keys[0]: "while True:\n        pass"})
+    nb = json.loads(looping.read_text())
+    nb["cells"] = [c for c in nb["cells"] if c.get("metadata", {}).get(E.EXERCISE_KEY) != keys[1]]
+    looping.write_text(json.dumps(nb))
+    broken = tmp_path / "06_broken.ipynb"
+    broken.write_text("{not json")
+    scores = grading.grade([looping, broken], out=tmp_path / "s.csv", timeout=10)
+    by = {s.function: s for s in scores}
+    assert by[keys[0]].points == 0 and "time limit" in by[keys[0]].message
+    assert by[keys[1]].points == 0 and "not found" in by[keys[1]].message
+    assert scores[-1].notebook == "06_broken.ipynb" and "could not read" in scores[-1].message
+
+
+def test_grade_command_refuses_bad_arguments(tmp_path):
+    for args in (["nope.ipynb", "--out", str(tmp_path / "s.csv")],
+                 [str(next(NOTEBOOKS.glob("03_*.ipynb"))), "--out", str(tmp_path / "s.csv"), "--timeout", "nan"],
+                 [str(next(NOTEBOOKS.glob("03_*.ipynb"))), "--out", str(tmp_path)]):
+        proc = subprocess.run([sys.executable, "-m", "nbutils", "grade", *args], capture_output=True, text=True)
+        assert proc.returncode != 0 and proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_grade_every_notebook_three_ways(tmp_path):
+    """All six notebooks: the stubs score 0, the answer key full marks, delegating code (where a library version
+    exists) 0."""
+    stubs, solved, delegating = [], [], []
+    for nb in sorted(NOTEBOOKS.glob("0[1-6]_*.ipynb")):
+        keys = [k for k, ex in E.EXERCISES.items() if ex.notebook == nb.name[:2]]
+        stubs.append(_submission(tmp_path, f"{nb.name[:2]}_stub.ipynb", {}))
+        solved.append(_submission(tmp_path, f"{nb.name[:2]}_solved.ipynb",
+                                  {k: answers.solution_cell(k) for k in keys}))
+        delegating.append(_submission(tmp_path, f"{nb.name[:2]}_delegating.ipynb",
+                                      {k: DELEGATES.get(k) for k in keys}))
+    scores = grading.grade(stubs + solved + delegating)
+    for s in scores:
+        if "_solved" in s.notebook:
+            assert s.points == s.max_points > 0, s
+        elif "_stub" in s.notebook or s.function in DELEGATES:
+            assert s.points == 0, s
