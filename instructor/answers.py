@@ -71,6 +71,23 @@ SOLUTIONS: dict[str, str] = {
         x0 = (x_t - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t)
         return math.sqrt(alpha_bar_prev) * x0 + math.sqrt(1 - alpha_bar_prev) * eps
         """,
+    "sample_latents": """
+        x = torch.randn(shape, generator=generator)
+        for i, t in enumerate(timesteps):
+            a = float(alphas_cumprod[t])
+            a_prev = float(alphas_cumprod[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
+            tt = torch.full((x.shape[0],), t, dtype=torch.long)
+            out_c, out_u = model(x, tt, labels), model(x, tt, None)
+            out = out_u + w * (out_c - out_u)
+            if prediction_type == "epsilon":
+                eps = out
+                x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+            else:
+                x0 = math.sqrt(a) * x - math.sqrt(1 - a) * out
+                eps = math.sqrt(1 - a) * x + math.sqrt(a) * out
+            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+        return x
+        """,
     "fid_from_features": """
         from scipy import linalg
 

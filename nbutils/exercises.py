@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import importlib
 import json
+import math
 import os
 import sys
 import textwrap
@@ -37,6 +38,11 @@ import numpy as np
 import safetensors
 import safetensors.torch
 import torch
+
+from .classifier import load_classifier, predict
+from .config import checkpoints_dir
+from .pipeline import load_pipeline
+from .samplers import spaced_timesteps
 
 STRICT_ENV = "NBUTILS_STRICT_CHECKS"
 EXERCISE_KEY = "nbutils_exercise"  # notebook cell metadata: the exercise (function name) a code cell holds
@@ -69,6 +75,7 @@ class Exercise:
     rtol: float = 1e-5
     atol: float = 1e-6
     points: int = 1
+    task: str | None = None  # a larger task, judged by a measured result (TASKS) instead of stored cases
 
     @property
     def notebook(self) -> str:
@@ -164,6 +171,22 @@ EXERCISES: dict[str, Exercise] = {ex.key: ex for ex in [
         "def ddim_step(eps, x_t, alpha_bar_t, alpha_bar_prev):",
         "One DDIM step with η = 0: eps and x_t are tensors, alpha_bar_t and alpha_bar_prev floats (ᾱ now, ᾱ next).",
         "x̂_0 = (x_t − √(1 − ᾱ_t)·ε) / √ᾱ_t, then x_prev = √ᾱ_prev·x̂_0 + √(1 − ᾱ_prev)·ε."),
+    Exercise(
+        "5.3", "sample_latents", "the whole sampler (a larger task)",
+        "Write the sampling loop itself: start from noise, and at every timestep run the model with and without the "
+        "class, combine the two with guidance, turn the output into x̂_0 and ε for the model's prediction type, and "
+        "take a DDIM step. The check runs your sampler with the shipped model and scores the images with the "
+        "project's classifier: they must look like the classes you asked for.",
+        "def sample_latents(model, labels, alphas_cumprod, timesteps, w, prediction_type, shape, generator):",
+        "Deterministic DDIM (η = 0) with classifier-free guidance, from noise to clean latents.\n"
+        "model(x, t, y) → the UNet's output for latents x (B, C, H, W) at timesteps t (a (B,) long tensor) and labels\n"
+        "y ((B,) long; y = None means unconditional). labels: (B,) the classes to draw. alphas_cumprod: (T,) ᾱ.\n"
+        "timesteps: the descending integer timesteps to visit (after the last one, ᾱ_prev = 1). w: guidance scale.\n"
+        "prediction_type: \"epsilon\" or \"v_prediction\". Start from torch.randn(shape, generator=generator).\n"
+        "Returns the final latents x_0 (shape ``shape``).",
+        "x = noise; for each t: out = out_u + w·(out_c − out_u); from out get x̂_0 and ε (ε-prediction: "
+        "x̂_0 = (x − √(1 − ᾱ_t)·ε)/√ᾱ_t; v-prediction: x̂_0 = √ᾱ_t·x − √(1 − ᾱ_t)·v, ε = √(1 − ᾱ_t)·x + √ᾱ_t·v); "
+        "then x = √ᾱ_prev·x̂_0 + √(1 − ᾱ_prev)·ε.", points=3, task="sampling"),
     Exercise(
         "6.1", "fid_from_features", "FID from two feature sets",
         "Fit a Gaussian to each feature set and compute the Fréchet distance ‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½).",
@@ -268,7 +291,7 @@ class CallMonitor:
                 self.codes[code] = name
             elif obj is not None:
                 self.builtins[id(obj)] = name
-        self.allowed = {getattr(getattr(a, "forward", a), "__code__", None) for a in allowed} - {None}
+        self.allowed: set[Any] = {getattr(getattr(a, "forward", a), "__code__", None) for a in allowed} - {None}
         self.nbutils = nbutils
         self.violation: str | None = None
         self._inside_allowed: Any = None  # the frame of an allowed call in progress
@@ -310,6 +333,63 @@ _STOP = CallMonitor.stop.__code__
 
 
 # --------------------------------------------------------------------------------------------
+# Larger tasks: judged by a measured result
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    """A larger exercise: ``run(fn, monitor)`` uses the student's function for a real job and returns the
+    measured ``metric``; it passes at ``threshold`` or more."""
+
+    run: Callable[[Callable, CallMonitor], float]
+    metric: str
+    threshold: float
+    setting: str  # what was measured, for the message
+
+
+SAMPLING_PER_CLASS, SAMPLING_STEPS, SAMPLING_GUIDANCE = 10, 20, 2.0
+
+
+def _run_sampling_task(fn: Callable, monitor: CallMonitor) -> float:
+    """The student's sampler on the shipped model: 10 images per class, decoded and classified."""
+    pipe = load_pipeline(checkpoints_dir(), device="cpu")
+    classifier, _ = load_classifier(checkpoints_dir() / "classifier.safetensors", device="cpu")
+    unet, null = pipe.unet, pipe.unet.null_label
+
+    def model(x, t, y):  # what the student's sampler may call (the monitor does not look inside)
+        t = torch.as_tensor(t, dtype=torch.long).expand(x.shape[0])
+        y = torch.full((x.shape[0],), null, dtype=torch.long) if y is None else torch.as_tensor(y, dtype=torch.long)
+        with torch.no_grad():
+            return unet(x.float(), t, y)
+
+    labels = torch.arange(len(pipe.class_names)).repeat_interleave(SAMPLING_PER_CLASS)
+    timesteps = [int(t) for t in spaced_timesteps(pipe.schedule.num_train_timesteps, SAMPLING_STEPS, "trailing")]
+    args = (model, labels.clone(), pipe.schedule.alphas_cumprod.clone(), list(timesteps), SAMPLING_GUIDANCE,
+            pipe.diffusion.prediction_type, (len(labels), *pipe.vae.latent_shape), torch.Generator().manual_seed(0))
+    monitor.allowed.add(model.__code__)
+    monitor.start()
+    try:
+        latents = fn(*args)
+    finally:
+        monitor.stop()
+    if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != (len(labels), *pipe.vae.latent_shape):
+        raise ValueError(f"the sampler must return a tensor of shape {(len(labels), *pipe.vae.latent_shape)}, got "
+                         f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}")
+    if not torch.isfinite(latents).all():
+        raise ValueError("the sampler returned NaN or inf latents")
+    with torch.no_grad():
+        images = pipe.vae.decode(latents.float()).clamp(-1, 1)
+    _, logits = predict(classifier, images)
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+TASKS = {"sampling": Task(_run_sampling_task, "conditional accuracy", 0.90,
+                          f"{SAMPLING_PER_CLASS} images per class, {SAMPLING_STEPS} steps, w = {SAMPLING_GUIDANCE:g}, "
+                          "the shipped model, scored by the project's classifier")}
+
+
+# --------------------------------------------------------------------------------------------
 # Running a function on the cases, and judging the outputs
 # --------------------------------------------------------------------------------------------
 
@@ -348,6 +428,8 @@ def run_cases(key: str, fn: Callable) -> list[dict]:
     """Call ``fn`` on every stored case of ``key`` under the call monitor; one :func:`normalise`\\ d output per
     case, up to and including the first that raises or calls something forbidden."""
     ex = EXERCISES[key]
+    if ex.task is not None:
+        return [_run_task(ex, fn)]
     results = []
     for case in cases(key):
         monitor = CallMonitor(ex.forbidden)
@@ -367,6 +449,21 @@ def run_cases(key: str, fn: Callable) -> list[dict]:
             break
         results.append(normalise(out))
     return results
+
+
+def _run_task(ex: Exercise, fn: Callable) -> dict:
+    monitor = CallMonitor(ex.forbidden)
+    try:
+        value = TASKS[ex.task].run(fn, monitor)
+    except NotImplementedError:
+        return {"error": "not implemented yet: replace the `raise NotImplementedError` with your code"}
+    except Exception as err:  # noqa: BLE001 - any error in student code becomes a message
+        if monitor.violation is not None:
+            return {"error": _violation_message(monitor.violation), "forbidden": True}
+        return {"error": f"raised {type(err).__name__}: {err}"}
+    if monitor.violation is not None:
+        return {"error": _violation_message(monitor.violation), "forbidden": True}
+    return {"tuple_len": 0, "values": [np.asarray(value, dtype=np.float64)]}
 
 
 def _difference(got: np.ndarray, expected: np.ndarray, rtol: float, atol: float) -> str | None:
@@ -422,8 +519,10 @@ def judge(key: str, outputs: list[dict], attempt: int = 1) -> CheckResult:
     """The verdict on ``outputs`` (from :func:`run_cases`, maybe in another process) against the stored cases.
     From the second ``attempt`` on, a failure message ends with the exercise's formula."""
     ex = EXERCISES[key]
-    stored = cases(key)
     head = f"Exercise {ex.number} ({ex.title})"
+    if ex.task is not None:
+        return _judge_task(ex, head, outputs[0] if outputs else {"error": "no output"}, attempt)
+    stored = cases(key)
     message = None
     for i, case in enumerate(stored, 1):
         where = f"case {i} of {len(stored)} [{case.description}]"
@@ -444,6 +543,22 @@ def judge(key: str, outputs: list[dict], attempt: int = 1) -> CheckResult:
     if attempt >= 2:
         message += f" Hint: {ex.formula}"
     return CheckResult(key, False, message, 0.0, ex.points)
+
+
+def _judge_task(ex: Exercise, head: str, out: dict, attempt: int) -> CheckResult:
+    task = TASKS[ex.task]
+    if "error" in out:
+        message = f"✗ {head}: {out['error']}."
+    else:
+        value = float(out["values"][0])
+        if math.isfinite(value) and value >= task.threshold:
+            return CheckResult(ex.key, True, f"✓ {head}: {task.metric} {value:.1%} (≥ {task.threshold:.0%} needed; "
+                                             f"{task.setting}).", ex.points, ex.points)
+        message = (f"✗ {head}: {task.metric} {value:.1%}, {task.threshold:.0%} needed ({task.setting}): the images "
+                   "do not show the classes asked for.")
+    if attempt >= 2:
+        message += f" Hint: {ex.formula}"
+    return CheckResult(ex.key, False, message, 0.0, ex.points)
 
 
 _attempts: dict[str, int] = {}

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,9 @@ NOTEBOOKS = ROOT / "notebooks"
 sys.path.insert(0, str(ROOT / "instructor"))
 import answers  # noqa: E402 - the instructor's folder is not a package
 import make_fixtures  # noqa: E402
+
+CASE_KEYS = [k for k, ex in E.EXERCISES.items() if ex.task is None]  # checked on stored cases
+TASK_KEYS = [k for k, ex in E.EXERCISES.items() if ex.task is not None]  # checked by a measured result
 
 # Plausible student code: (wrong answers, a correct rewrite that differs from the solution).
 ATTEMPTS = {
@@ -159,11 +163,12 @@ DELEGATES = {
 
 
 def test_every_exercise_has_an_answer_cases_attempts_and_hints():
-    assert set(ATTEMPTS) == set(E.EXERCISES) == set(answers.SOLUTIONS) == set(answers.CASES) == set(answers.MISTAKES)
+    assert set(ATTEMPTS) == set(CASE_KEYS) == set(answers.CASES) == set(answers.MISTAKES)
+    assert set(answers.SOLUTIONS) == set(E.EXERCISES)
     by_notebook = {}
     for ex in E.EXERCISES.values():
         assert ex.stub.count("raise NotImplementedError") == 1 and ex.formula
-        assert len(E.cases(ex.key)) >= 3
+        assert ex.task is not None or len(E.cases(ex.key)) >= 3
         by_notebook.setdefault(ex.notebook, []).append(ex.key)
     assert sorted(by_notebook) == ["01", "02", "03", "04", "05", "06"]
 
@@ -199,7 +204,7 @@ def test_check_fails_on_the_stub_and_says_so(key, capsys):
         E.check(key, _from_cell(key, ex.stub), strict=True)
 
 
-@pytest.mark.parametrize("key", list(E.EXERCISES))
+@pytest.mark.parametrize("key", CASE_KEYS)
 def test_check_fails_on_wrong_answers_with_a_specific_message(key):
     wrong, _ = ATTEMPTS[key]
     assert len(wrong) >= 2
@@ -213,7 +218,7 @@ def test_check_fails_on_wrong_answers_with_a_specific_message(key):
     assert diagnosed >= 2, f"{key}: fewer than two wrong answers were recognised as a known mistake"
 
 
-@pytest.mark.parametrize("key", list(E.EXERCISES))
+@pytest.mark.parametrize("key", CASE_KEYS)
 def test_check_passes_the_answer_key_and_an_equivalent_rewrite(key):
     assert E.check(key, answers.solved(key), strict=True).points == E.EXERCISES[key].points
     _, rewrite = ATTEMPTS[key]
@@ -224,6 +229,36 @@ def test_check_passes_the_answer_key_and_an_equivalent_rewrite(key):
 def test_check_fails_code_that_delegates_to_the_library(key):
     result = E.check(key, _function(key, DELEGATES[key]), strict=False)
     assert not result and "calls " in result.message and "write it with plain tensor operations" in result.message
+
+
+def _sampler(change: tuple[str, str] | None = None):
+    source = answers.solution_cell("sample_latents")
+    if change is not None:
+        assert change[0] in source
+        source = source.replace(*change)
+    return _from_cell("sample_latents", source)
+
+
+def test_the_sampling_task_passes_the_answer_key_and_fails_without_guidance():
+    """Exercise 5.3 is judged by what the sampler makes: the shipped model's images, classified."""
+    result = E.check("sample_latents", _sampler(), strict=True)
+    assert result.points == E.EXERCISES["sample_latents"].points and "conditional accuracy" in result.message
+    unguided = E.check("sample_latents", _sampler(("out = out_u + w * (out_c - out_u)", "out = out_c")), strict=False)
+    assert not unguided and "needed" in unguided.message
+
+
+@pytest.mark.slow
+def test_the_sampling_task_fails_wrong_samplers_and_library_ones():
+    wrong = [("out = out_u + w * (out_c - out_u)", "out = out_u + w * (out_u - out_c)"),  # guidance reversed
+             ('if prediction_type == "epsilon":', "if True:"),  # the output always read as ε
+             ("x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps", "x = x0")]  # no re-noising
+    for change in wrong:
+        assert not E.check("sample_latents", _sampler(change), strict=False), change
+    library = _sampler(("x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps",
+                        "from nbutils.diffusion import to_epsilon\n"
+                        "            eps = to_epsilon(out, x, tt, alphas_cumprod, prediction_type)\n"
+                        "            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps"))
+    assert "calls nbutils.diffusion.to_epsilon" in E.check("sample_latents", library, strict=False).message
 
 
 def test_check_fails_code_that_reads_the_stored_answers_or_stops_the_monitor():
@@ -246,7 +281,7 @@ def test_hints_come_in_tiers_and_never_give_the_code(capsys):
     assert E.check("add_noise", answers.solved("add_noise"), strict=False)
     assert "Hint:" not in E.check("add_noise", wrong, strict=False).message  # a pass starts the tiers again
     for key, body in answers.SOLUTIONS.items():  # tier 3 never comes: no hint holds a line of the answer
-        for line in body.strip().splitlines():
+        for line in textwrap.dedent(body).strip().splitlines():
             assert line.strip() not in E.EXERCISES[key].formula or len(line.strip()) < 12
 
 
