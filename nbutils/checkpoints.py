@@ -1,5 +1,8 @@
 """Saving and loading weights: safetensors + config, written atomically, checked on load.
 
+Longer than the ~400 lines a module aims at because it is the one home of how files reach the disk and come back:
+atomic writes, sets committed as one, model checkpoints, and where to find them.
+
 A model checkpoint is one ``NAME.safetensors`` file whose metadata carries the format version, the
 kind of model (``vae``, ``unet``, …), the full :class:`~nbutils.config.Config` as JSON, any extras
 (the VAE's latent statistics, training epoch, metrics) and the SHA-256 of its tensors' content
@@ -12,7 +15,14 @@ history) goes to ``NAME_state.pt`` next to it, so resumes are exact without bloa
 
 Every write goes to a temporary file in the same folder, is flushed and fsync'd, then renamed over
 the old file (``os.replace`` is atomic on POSIX and Windows): a crash mid-write leaves the previous
-checkpoint intact.
+checkpoint intact. The files a training run saves together (weights, state, history) are committed as one set
+(:func:`commit_files`): written whole under temporary names, made current by their manifest
+(``NAME_manifest.json``, the SHA-256 of each), and only then renamed into place; a start after a crash completes
+or discards what a killed commit left (:func:`finish_commits`), and resuming checks the set against its manifest
+(:func:`check_files`).
+
+:func:`model_parameters` counts a model of a config without allocating it, so that a config asking for a
+multi-gigabyte model is refused before it is built.
 """
 
 from __future__ import annotations
@@ -22,12 +32,14 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save
+from torch import nn
 
 from .config import Config, checkpoints_dir, default_preset_name, runs_dir
 
@@ -74,6 +86,155 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+# Sets of files committed as one (a training run's checkpoint of an epoch)
+# --------------------------------------------------------------------------------------------
+
+PENDING = ".pending"  # ``.NAME.pending``: a file of a set being committed, not yet in place
+
+
+def manifest_path(folder: str | os.PathLike, name: str) -> Path:
+    """``FOLDER/NAME_manifest.json``: which files (and SHA-256) make up the set ``name`` last committed there."""
+    return Path(folder) / f"{name}_manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (POSIX; elsewhere a no-op)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    manifest = json.loads(path.read_text())
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) and Path(k).name == k not in ("", ".", "..")
+                                              for k, v in files.items()):
+        raise ValueError("no list of file names and digests")
+    return manifest
+
+
+def commit_files(folder: str | os.PathLike, name: str, files: dict[str, bytes], **info: Any) -> Path:
+    """Replace several files of ``folder`` as one set: readers (after :func:`finish_commits`) see all the old files
+    or all the new ones, never a mix, whenever the process is killed.
+
+    Each file is first written whole as ``.FILE.pending`` (fsync'd); then the set's manifest
+    ``NAME_manifest.json`` (``info`` + the SHA-256 of every file) is written atomically: that rename is the commit;
+    last, the pending files are renamed into place. Files of the set not given keep their entries (a VAE's weights
+    rewritten with its latent statistics). Returns the manifest's path."""
+    folder = Path(folder)
+    path = manifest_path(folder, name)
+    try:
+        manifest = _read_manifest(path)
+    except (OSError, ValueError):
+        manifest = {"files": {}}  # none yet (a new run, or one saved before manifests)
+    entries = dict(manifest["files"])
+    for file, payload in files.items():
+        atomic_write_bytes(folder / f".{file}{PENDING}", payload)
+        entries[file] = hashlib.sha256(payload).hexdigest()
+    _sync_folder(folder)
+    info = {k: v for k, v in manifest.items() if k != "files"} | info
+    atomic_write_bytes(path, (json.dumps({**info, "files": entries}, indent=1) + "\n").encode())  # the commit
+    for file in files:
+        os.replace(folder / f".{file}{PENDING}", folder / file)
+    _sync_folder(folder)
+    return path
+
+
+def finish_commits(folder: str | os.PathLike) -> None:
+    """Complete or discard what a killed :func:`commit_files` left in ``folder``: a pending file whose content a
+    manifest lists was committed, and goes into place; any other pending file belongs to a set that never was, and
+    goes. Call it while no other process writes there (training does, holding the run folder's lock)."""
+    folder = Path(folder)
+    pending = sorted(folder.glob(f".*{PENDING}"))
+    if not pending:
+        return
+    committed: dict[str, str] = {}
+    for path in folder.glob("*_manifest.json"):
+        try:
+            committed |= _read_manifest(path)["files"]
+        except (OSError, ValueError):
+            continue
+    for path in pending:
+        file = path.name[1 : -len(PENDING)]
+        if file and committed.get(file) == _sha256(path):
+            os.replace(path, folder / file)
+        else:
+            path.unlink(missing_ok=True)
+    _sync_folder(folder)
+
+
+def check_files(folder: str | os.PathLike, name: str) -> dict[str, Any] | None:
+    """The manifest of the set ``name`` in ``folder`` after checking that each of its files present is the one
+    committed with it (a file missing is fine: the next save writes it); None for a folder saved before manifests.
+    A :class:`CheckpointError` names a file that was changed or swapped since (e.g. another epoch's weights beside
+    this state), and a damaged manifest."""
+    folder = Path(folder)
+    path = manifest_path(folder, name)
+    if not path.is_file():
+        return None
+    try:
+        manifest = _read_manifest(path)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is damaged ({exc}); delete it to use the files beside it unchecked") from None
+    for file, digest in manifest["files"].items():
+        if (folder / file).is_file() and _sha256(folder / file) != digest:
+            when = f" (after epoch {manifest['epochs_done']})" if "epochs_done" in manifest else ""
+            raise CheckpointError(
+                f"{folder / file} is not the file saved with the rest of the checkpoint{when} listed in {path.name}: "
+                "it was changed or replaced since (or a save is under way); put back the run's own copy, or train "
+                "afresh without --resume")
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Model size, before building a model
+# --------------------------------------------------------------------------------------------
+
+#: The largest model a config may ask for: 2 GB of float32 parameters (the full preset's UNet is ~0.1 GB). A larger
+#: one is a typo in ``--set`` or a doctored checkpoint, and is refused before anything is allocated.
+MAX_MODEL_BYTES = 2_000_000_000
+#: The most residual blocks (``layers_per_block`` × levels) a model may have: each costs time and memory to build.
+MAX_MODEL_BLOCKS = 1_000
+
+
+def model_parameters(build: Callable[[Any], nn.Module], section: Any, source: str) -> int:
+    """The number of parameters (and buffers) of ``build(section)``, counted without allocating them (the model
+    is built on PyTorch's ``meta`` device); a ValueError naming ``source`` (what set the config: a ``--set`` flag,
+    a checkpoint) when it would be larger than :data:`MAX_MODEL_BYTES` of float32 or deeper than
+    :data:`MAX_MODEL_BLOCKS`. ``section`` is a VAE or UNet config (``block_out_channels``, ``layers_per_block``)."""
+    kind = getattr(build, "__name__", "model")
+    channels, layers = tuple(section.block_out_channels), section.layers_per_block
+    if layers * len(channels) > MAX_MODEL_BLOCKS:
+        raise ValueError(f"{source} asks for a {kind} of {layers * len(channels):,} residual blocks (layers_per_block "
+                         f"× levels), more than the {MAX_MODEL_BLOCKS:,} a model may have here")
+    floor = layers * sum(9 * c * c for c in channels)  # a 3×3 convolution c → c per layer: no need to build
+    n, at_least = floor, "at least "
+    if 4 * floor <= MAX_MODEL_BYTES:
+        with torch.device("meta"):
+            model = build(section)
+        n, at_least = sum(t.numel() for t in (*model.parameters(), *model.buffers())), ""
+    if 4 * n > MAX_MODEL_BYTES:
+        raise ValueError(f"{source} asks for a {kind} of {at_least}{n:,} parameters ({4 * n / 1e9:,.1f} GB of "
+                         f"float32), more than the {MAX_MODEL_BYTES / 1e9:g} GB a model may have here")
+    return n
+
+
+# --------------------------------------------------------------------------------------------
 # Model checkpoints
 # --------------------------------------------------------------------------------------------
 
@@ -104,6 +265,16 @@ def save_model(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
+    weights, meta = encode_model(kind, state_dict, config, extra, dtype)
+    atomic_write_bytes(path, weights)
+    atomic_write_bytes(path.with_suffix(".json"), meta)
+    return path
+
+
+def encode_model(kind: str, state_dict: dict[str, torch.Tensor], config: Config, extra: dict[str, Any] | None = None,
+                 dtype: torch.dtype | None = None) -> tuple[bytes, bytes]:
+    """``(the .safetensors file, its readable .json copy)`` of :func:`save_model`, as bytes (for
+    :func:`commit_files`)."""
     tensors = {}
     for name, t in state_dict.items():
         t = t.detach().cpu()
@@ -117,9 +288,7 @@ def save_model(
         "extra": extra or {},
         "tensor_digest": tensor_digest(tensors),
     }
-    atomic_write_bytes(path, save(tensors, metadata={"nbutils": json.dumps(meta)}))
-    atomic_write_bytes(path.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
-    return path
+    return save(tensors, metadata={"nbutils": json.dumps(meta)}), (json.dumps(meta, indent=2) + "\n").encode()
 
 
 def read_model(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

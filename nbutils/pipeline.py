@@ -32,6 +32,7 @@ from .checkpoints import (
     config_differences,
     file_digest,
     load_state_strict,
+    model_parameters,
     read_model,
     resolve_checkpoint,
 )
@@ -159,6 +160,7 @@ def load_vae(checkpoint: str | Path | None = None, device: str | torch.device | 
         diffs = config_differences(arch(cfg.to_dict()["vae"]), arch(expected.to_dict()["vae"]), "vae.")
         if diffs:
             raise CheckpointError(f"{path} was trained with a different VAE config: " + "; ".join(diffs))
+    model_parameters(VAE, cfg.vae, f"the config in {path}")  # not a doctored multi-GB model
     vae = VAE(cfg.vae)
     load_state_strict(vae, tensors, path)
     meta["path"] = str(path)
@@ -170,7 +172,9 @@ def load_unet(checkpoint: str | Path | None = None, device: str | torch.device |
     """``(unet, metadata)`` from a checkpoint file or folder (default: latest run, else shipped)."""
     path = resolve_checkpoint(UNET_FILE, checkpoint)
     tensors, meta = read_model(path, "unet")
-    unet = UNet(Config.from_dict(meta["config"]).unet)
+    cfg = Config.from_dict(meta["config"])
+    model_parameters(UNet, cfg.unet, f"the config in {path}")  # not a doctored multi-GB model
+    unet = UNet(cfg.unet)
     load_state_strict(unet, tensors, path)
     meta["path"] = str(path)
     return unet.to(pick_device(device)).eval(), meta

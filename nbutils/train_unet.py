@@ -19,12 +19,31 @@ from pathlib import Path
 import torch
 
 from . import data as D
-from .checkpoints import CheckpointError, load_state_strict, read_model, resolve_checkpoint, save_model
+from .checkpoints import (
+    CheckpointError,
+    atomic_write_bytes,
+    encode_model,
+    load_state_strict,
+    model_parameters,
+    read_model,
+    resolve_checkpoint,
+)
 from .config import Config, make_generator, pick_device
 from .diffusion import GaussianDiffusion
 from .latents import latent_dataset
 from .pipeline import UNET_FILE, VAE_FILE, Pipeline, SamplingRecipe, check_vae, load_vae, sample, vae_identity
-from .training import EMA, Run, autocast, fit, image_shape, make_optimizer, owned, read_state, start
+from .training import (
+    EMA,
+    Run,
+    autocast,
+    check_model_size,
+    fit,
+    image_shape,
+    make_optimizer,
+    owned,
+    read_state,
+    start,
+)
 from .unet import UNet
 
 
@@ -58,6 +77,7 @@ def train_unet(
     """
     tc, phase2 = cfg.train_unet, cfg.finetune_unet
     epochs = tc.epochs + phase2.epochs if epochs is None else epochs
+    check_model_size(cfg, "unet", UNet)  # before anything is built or written
     run_dir, procs, device, log, progress = start(tc, epochs, run_dir, cfg.preset, device, log, progress,
                                                   "unet_state.pt" if resume else None)
     with owned(run_dir, procs):
@@ -65,7 +85,7 @@ def train_unet(
         with procs.main_first():  # process 0 copies the VAE and writes the latent cache; the others then read them
             if procs.is_main and not own_vae.is_file():  # self-contained run: sampling needs the exact VAE
                 source = resolve_checkpoint(VAE_FILE, vae_checkpoint)
-                shutil.copyfile(source, own_vae)
+                atomic_write_bytes(own_vae, source.read_bytes())  # whole or not at all, even when killed
                 if source.with_suffix(".json").is_file():
                     shutil.copyfile(source.with_suffix(".json"), own_vae.with_suffix(".json"))
                 log(f"using the VAE {source} (copied into {run_dir})")
@@ -88,14 +108,14 @@ def train_unet(
                 "latent": torch.Generator().manual_seed(seeds["latent"]),
                 "noise": torch.Generator(device=device).manual_seed(seeds["noise"])}
 
-        def save_weights(run: Run, epochs_done: int) -> None:
+        def weights(run: Run, epochs_done: int) -> tuple[bytes, bytes]:
             extra = {"epoch": epochs_done, "step": run.step, **vae_identity(vae_meta),
                      "metrics": run.history.epochs[-1] if run.history.epochs else {}}
-            save_model(run.weights_path, "unet", run.ema.model.state_dict(), cfg, extra)
+            return encode_model("unet", run.ema.model.state_dict(), cfg, extra)
 
         run = Run("unet", cfg, tc, run_dir, unet, EMA(unet, tc.ema_decay, tc.ema_warmup_steps),
                   make_optimizer(unet.parameters(), tc, device), gens, procs, device, log, progress,
-                  sections=("data", "unet", "diffusion", "train_unet", "finetune_unet"), save_weights=save_weights)
+                  sections=("data", "unet", "diffusion", "train_unet", "finetune_unet"), weights=weights)
         # the second phase trains with its own learning rate and warm-up; everything else as the first
         phase2_tc = dataclasses.replace(tc, lr=phase2.lr, lr_warmup_steps=phase2.lr_warmup_steps)
         if resume:
@@ -190,6 +210,7 @@ def load_raw_unet(run_dir: str | Path, device: str | torch.device | None = None)
         raise CheckpointError(f"no training state at {path}")
     state = read_state(path)
     cfg = Config.from_dict(state["config"])
+    model_parameters(UNet, cfg.unet, f"the config in {path}")
     unet = UNet(cfg.unet)
     unet.load_state_dict(state["model"])
     return unet.to(pick_device(device)).eval(), cfg

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from . import data as D
-from .checkpoints import save_model
+from .checkpoints import commit_files, encode_model
 from .config import Config
 from .latents import LATENT_CACHE_FILE, encode_dataset, write_latent_cache
 from .metrics import reconstruction_metrics
 from .pipeline import VAE_FILE, load_vae
-from .training import EMA, Run, autocast, fit, image_shape, make_optimizer, owned, start
+from .training import EMA, Run, autocast, check_model_size, fit, image_shape, make_optimizer, owned, start
 from .vae import VAE, kl_divergence, latent_stats, vae_loss
 
 
@@ -60,6 +60,7 @@ def train_vae(
     """
     tc = cfg.train_vae
     epochs = tc.epochs if epochs is None else epochs
+    check_model_size(cfg, "vae", VAE)  # before anything is built or written
     run_dir, procs, device, log, progress = start(tc, epochs, run_dir, cfg.preset, device, log, progress,
                                                   "vae_state.pt" if resume else None)
     with owned(run_dir, procs):
@@ -74,7 +75,7 @@ def train_vae(
                 "noise": torch.Generator(device=device).manual_seed(tc.seed + 1)}
         run = Run("vae", cfg, tc, run_dir, vae, EMA(vae, tc.ema_decay, tc.ema_warmup_steps),
                   make_optimizer(vae.parameters(), tc, device), gens, procs, device, log, progress,
-                  sections=("data", "vae", "train_vae"), save_weights=_save_weights)
+                  sections=("data", "vae", "train_vae"), weights=_weights)
         loader = D.TensorLoader((train_x, train_y), batch_size=tc.batch_size, shuffle=True, generator=gens["shuffle"])
         if resume:
             run.resume()
@@ -115,10 +116,10 @@ def train_vae(
         return load_vae(run_dir / VAE_FILE, device=device)[0]
 
 
-def _save_weights(run: Run, epochs_done: int) -> None:
+def _weights(run: Run, epochs_done: int) -> tuple[bytes, bytes]:
     extra = {"epoch": epochs_done, "step": run.step, "latent_stats": False,
              "metrics": run.history.epochs[-1] if run.history.epochs else {}}
-    save_model(run.weights_path, "vae", run.ema.model.state_dict(), run.cfg, extra)
+    return encode_model("vae", run.ema.model.state_dict(), run.cfg, extra)
 
 
 def _save_recon_grid(vae: VAE, test_x: torch.Tensor, test_y: torch.Tensor, path: Path) -> None:
@@ -152,7 +153,9 @@ def finalize_vae(
     shift, scale = latent_stats(mean, std)
     vae.set_latent_stats(shift, scale)
     extra = dict(meta["extra"], latent_stats=True, latent_shift=shift.tolist(), latent_scale=scale)
-    save_model(run_dir / VAE_FILE, "vae", vae.state_dict(), cfg, extra)
+    weights, weights_json = encode_model("vae", vae.state_dict(), cfg, extra)
+    # the weights stay one set with the training state they came from (what --resume checks)
+    commit_files(run_dir, "vae", {VAE_FILE: weights, Path(VAE_FILE).with_suffix(".json").name: weights_json})
     write_latent_cache(run_dir / LATENT_CACHE_FILE, mean, std, labels, run_dir / VAE_FILE)
     log(f"latent scale factor {scale:.4f}, shift {[round(v, 3) for v in shift.tolist()]}; "
         f"latent cache {run_dir / LATENT_CACHE_FILE}")

@@ -9,8 +9,10 @@ share (optimizer step, precision, stop/resume, the epoch runner) so that the two
   a decaying schedule would), so the schedule never depends on how many epochs a call runs.
 * :func:`optimizer_step` — NaN/inf guard, backward, gradient clipping, Adam, EMA update.
 * :func:`autocast_dtype` / :func:`precision` — mixed precision and ``torch.compile`` on CUDA.
+* :func:`start` / :func:`owned` — checks before any work (a model size the config can afford, a state to resume, a
+  device, a run folder this process alone can write in), and a failed start that leaves no folder behind.
 * :class:`Run` and :func:`fit` — the epoch loop: progress bars with the running loss, one checkpoint per
-  epoch (weights + a resumable training state, written atomically), exact resume, and Ctrl-C / SIGTERM
+  epoch (weights + a resumable training state, committed as one set), exact resume, and Ctrl-C / SIGTERM
   handling: the current step finishes, a checkpoint *including the position inside the epoch* is written,
   the resume command is printed and :class:`TrainingInterrupted` is raised (a second signal stops at once).
 
@@ -20,10 +22,13 @@ The loops themselves live in :mod:`nbutils.train_vae` and :mod:`nbutils.train_un
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
+import os
 import shlex
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -37,7 +42,15 @@ from filelock import FileLock, Timeout
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoints import CheckpointError, atomic_torch_save, atomic_write_bytes, config_differences
+from .checkpoints import (
+    PENDING,
+    CheckpointError,
+    check_files,
+    commit_files,
+    config_differences,
+    finish_commits,
+    model_parameters,
+)
 from .config import MIXED_PRECISION, Config, DataConfig, TrainConfig, VAEConfig, pick_device, runs_dir
 from .distributed import OneProcess, processes
 
@@ -196,23 +209,35 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def check_model_size(cfg: Config, section: str, build: Callable[[Any], nn.Module]) -> int:
+    """The parameters of ``build(cfg.<section>)`` (e.g. ``check_model_size(cfg, "unet", UNet)``), counted without
+    building it; a model too large to train here is a ValueError that names the ``--set`` flags that asked for it
+    (:func:`nbutils.checkpoints.model_parameters`)."""
+    try:
+        flags = cfg.cli_flags()
+    except ValueError:  # a config of no preset
+        flags = []
+    mine = [f"--set {value}" for flag, value in zip(flags, flags[1:], strict=False)
+            if flag == "--set" and value.startswith(f"{section}.")]
+    source = " ".join(mine) if mine else f"the {cfg.preset} preset's {section} config"
+    return model_parameters(build, getattr(cfg, section), source)
+
+
 def start(tc: TrainConfig, epochs: int, run_dir: str | Path | None, preset: str, device, log: Callable[[str], None],
           progress: bool, resume_state: str | None = None
           ) -> tuple[Path, OneProcess, torch.device, Callable[[str], None], bool]:
     """What both loops do first: check ``epochs``, that there is a state to resume (``resume_state``, its file
-    name, when resuming), create the run folder (default ``runs/PRESET``), pick the device and the process group
-    (one process, or one of several under ``accelerate launch``). Returns ``(run_dir, procs, device, log,
-    progress)``, log and progress for this process."""
+    name, when resuming), pick the run folder (default ``runs/PRESET``; :func:`owned` creates it), the device and
+    the process group (one process, or one of several under ``accelerate launch``). Returns ``(run_dir, procs,
+    device, log, progress)``, log and progress for this process. Nothing is written yet."""
     if epochs < 1:
         raise ValueError(f"epochs must be ≥ 1, got {epochs}")
     run_dir = Path(run_dir) if run_dir is not None else runs_dir() / preset
-    if resume_state is not None and not (run_dir / resume_state).is_file():
+    # (a state whose save was killed after its commit is still pending: owned() puts it in place)
+    if resume_state is not None and not (run_dir / resume_state).is_file() \
+            and not (run_dir / f".{resume_state}{PENDING}").is_file():
         raise CheckpointError(f"cannot resume: {run_dir / resume_state} does not exist (train without --resume "
                               "first)")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CheckpointError(f"cannot create the run folder {run_dir} ({exc.strerror or exc})") from None
     procs = processes(pick_device(device))
     return run_dir, procs, procs.device(pick_device(device)), procs.log(log), progress and procs.is_main
 
@@ -223,11 +248,24 @@ class RunInUseError(CheckpointError):
 
 @contextmanager
 def owned(run_dir: Path, procs: OneProcess):
-    """Hold the run folder for the whole run: an OS lock (``RUN_DIR/.lock``, released even when the process is
-    killed), so that a second training process on the same folder stops at once with one clear error instead of
-    overwriting the first one's checkpoints. Inside the lock, temporary files left by a killed write are removed.
-    Only process 0 of several holds it (the others write nothing)."""
+    """Hold the run folder for the whole run: create it (with missing parents), then take an OS lock
+    (``RUN_DIR/.lock``, released even when the process is killed), so that a second training process on the same
+    folder stops at once with one clear error instead of overwriting the first one's checkpoints. Inside the lock:
+    temporary files of a killed write are removed, a checkpoint set whose commit was killed is completed or
+    discarded (:func:`nbutils.checkpoints.finish_commits`), and the folder is checked writable, before any work.
+    When the run fails before writing anything there, the folders this process created are removed again.
+    Only process 0 of several holds the lock (the others write nothing, and wait for it to have done the above)."""
+    created = []  # the folders this process creates, deepest first
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        created.append(folder)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create the run folder {run_dir} ({exc.strerror or exc})") from None
     if not procs.is_main:
+        procs.barrier()  # process 0 has taken the folder and completed any commit that was cut short
         yield
         return
     lock = FileLock(run_dir / ".lock")
@@ -237,13 +275,44 @@ def owned(run_dir: Path, procs: OneProcess):
         raise RunInUseError(f"{run_dir} is in use by another training process; wait for it to finish, or train in "
                             "another --run-dir") from None
     except OSError as exc:
+        _remove_unused(created)
         raise CheckpointError(f"cannot write in the run folder {run_dir} ({exc.strerror or exc})") from None
     try:
         for stale in run_dir.glob(".*.tmp"):  # atomic_write_bytes' temporaries of a write that was killed
             stale.unlink(missing_ok=True)
+        finish_commits(run_dir)
+        _check_writable(run_dir)
+        procs.barrier()
         yield
+    except BaseException:
+        _remove_unused(created, run_dir / ".lock")
+        raise
     finally:
         lock.release()
+
+
+def _check_writable(run_dir: Path) -> None:
+    """A file can be created in ``run_dir`` (a read-only folder or mount fails here, not after an epoch)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=run_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write in the run folder {run_dir} ({exc.strerror or exc})") from None
+
+
+def _remove_unused(created: list[Path], lock: Path | None = None) -> None:
+    """Remove the folders this process created (deepest first) while they hold nothing but its ``lock`` file: a
+    run that failed before writing anything leaves no empty folder behind. Anything written there stays."""
+    if not created:
+        return
+    try:
+        if lock is not None and [p.name for p in created[0].iterdir()] == [lock.name]:
+            lock.unlink()  # still held: no other process can have taken it in between
+        for folder in created:
+            folder.rmdir()  # fails, and stops here, when the folder is not empty
+    except OSError:
+        pass
 
 
 def image_shape(d: DataConfig, v: VAEConfig, vae_name: str = "the VAE") -> tuple[int, int, int]:
@@ -317,7 +386,12 @@ def resume_hint(what: str, run_dir: Path, epochs: int, cfg: Config) -> str:
 
 def read_state(path: Path) -> dict[str, Any]:
     """A training state file, read without unpickling code: tensors, numbers, strings and containers only
-    (``torch.load(weights_only=True)``), so a crafted file cannot run anything."""
+    (``torch.load(weights_only=True)``), so a crafted file cannot run anything. A ``NAME_state.pt`` beside its
+    manifest must be, with the other files of its set, the one saved with it (e.g. not another epoch's state beside
+    these weights): :func:`nbutils.checkpoints.check_files`."""
+    path = Path(path)
+    if path.name.endswith("_state.pt"):
+        check_files(path.parent, path.name.removesuffix("_state.pt"))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -339,7 +413,8 @@ class Run:
     """One training run: the model, its EMA, optimizer, generators, counters and where it is saved.
 
     ``what`` names the model (``vae``/``unet``): files are ``RUN_DIR/{what}.safetensors`` (EMA weights +
-    config, written by ``save_weights``) and ``RUN_DIR/{what}_state.pt`` (everything needed to resume).
+    config, encoded by ``weights``: ``(safetensors bytes, JSON bytes)`` of :func:`~nbutils.checkpoints.encode_model`)
+    and ``RUN_DIR/{what}_state.pt`` (everything needed to resume), listed in ``RUN_DIR/{what}_manifest.json``.
     ``sections`` are the config sections that must match when resuming (only epochs and precision may change).
     """
 
@@ -356,7 +431,7 @@ class Run:
     log: Callable[[str], None]
     progress: bool
     sections: tuple[str, ...]
-    save_weights: Callable[[Run, int], None]
+    weights: Callable[[Run, int], tuple[bytes, bytes]]
     step: int = 0
     epoch: int = 0  # finished epochs
     phase_start: int = 0  # the step the current training phase began at (its lr warm-up counts from there)
@@ -409,9 +484,12 @@ class Run:
             self.scaler.load_state_dict(self.saved_scaler)
 
     def save(self, epochs_done: int, partial: dict | None = None) -> None:
-        """Weights, the resumable state and the per-epoch history (JSON), each written atomically."""
-        self.save_weights(self, epochs_done)
-        atomic_torch_save({
+        """Weights, the resumable state and the history (JSON), committed as one set
+        (:func:`nbutils.checkpoints.commit_files`): whenever the process is killed, the run folder holds (after the
+        next start) all of this save or all of the previous one."""
+        weights, weights_json = self.weights(self, epochs_done)
+        state = io.BytesIO()
+        torch.save({
             "config": self.cfg.to_dict(),
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
@@ -423,12 +501,15 @@ class Run:
             "history": {"steps": self.history.steps, "epochs": self.history.epochs},
             "partial": partial,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,  # fp16's loss scale
-        }, self.state_path)
-        atomic_write_bytes(self.run_dir / f"{self.what}_history.json",
-                           json.dumps(self.history.epochs, indent=1).encode())
-        # the training curves, one JSON object per step (loss parts, lr, gradient norm): for plots and other tools
-        atomic_write_bytes(self.run_dir / f"{self.what}_steps.jsonl",
-                           "".join(json.dumps(r) + "\n" for r in self.history.steps).encode())
+        }, state)
+        commit_files(self.run_dir, self.what, {
+            self.weights_path.name: weights,
+            self.weights_path.with_suffix(".json").name: weights_json,
+            self.state_path.name: state.getvalue(),
+            f"{self.what}_history.json": json.dumps(self.history.epochs, indent=1).encode(),
+            # the training curves, one JSON object per step (loss parts, lr, gradient norm): for plots and other tools
+            f"{self.what}_steps.jsonl": "".join(json.dumps(r) + "\n" for r in self.history.steps).encode(),
+        }, epochs_done=epochs_done, step=self.step, mid_epoch=partial is not None)
 
     def split_note(self) -> str:
         n = self.procs.world_size

@@ -185,8 +185,10 @@ class UNet(nn.Module):
         temb_dim = 4 * ch[0]
         self.time_mlp = nn.Sequential(nn.Linear(ch[0], temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         # context tokens: num_classes real classes + 1 null class, each a short learned sequence
-        self.class_tokens = nn.Parameter(
-            torch.randn(cfg.num_classes + 1, cfg.context_tokens, cfg.cross_attention_dim) * 0.02)
+        tokens = torch.empty(cfg.num_classes + 1, cfg.context_tokens, cfg.cross_attention_dim)
+        if tokens.device.type != "meta":  # (on the meta device a UNet is only counted: checkpoints.model_parameters)
+            tokens = torch.randn(tokens.shape) * 0.02
+        self.class_tokens = nn.Parameter(tokens)
         self.class_emb = nn.Embedding(cfg.num_classes + 1, temb_dim) if cfg.class_embedding else None
         if self.class_emb is not None:
             nn.init.zeros_(self.class_emb.weight)  # starts as the cross-attention-only UNet

@@ -60,6 +60,10 @@ def files(tmp_path_factory):
     other = {k: v + 1e-3 if v.is_floating_point() else v for k, v in vae_tensors.items()}
     save_model(swapped / "vae.safetensors", "vae", other, Config.from_dict(vae_meta["config"]), vae_meta["extra"])
 
+    huge = copy("huge")  # a UNet whose config asks for a 12 GB model (and whose weights are one number)
+    save_model(huge / "unet.safetensors", "unet", {"w": torch.zeros(1)},
+               cfg.override(["unet.block_out_channels=8192,16384"]), meta["extra"])
+
     listcfg = copy("listcfg")  # metadata whose config is a list
     header = {"format_version": 1, "kind": "unet", "config": [1, 2], "extra": {}}
     from safetensors.torch import save
@@ -109,6 +113,22 @@ CASES = {
     "unknown preset": (["train-vae", "--preset", "turbo", "--run-dir", "{d}/run"], "invalid choice: 'turbo'"),
     "resume nothing": (["train-vae", "--preset", "smoke", "--resume", "--run-dir", "{d}/empty"],
                        "cannot resume"),
+    "resume in a new folder": (["train-vae", "--preset", "smoke", "--resume", "--run-dir", "{d}/new/run"],
+                               "cannot resume"),
+    "garbage device, training": (["train-vae", "--preset", "smoke", "--run-dir", "{d}/new/run"],
+                                 "unknown device 'garbage'"),
+    "no VAE for a new UNet run": (["train-unet", "--preset", "smoke", "--vae", "{d}/nowhere", "--run-dir",
+                                   "{d}/new/run"], "no checkpoint at"),  # fails in the run folder: it goes again
+    "huge UNet": (["train-unet", "--preset", "smoke", "--set", "unet.block_out_channels=8192,16384", "--run-dir",
+                   "{d}/new/run"], "--set unet.block_out_channels=8192,16384 asks for a UNet of at least"),
+    "huge VAE": (["train-vae", "--preset", "smoke", "--set", "vae.block_out_channels=4096,8192,8192", "--run-dir",
+                  "{d}/new/run"], "--set vae.block_out_channels=4096,8192,8192 asks for a VAE of at least"),
+    "wide attention": (["train-unet", "--preset", "smoke", "--set", "unet.cross_attention_dim=2000000", "--run-dir",
+                        "{d}/new/run"], "(2.4 GB of float32), more than the 2 GB"),
+    "deep UNet": (["train-unet", "--preset", "smoke", "--set", "unet.layers_per_block=600", "--run-dir",
+                   "{d}/new/run"], "1,200 residual blocks"),
+    "checkpoint of a huge model": (["sample", "--checkpoint", "{d}/huge", "--out", "{d}/s.npz"],
+                                   "huge/unet.safetensors asks for a UNet of at least"),
     "text file": (["evaluate", "{d}/text.npz"], "is not an .npz file"),
     "zip bomb": (["evaluate", "{d}/bomb.npz"], "more than the 1,000,000"),
     "colour samples": (["evaluate", "{d}/colour.npz"], "shape (N, 28, 28)"),
@@ -121,7 +141,7 @@ CASES = {
 def test_bad_input_is_one_error_line_and_writes_nothing(case, files):
     argv, message = CASES[case]
     argv = [a.replace("{d}", str(files)) for a in argv]
-    env = dict(os.environ, NBUTILS_DEVICE="garbage" if case == "garbage device" else "cpu")
+    env = dict(os.environ, NBUTILS_DEVICE="garbage" if case.startswith("garbage device") else "cpu")
     before = _snapshot(files)
     out = subprocess.run([sys.executable, "-m", "nbutils", *argv], capture_output=True, text=True, env=env,
                          cwd=files, timeout=300)

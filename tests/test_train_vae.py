@@ -514,7 +514,7 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_weights(tmp_path):
     _assert_same_state(tmp_path / "whole" / "vae_state.pt", run / "vae_state.pt")
     a, b = P.load_vae(tmp_path / "whole", device="cpu")[1], P.load_vae(run, device="cpu")[1]
     assert a["tensor_digest"] == b["tensor_digest"]
-    assert not list(run.glob(".*.tmp"))
+    assert not list(run.glob(".*.tmp")) and not list(run.glob(".*.pending"))
 
 
 def test_training_curves_are_logged_per_step_and_plotted(smoke_run, tmp_path, capsys):
