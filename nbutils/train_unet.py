@@ -28,7 +28,7 @@ from .checkpoints import (
     read_model,
     resolve_checkpoint,
 )
-from .config import Config, make_generator, pick_device
+from .config import Config, display_path, make_generator, pick_device
 from .diffusion import GaussianDiffusion
 from .latents import latent_dataset
 from .pipeline import UNET_FILE, VAE_FILE, Pipeline, SamplingRecipe, check_vae, load_vae, sample, vae_identity
@@ -37,12 +37,14 @@ from .training import (
     Run,
     autocast,
     check_model_size,
+    describe_estimate,
     fit,
     image_shape,
     make_optimizer,
     owned,
     read_state,
     start,
+    step_flops,
 )
 from .unet import UNet
 
@@ -163,12 +165,21 @@ def train_unet(
                 on_epoch_end(record, run.history, run.ema.model, grid)
 
         n = len(cache["labels"])
-        log(f"UNet: {sum(p.numel() for p in unet.parameters()):,} parameters, {n:,} latents from {vae_meta['path']}, "
-            f"batch {tc.batch_size}{run.split_note()}, {-(-n // tc.batch_size)} steps/epoch, device {device}, "
-            f"run dir {run_dir}")
+        log(f"UNet: {sum(p.numel() for p in unet.parameters()):,} parameters, {n:,} latents from "
+            f"{display_path(vae_meta['path'])}, batch {tc.batch_size}{run.split_note()}, "
+            f"{-(-n // tc.batch_size)} steps/epoch, device {device}, run dir {display_path(run_dir)}")
+        if run.epoch < epochs:
+            flops = step_flops(unet, lambda m, k: _unet_loss(m, k, vae.latent_shape), tc.batch_size)
+            log(describe_estimate("UNet", flops, (epochs - run.epoch) * -(-n // tc.batch_size), device))
         fit(run, epochs, batches, train_step, epoch_gens=("shuffle", "latent"), after_epoch=after_epoch,
             on_step=on_step, start_epoch=start_epoch)
         return run.ema.model
+
+
+def _unet_loss(unet: UNet, n: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+    x = torch.zeros(n, *latent_shape, device="meta")
+    t = torch.zeros(n, dtype=torch.long, device="meta")
+    return unet(x, t, t).float().pow(2).mean()
 
 
 def save_sample_grid(pipe: Pipeline, path: str | Path, per_class: int = 10, steps: int = 25,

@@ -20,11 +20,23 @@ import torch
 
 from . import data as D
 from .checkpoints import commit_files, encode_model
-from .config import Config
+from .config import Config, display_path
 from .latents import LATENT_CACHE_FILE, encode_dataset, write_latent_cache
 from .metrics import reconstruction_metrics
 from .pipeline import VAE_FILE, load_vae
-from .training import EMA, Run, autocast, check_model_size, fit, image_shape, make_optimizer, owned, start
+from .training import (
+    EMA,
+    Run,
+    autocast,
+    check_model_size,
+    describe_estimate,
+    fit,
+    image_shape,
+    make_optimizer,
+    owned,
+    start,
+    step_flops,
+)
 from .vae import VAE, kl_divergence, latent_stats, vae_loss
 
 
@@ -85,7 +97,13 @@ def train_vae(
             log(f"note: overwriting the checkpoint in {run_dir} (pass resume=True / --resume to continue it)")
         run.prepare()
         log(f"VAE: {sum(p.numel() for p in vae.parameters()):,} parameters, {len(train_x):,} training images, batch "
-            f"{tc.batch_size}{run.split_note()}, {len(loader)} steps/epoch, device {device}, run dir {run_dir}")
+            f"{tc.batch_size}{run.split_note()}, {len(loader)} steps/epoch, device {device}, "
+            f"run dir {display_path(run_dir)}")
+
+        if run.epoch < epochs:
+            log(describe_estimate("VAE", step_flops(vae, lambda m, k: sum(
+                o.float().pow(2).mean() for o in m(torch.zeros(k, *shape[-3:], device="meta"))), tc.batch_size),
+                (epochs - run.epoch) * len(loader), device))
 
         def train_step(batch):
             x = batch[0].to(device, non_blocking=True)
@@ -158,7 +176,7 @@ def finalize_vae(
     commit_files(run_dir, "vae", {VAE_FILE: weights, Path(VAE_FILE).with_suffix(".json").name: weights_json})
     write_latent_cache(run_dir / LATENT_CACHE_FILE, mean, std, labels, run_dir / VAE_FILE)
     log(f"latent scale factor {scale:.4f}, shift {[round(v, 3) for v in shift.tolist()]}; "
-        f"latent cache {run_dir / LATENT_CACHE_FILE}")
+        f"latent cache {display_path(run_dir / LATENT_CACHE_FILE)}")
     return vae
 
 

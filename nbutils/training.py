@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from filelock import FileLock, Timeout
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from .checkpoints import (
@@ -221,6 +222,43 @@ def check_model_size(cfg: Config, section: str, build: Callable[[Any], nn.Module
             if flag == "--set" and value.startswith(f"{section}.")]
     source = " ".join(mine) if mine else f"the {cfg.preset} preset's {section} config"
     return model_parameters(build, getattr(cfg, section), source)
+
+
+#: What the time estimate assumes a device sustains on these small models, in FLOP/s — per thread for "cpu", per
+#: streaming multiprocessor for "cuda" — and the least one training step takes there (a GPU step of a small model is
+#: bound by kernel launches).
+ASSUMED_FLOPS = {"cpu": 5e10, "cuda": 7.5e10, "mps": 1e12}
+STEP_FLOOR_S = {"cpu": 0.0, "cuda": 0.010, "mps": 0.010}
+
+
+def step_flops(model: nn.Module, loss_of: Callable[[nn.Module, int], torch.Tensor], batch_size: int) -> float:
+    """FLOPs of one training step — ``loss_of(model, n)``'s forward pass on a batch of n, and its backward pass — at
+    ``batch_size``, counted by torch's FlopCounterMode on a meta-device copy of ``model``: nothing is computed."""
+    meta = copy.deepcopy(model).to("meta")
+    n = 2
+    with FlopCounterMode(display=False) as counter:
+        loss_of(meta, n).backward()
+    return counter.get_total_flops() / n * batch_size
+
+
+def estimate_seconds(flops_per_step: float, steps: int, device: torch.device) -> float:
+    """A training time from counted FLOPs and :data:`ASSUMED_FLOPS` (an estimate; the progress bar measures)."""
+    kind = device.type
+    units = 1
+    if kind == "cpu":
+        units = torch.get_num_threads()
+    elif kind == "cuda":
+        units = torch.cuda.get_device_properties(device).multi_processor_count if torch.cuda.is_available() else 40
+    rate = ASSUMED_FLOPS.get(kind, ASSUMED_FLOPS["cpu"]) * units
+    return steps * max(flops_per_step / rate, STEP_FLOOR_S.get(kind, 0.0))
+
+
+def describe_estimate(what: str, flops_per_step: float, steps: int, device: torch.device) -> str:
+    """One line for the log: the expected training time and what it rests on."""
+    seconds = estimate_seconds(flops_per_step, steps, device)
+    when = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s" if seconds >= 1 else "a second"
+    return (f"{what}: expect about {when} for {steps:,} steps on {device.type} ({flops_per_step / 1e9:.1f} GFLOP per "
+            "step at an assumed device speed; the progress bar shows the real rate)")
 
 
 def start(tc: TrainConfig, epochs: int, run_dir: str | Path | None, preset: str, device, log: Callable[[str], None],

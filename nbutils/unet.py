@@ -172,6 +172,12 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
+def _eager() -> bool:
+    """False while torch.compile or torch.export traces the model."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return not (torch.compiler.is_compiling() or exporting())
+
+
 class UNet(nn.Module):
     """The class-conditional latent UNet. ``forward(x_t, t, labels) -> prediction``."""
 
@@ -236,7 +242,9 @@ class UNet(nn.Module):
         """The context tokens (B, context_tokens, cross_attention_dim) of each label (null included)."""
         if labels.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
-        if labels.numel() and (labels.min() < 0 or labels.max() > self.null_label):
+        # a data-dependent check: eager only, so that torch.compile (fullgraph) and torch.export trace straight through
+        if _eager() and labels.device.type != "meta" and labels.numel() and (
+                labels.min() < 0 or labels.max() > self.null_label):
             raise ValueError(f"labels must be in 0..{self.null_label} ({self.null_label} = unconditional), "
                              f"got values in [{int(labels.min())}, {int(labels.max())}]")
         return self.class_tokens[labels]

@@ -33,7 +33,7 @@ def test_unknown_preset_from_env_is_a_clear_error(monkeypatch):
     env = dict(os.environ, NBUTILS_PRESET="turbo")
     out = run("info", env=env)
     assert out.returncode == 1
-    assert "error: unknown preset 'turbo'" in out.stderr and "smoke, cpu, shipped, full" in out.stderr
+    assert "error: unknown preset 'turbo'" in out.stderr and "smoke, cpu, gpu, shipped, full" in out.stderr
 
 
 def test_bad_preset_argument_exits_2():

@@ -19,7 +19,7 @@ def test_presets_exist_and_differ():
 
 
 def test_unknown_preset_lists_valid_ones(monkeypatch):
-    with pytest.raises(ValueError, match="unknown preset 'fast'; valid presets: smoke, cpu, shipped, full"):
+    with pytest.raises(ValueError, match="unknown preset 'fast'; valid presets: smoke, cpu, gpu, shipped, full"):
         C.get_config("fast")
     monkeypatch.setenv(C.PRESET_ENV, "laptop")
     with pytest.raises(ValueError, match=r"unknown preset 'laptop' \(from \$NBUTILS_PRESET\)"):
@@ -33,7 +33,7 @@ def test_preset_from_env_and_auto(monkeypatch):
     assert C.get_config().preset == "cpu"
     monkeypatch.delenv(C.PRESET_ENV)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert C.default_preset_name() == "full"
+    assert C.default_preset_name() == "gpu"  # sized for a free-tier GPU; `full` only when asked
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert C.default_preset_name() == "cpu"
 

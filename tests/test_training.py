@@ -282,3 +282,51 @@ def test_a_model_too_large_is_refused_before_it_is_built(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="the config in .*unet.safetensors asks for a UNet of at least"):
         P.load_unet(tmp_path, device="cpu")
     assert C.MAX_MODEL_BYTES == 2_000_000_000
+
+
+def test_step_flops_are_counted_on_meta_without_computing():
+    """The estimate's FLOPs equal torch's count of a real forward + backward (per example, times the batch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nbutils.config import get_config
+    from nbutils.training import describe_estimate, estimate_seconds, step_flops
+    from nbutils.unet import UNet
+
+    unet = UNet(get_config("smoke").unet)
+
+    def loss_of(m, k):
+        dev = next(m.parameters()).device
+        t = torch.zeros(k, dtype=torch.long, device=dev)
+        return m(torch.zeros(k, 4, 7, 7, device=dev), t, t).pow(2).mean()
+
+    counted = step_flops(unet, loss_of, 64)
+    assert all(p.grad is None for p in unet.parameters())  # the real model is untouched
+    with FlopCounterMode(display=False) as counter:
+        loss_of(unet, 2).backward()
+    # (within a few percent: on the meta device attention may dispatch to another kernel than on a CPU)
+    assert counted == pytest.approx(counter.get_total_flops() / 2 * 64, rel=0.05)
+    cpu = torch.device("cpu")
+    assert estimate_seconds(1e9, 200, cpu) == pytest.approx(2 * estimate_seconds(1e9, 100, cpu))
+    assert "expect about" in describe_estimate("UNet", 1e9, 100, cpu) and "100 steps" in describe_estimate(
+        "UNet", 1e9, 100, cpu)
+
+
+def test_the_gpu_preset_is_the_automatic_choice_and_fits_a_free_gpu():
+    """On CUDA the default is `gpu`, whose two trainings are estimated at ≤ 10 minutes each on a T4-sized GPU."""
+    from nbutils.config import get_config
+    from nbutils.training import STEP_FLOOR_S, step_flops
+    from nbutils.unet import UNet
+    from nbutils.vae import VAE
+
+    cfg = get_config("gpu")
+    assert cfg.unet == get_config("shipped").unet and cfg.train_unet == get_config("shipped").train_unet
+    t4 = 40 * 7.5e10  # 40 SMs at the assumed rate
+    vae_step = step_flops(VAE(cfg.vae), lambda m, k: sum(o.pow(2).mean() for o in m(torch.zeros(k, 1, 28, 28,
+                                                                                              device="meta"))),
+                          cfg.train_vae.batch_size)
+    t = torch.zeros(2, dtype=torch.long)
+    unet_step = step_flops(UNet(cfg.unet), lambda m, k: m(torch.zeros(k, 4, 7, 7, device="meta"), t[:k].to("meta"),
+                                                          t[:k].to("meta")).pow(2).mean(), cfg.train_unet.batch_size)
+    for step, tc, extra in [(vae_step, cfg.train_vae, 0), (unet_step, cfg.train_unet, cfg.finetune_unet.epochs)]:
+        steps = (tc.epochs + extra) * -(-60_000 // tc.batch_size)
+        assert steps * max(step / t4, STEP_FLOOR_S["cuda"]) <= 600

@@ -158,3 +158,21 @@ def test_ema_math():
     assert ema2.model.weight.item() == pytest.approx(0.5)
     ema3 = EMA(lin, decay=0.99, warmup_steps=5)
     assert ema3.current_decay() == 0.0
+
+
+def test_the_unet_exports_and_compiles_without_graph_breaks():
+    """The label-range check runs eagerly only: torch.export traces the forward pass, torch.compile(fullgraph=True)
+    compiles it in one graph, and both compute what the eager model does."""
+    from nbutils.config import get_config
+    from nbutils.unet import UNet
+
+    unet = UNet(get_config("smoke").unet).eval()
+    x, t, y = torch.randn(2, 4, 7, 7), torch.tensor([3, 500]), torch.tensor([1, unet.null_label])
+    with torch.no_grad():
+        want = unet(x, t, y)
+        exported = torch.export.export(unet, (x, t, y))
+        torch.testing.assert_close(exported.module()(x, t, y), want)
+        compiled = torch.compile(unet, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x, t, y), want)
+    with pytest.raises(ValueError, match="labels must be in"):
+        unet(x, t, torch.tensor([1, 11]))  # eager calls still get the clear error
