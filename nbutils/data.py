@@ -436,6 +436,8 @@ class TensorLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         order = torch.randperm(self.n, generator=self.generator) if self.shuffle else None
+        if order is not None:  # tensors kept on a GPU are indexed there (one copy of the order per epoch)
+            order = order.to(self.tensors[0].device)
         for b in range(len(self)):
             lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.n)
             if order is None:

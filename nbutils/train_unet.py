@@ -145,8 +145,9 @@ def train_unet(
         def batches(epoch: int) -> D.TensorLoader:
             # a fresh posterior sample z = μ + σ·ε of every training image, standardised
             z = cache["mean"] + cache["std"] * torch.randn(cache["mean"].shape, generator=gens["latent"])
-            return D.TensorLoader(((z - shift) * scale, cache["labels"]), batch_size=tc.batch_size, shuffle=True,
-                                  generator=gens["shuffle"])
+            # the epoch's latents live on the training device (no copy per step; a no-op on a CPU)
+            return D.TensorLoader((((z - shift) * scale).to(device), cache["labels"].to(device)),
+                                  batch_size=tc.batch_size, shuffle=True, generator=gens["shuffle"])
 
         def train_step(batch):
             x0, labels = (t.to(device, non_blocking=True) for t in batch)

@@ -88,7 +88,9 @@ def train_vae(
         run = Run("vae", cfg, tc, run_dir, vae, EMA(vae, tc.ema_decay, tc.ema_warmup_steps),
                   make_optimizer(vae.parameters(), tc, device), gens, procs, device, log, progress,
                   sections=("data", "vae", "train_vae"), weights=_weights)
-        loader = D.TensorLoader((train_x, train_y), batch_size=tc.batch_size, shuffle=True, generator=gens["shuffle"])
+        # the training images live on the training device (no copy per step; a no-op on a CPU)
+        loader = D.TensorLoader((train_x.to(device), train_y.to(device)), batch_size=tc.batch_size, shuffle=True,
+                                generator=gens["shuffle"])
         if resume:
             run.resume()
             if run.epoch >= epochs:

@@ -199,7 +199,7 @@ def precision(tc: TrainConfig, model: nn.Module, device: torch.device, log: Call
     forward = model
     if tc.compile:
         if device.type == "cuda":
-            forward = torch.compile(model)
+            forward = torch.compile(model, mode=None if tc.compile_mode == "default" else tc.compile_mode)
         else:
             log(f"note: compile=True has no effect on {device.type} (CUDA only); training uncompiled")
     return dtype, scaler, forward

@@ -33,3 +33,18 @@ def test_sampling_table_at_a_tiny_size():
 def test_bad_input_is_one_error_line():
     out = _run("sampling", "--checkpoint", "no/such/folder", "--n", "2", "--no-metrics")
     assert out.returncode == 1 and out.stderr.strip().startswith("error:") and "Traceback" not in out.stderr
+
+
+def test_the_reference_run_stops_at_its_budget_and_resumes_to_the_end(tmp_path):
+    """full_gpu's path on a CPU (smoke preset): a budget that runs out mid-training leaves a resumable run; the same
+    command again finishes training, samples and evaluates."""
+    argv = ("full_gpu", "--preset", "smoke", "--run-dir", str(tmp_path / "run"), "--n", "100")
+    first = _run(*argv, "--budget-s", "3")
+    assert first.returncode == 0, first.stderr[-2000:]
+    partial = json.loads(first.stdout.splitlines()[0])
+    assert partial["stage"].startswith("stopped in vae training") and partial["vae_epochs"] == 0
+    second = _run(*argv)
+    assert second.returncode == 0, second.stderr[-2000:]
+    done = json.loads(second.stdout.splitlines()[0])
+    assert done["stage"] == "done" and done["vae_epochs"] == done["unet_epochs"] == 1
+    assert "resuming" in second.stderr and 0 <= done["cond_acc"] <= 1 and done["fid"] > 0

@@ -143,3 +143,11 @@ def test_override_errors_name_the_problem(text, message):
 
     with pytest.raises(ValueError, match=re.escape(message)):
         get_config("smoke").override([text])
+
+
+def test_compile_mode_is_one_of_torch_compiles():
+    from nbutils.config import COMPILE_MODES, TrainConfig
+
+    assert TrainConfig(compile_mode="reduce-overhead").compile_mode in COMPILE_MODES
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        TrainConfig(compile_mode="turbo")

@@ -1,0 +1,117 @@
+"""full_gpu: the seed's reference run end to end — the `full` preset's VAE and UNet, 10,000 samples, evaluated.
+
+    python -m benchmarks full_gpu --device cuda --run-dir runs/full --budget-s 540       # one device lend
+    python -m benchmarks full_gpu --device cuda --run-dir runs/full --budget-s 540       # the next lend: resumes
+    python -m benchmarks full_gpu --preset smoke --run-dir /tmp/full-smoke --n 200       # the same path on a CPU
+
+Made for a GPU lent for a few minutes at a time. Training runs with the settings that remove per-step overhead
+on CUDA: the data on the device, bf16 autocast, the forward pass compiled with --compile-mode (default
+"reduce-overhead": CUDA graphs), the fused Adam, no sample grids during training. When --budget-s runs out the
+process stops itself after the current step (SIGTERM, which the training loop turns into a checkpoint); run the
+same command again and it resumes exactly where it stopped (each model's --resume). Once both models are trained
+it samples --n images with --recipe and evaluates them. The record says how far the run got ("stage"), the
+device, the software versions, the wall time of each part and, when finished, the quality numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import common
+from nbutils.config import COMPILE_MODES, PRESETS, get_config
+from nbutils.pipeline import SHIPPED_RECIPE, load_pipeline, sample
+from nbutils.train_unet import train_unet
+from nbutils.train_vae import train_vae
+from nbutils.training import TrainingInterrupted, load_history
+
+COLUMNS = ["stage", "preset", "device", "vae_epochs", "unet_epochs", "vae_seconds", "unet_seconds",
+           "sample_seconds", "fid", "kid", "cond_acc"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    common.add_common(p, n=10_000, checkpoint=None, n_help="samples to evaluate")
+    p.add_argument("--preset", choices=PRESETS, default="full")
+    p.add_argument("--run-dir", default="runs/full", help="the run folder (resumed when it holds a run)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop training cleanly after this many seconds (default: no limit)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="reduce-overhead")
+    p.add_argument("--recipe", choices=("model", "shipped"), default="shipped",
+                   help="sampling recipe: the model's own or the shipped model's (default)")
+
+
+def _settings(preset: str, device: str, compile_mode: str):
+    cfg = get_config(preset)
+    if torch.device(device).type == "cuda":
+        fast = dict(mixed_precision="bf16", compile=True, compile_mode=compile_mode, sample_every=0)
+    else:
+        fast = dict(sample_every=0)
+    return cfg.replace(train_vae=dataclasses.replace(cfg.train_vae, **fast),
+                       train_unet=dataclasses.replace(cfg.train_unet, **fast))
+
+
+def _epochs(run_dir: Path, what: str) -> int:
+    try:
+        _, epochs = load_history(run_dir, what)
+    except (FileNotFoundError, ValueError):
+        return 0
+    return len(epochs)
+
+
+def run(args: argparse.Namespace) -> dict:
+    cfg = _settings(args.preset, args.device, args.compile_mode)
+    run_dir = Path(args.run_dir)
+    t_start = time.perf_counter()
+    timer = None
+    if args.budget_s is not None:
+        if args.budget_s <= 0:
+            raise ValueError(f"--budget-s must be positive, got {args.budget_s}")
+
+        def stop_outside_the_loop(signum, frame):  # the training loop installs its own, graceful handler
+            raise TrainingInterrupted("stopped before a training loop started (budget)")
+
+        signal.signal(signal.SIGTERM, stop_outside_the_loop)
+        timer = threading.Timer(args.budget_s, lambda: os.kill(os.getpid(), signal.SIGTERM))
+        timer.daemon = True
+        timer.start()
+    record = {"preset": args.preset, "device": args.device, "run_dir": str(run_dir),
+              "compile_mode": args.compile_mode if torch.device(args.device).type == "cuda" else "none"}
+    if torch.device(args.device).type == "cuda":
+        record["card"] = torch.cuda.get_device_name(args.device)
+        record["cuda"] = torch.version.cuda
+    stage = "vae"
+    try:
+        t0 = time.perf_counter()
+        train_vae(cfg, run_dir=run_dir, resume=(run_dir / "vae_state.pt").is_file(), device=args.device,
+                  log=common.log)
+        record["vae_seconds"] = round(time.perf_counter() - t0, 1)
+        stage = "unet"
+        t0 = time.perf_counter()
+        train_unet(cfg, run_dir=run_dir, resume=(run_dir / "unet_state.pt").is_file(), device=args.device,
+                   log=common.log)
+        record["unet_seconds"] = round(time.perf_counter() - t0, 1)
+    except TrainingInterrupted as exc:
+        common.log(str(exc))
+        record.update(stage=f"stopped in {stage} training (budget); run the same command again to resume")
+    finally:
+        if timer is not None:
+            timer.cancel()
+    record["vae_epochs"], record["unet_epochs"] = _epochs(run_dir, "vae"), _epochs(run_dir, "unet")
+    if "stage" not in record:
+        pipe = load_pipeline(run_dir, device=args.device)
+        recipe = SHIPPED_RECIPE if args.recipe == "shipped" else pipe.recipe
+        labels = common.cycling_labels(args.n)
+        with common.Timer(args.device) as t:
+            out = sample(pipe, args.n, labels, recipe, torch.Generator().manual_seed(args.seed), progress=True)
+        record["sample_seconds"] = round(t.seconds, 1)
+        m = common.evaluator(args).evaluate(out.images, labels, with_novelty=False)
+        record.update(common.scores(m), stage="done", recipe=recipe.to_dict())
+    record["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    return record
