@@ -256,8 +256,8 @@ def test_the_sampling_task_fails_wrong_samplers_and_library_ones():
         assert not E.check("sample_latents", _sampler(change), strict=False), change
     library = _sampler(("x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps",
                         "from nbutils.diffusion import to_epsilon\n"
-                        "            eps = to_epsilon(out, x, tt, alphas_cumprod, prediction_type)\n"
-                        "            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps"))
+                        "        eps = to_epsilon(out, x, tt, alphas_cumprod, prediction_type)\n"
+                        "        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps"))
     assert "calls nbutils.diffusion.to_epsilon" in E.check("sample_latents", library, strict=False).message
 
 
