@@ -28,7 +28,6 @@ multi-gigabyte model is refused before it is built.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tempfile
@@ -77,12 +76,6 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
             pass
         raise
     return path
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return atomic_write_bytes(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,8 +23,7 @@ import inspect
 
 import torch
 
-from .pipeline import Pipeline, SamplingRecipe
-from .samplers import make_sampler, split_timesteps, top_timestep
+from .pipeline import Pipeline, SamplingRecipe, recipe_timesteps
 
 try:
     from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, ImagePipelineOutput
@@ -33,19 +32,6 @@ except ImportError:  # the optional `diffusers` extra is not installed
 
 #: The samplers that have a diffusers scheduler with the same update rule (tests/test_samplers.py).
 DIFFUSERS_SAMPLERS = ("ddim", "dpm")
-
-
-def recipe_timesteps(pipe: Pipeline, recipe: SamplingRecipe) -> list[int]:
-    """The timesteps ``nbutils.pipeline.sample`` visits for ``recipe`` (the ones the diffusers scheduler is given)."""
-    schedule = pipe.schedule
-    if recipe.guided_steps is not None:
-        return [int(t) for t in split_timesteps(
-            schedule.num_train_timesteps, recipe.steps - recipe.guided_steps, recipe.guided_steps,
-            recipe.guidance_interval[1], recipe.timestep_spacing or "trailing", schedule.alphas_cumprod,
-            top_timestep(schedule.alphas_cumprod))]
-    sampler = make_sampler(recipe.sampler, schedule, pipe.diffusion.prediction_type, recipe.steps,
-                           recipe.timestep_spacing, recipe.eta)
-    return [int(t) for t in sampler.timesteps]
 
 
 def make_scheduler(pipe: Pipeline, sampler: str):

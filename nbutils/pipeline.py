@@ -308,6 +308,20 @@ def _precision(recipe: SamplingRecipe, device: torch.device) -> str:
 
 
 @torch.no_grad()
+def recipe_timesteps(pipe: Pipeline, recipe: SamplingRecipe) -> list[int]:
+    """The timesteps :func:`sample` visits for ``recipe``: its sampler's spacing of ``steps``, or with
+    ``guided_steps`` the two parts split at the guidance interval's top (:func:`nbutils.samplers.split_timesteps`)."""
+    schedule = pipe.schedule
+    if recipe.guided_steps is not None:
+        return [int(t) for t in split_timesteps(
+            schedule.num_train_timesteps, recipe.steps - recipe.guided_steps, recipe.guided_steps,
+            recipe.guidance_interval[1], recipe.timestep_spacing or "trailing", schedule.alphas_cumprod,
+            top_timestep(schedule.alphas_cumprod))]
+    sampler = make_sampler(recipe.sampler, schedule, pipe.diffusion.prediction_type, recipe.steps,
+                           recipe.timestep_spacing, recipe.eta)
+    return [int(t) for t in sampler.timesteps]
+
+
 def sample(
     pipe: Pipeline,
     n: int,
@@ -356,12 +370,7 @@ def sample(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             return unet(x, t, y).float()
 
-    custom_timesteps = None
-    if recipe.guided_steps is not None:
-        custom_timesteps = split_timesteps(schedule.num_train_timesteps, recipe.steps - recipe.guided_steps,
-                                           recipe.guided_steps, recipe.guidance_interval[1],
-                                           recipe.timestep_spacing or "trailing", schedule.alphas_cumprod,
-                                           top_timestep(schedule.alphas_cumprod))
+    timesteps_of_recipe = recipe_timesteps(pipe, recipe)
     lo, hi = recipe.guidance_interval or (0, math.inf)
     null = unet.null_label
     images, latents, trajectory = [], [], []
@@ -371,8 +380,7 @@ def sample(
         model_labels = torch.where(lab < 0, torch.full_like(lab, null), lab).to(device)
         s = make_sampler(recipe.sampler, schedule, pipe.diffusion.prediction_type, recipe.steps,
                          recipe.timestep_spacing, recipe.eta)
-        if custom_timesteps is not None:
-            s.set_timesteps(timesteps=custom_timesteps)
+        s.set_timesteps(timesteps=timesteps_of_recipe)
         shape = (len(lab), *vae.latent_shape)
         x = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu").to(device)
         timesteps = s.timesteps
