@@ -281,7 +281,7 @@ class CallMonitor:
     any function defined in the nbutils package, a name in ``forbidden`` or a file reader. Calls into the
     ``allowed`` callables (e.g. a model the student's sampler is handed) are not looked into."""
 
-    def __init__(self, forbidden: tuple[str, ...] = (), allowed: tuple[Callable, ...] = (), nbutils: bool = True):
+    def __init__(self, forbidden: tuple[str, ...] = (), allowed: tuple[Callable, ...] = ()):
         self.codes: dict[Any, str] = {}
         self.builtins: dict[int, str] = {}
         for name in (*forbidden, *FILE_READERS):
@@ -292,7 +292,6 @@ class CallMonitor:
             elif obj is not None:
                 self.builtins[id(obj)] = name
         self.allowed: set[Any] = {getattr(getattr(a, "forward", a), "__code__", None) for a in allowed} - {None}
-        self.nbutils = nbutils
         self.violation: str | None = None
         self._inside_allowed: Any = None  # the frame of an allowed call in progress
 
@@ -311,7 +310,7 @@ class CallMonitor:
                 self._inside_allowed = frame
             elif code in self.codes:
                 self.violation = self.codes[code]
-            elif self.nbutils and code.co_filename.startswith(PACKAGE_DIR):
+            elif code.co_filename.startswith(PACKAGE_DIR):
                 module = Path(code.co_filename).stem
                 self.violation = f"nbutils.{module}.{code.co_qualname}"
         elif event == "c_call" and id(arg) in self.builtins:
@@ -445,7 +444,7 @@ def run_cases(key: str, fn: Callable) -> list[dict]:
         finally:
             monitor.stop()
         if monitor.violation is not None:
-            results.append({"error": _violation_message(monitor.violation), "forbidden": True})
+            results.append({"error": _violation_message(monitor.violation)})
             break
         results.append(normalise(out))
     return results
@@ -459,10 +458,10 @@ def _run_task(ex: Exercise, fn: Callable) -> dict:
         return {"error": "not implemented yet: replace the `raise NotImplementedError` with your code"}
     except Exception as err:  # noqa: BLE001 - any error in student code becomes a message
         if monitor.violation is not None:
-            return {"error": _violation_message(monitor.violation), "forbidden": True}
+            return {"error": _violation_message(monitor.violation)}
         return {"error": f"raised {type(err).__name__}: {err}"}
     if monitor.violation is not None:
-        return {"error": _violation_message(monitor.violation), "forbidden": True}
+        return {"error": _violation_message(monitor.violation)}
     return {"tuple_len": 0, "values": [np.asarray(value, dtype=np.float64)]}
 
 
