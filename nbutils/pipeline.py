@@ -322,6 +322,7 @@ def recipe_timesteps(pipe: Pipeline, recipe: SamplingRecipe) -> list[int]:
     return [int(t) for t in sampler.timesteps]
 
 
+@torch.no_grad()
 def sample(
     pipe: Pipeline,
     n: int,

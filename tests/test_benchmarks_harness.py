@@ -42,10 +42,15 @@ def test_the_reference_run_stops_at_its_budget_and_resumes_to_the_end(tmp_path):
     first = _run(*argv, "--budget-s", "3")
     assert first.returncode == 0, first.stderr[-2000:]
     partial = json.loads(first.stdout.splitlines()[0])
-    assert partial["stage"].startswith("stopped in vae training") and partial["vae_epochs"] == 0
-    saved = (tmp_path / "run" / "vae_state.pt").is_file()  # False when the budget ran out before the first step
+    # where 3 s end depends on the machine: in the VAE's training or, on a fast one, in the UNet's
+    stage = partial["stage"].removeprefix("stopped in ").split(" ")[0]
+    assert partial["stage"].endswith("(budget); run the same command again to resume") and stage in ("vae", "unet")
+    assert (partial["vae_epochs"], partial["unet_epochs"]) == ((0, 0) if stage == "vae" else (1, 0))
+    saved = (tmp_path / "run" / f"{stage}_state.pt").is_file()  # False when the budget ran out before a step
     second = _run(*argv)
     assert second.returncode == 0, second.stderr[-2000:]
     done = json.loads(second.stdout.splitlines()[0])
     assert done["stage"] == "done" and done["vae_epochs"] == done["unet_epochs"] == 1
-    assert ("resuming" in second.stderr) == saved and 0 <= done["cond_acc"] <= 1 and done["fid"] > 0
+    # a finished VAE logs its resume too, before the UNet's
+    assert second.stderr.count("resuming ") == (stage == "unet") + saved, second.stderr[-2000:]
+    assert 0 <= done["cond_acc"] <= 1 and done["fid"] > 0
