@@ -7,4 +7,4 @@ Results go to docs/results.md, with the machine and the exact command that the r
 """
 
 #: the tasks, one module each
-TASKS = ("sampling", "guidance", "vae", "throughput", "training", "pixel_vs_latent", "shipped", "full_gpu")
+TASKS = ("sampling", "guidance", "vae", "judges", "throughput", "training", "pixel_vs_latent", "shipped", "full_gpu")

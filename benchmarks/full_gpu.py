@@ -9,8 +9,9 @@ on CUDA: the data on the device, bf16 autocast, the forward pass compiled with -
 "reduce-overhead": CUDA graphs), the fused Adam, no sample grids during training. When --budget-s runs out the
 process stops itself after the current step (SIGTERM, which the training loop turns into a checkpoint); run the
 same command again and it resumes exactly where it stopped (each model's --resume). Once both models are trained
-it samples --n images with --recipe and evaluates them. The record says how far the run got ("stage"), the
-device, the software versions, the wall time of each part and, when finished, the quality numbers.
+it samples --n images with --recipe and evaluates them on both judges (the resnet's numbers at the top, the vgg's
+under its name). The record says how far the run got ("stage"), the device, the software versions, the wall time
+of each part and, when finished, the quality numbers.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from pathlib import Path
 import torch
 
 from benchmarks import common
+from nbutils.classifier import ARCHS
 from nbutils.config import COMPILE_MODES, PRESETS, get_config
+from nbutils.evaluation import evaluate_all, evaluators
 from nbutils.pipeline import SHIPPED_RECIPE, load_pipeline, sample
 from nbutils.train_unet import train_unet
 from nbutils.train_vae import train_vae
@@ -111,7 +114,8 @@ def run(args: argparse.Namespace) -> dict:
         with common.Timer(args.device) as t:
             out = sample(pipe, args.n, labels, recipe, torch.Generator().manual_seed(args.seed), progress=True)
         record["sample_seconds"] = round(t.seconds, 1)
-        m = common.evaluator(args).evaluate(out.images, labels, with_novelty=False)
-        record.update(common.scores(m), stage="done", recipe=recipe.to_dict())
+        m = evaluate_all(out.images, labels, evaluators(device=args.device), with_novelty=False)
+        record.update(common.scores(m), stage="done", recipe=recipe.to_dict(),
+                      **{judge: common.scores(m[judge]) for judge in ARCHS[1:]})
     record["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     return record

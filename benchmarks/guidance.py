@@ -9,8 +9,9 @@ images (classes cycling, seed --seed, --sampler with --steps and --spacing) and 
 conditional accuracy ≥ --min-acc.
 
 Choosing on the test set and then reporting test-set FID would flatter the choice, so by default the reference is
-a validation set: 10,000 training images (a fixed random draw, seed 0; --n-ref). --reference test scores against
-the test images instead, as the sweeps in docs/results.md were (their numbers reproduce that way). Report the
+the validation reference of `nbutils evaluate --reference val`: a fixed 10,000 of the training images
+(nbutils.evaluation.validation_indices; the first --n-ref of them). --reference test scores against the test
+images instead, as the older sweeps in docs/results.md were (their numbers reproduce that way). Report the
 chosen recipe at N = 10,000 on the test set with `python -m benchmarks shipped`. --steps 16 --guided-steps 12 puts
 12 of the 16 steps inside the interval of each spec that starts at 0; --spacing logsnr spaces the steps evenly in
 log-SNR (with --guided-steps: the guided ones). FID is biased upwards at small N: compare rows of one run.
@@ -24,7 +25,7 @@ import torch
 
 from benchmarks import common
 from nbutils.config import make_generator
-from nbutils.evaluation import Evaluator
+from nbutils.evaluation import Evaluator, validation_indices
 from nbutils.pipeline import Pipeline, SamplingRecipe, sample
 from nbutils.samplers import SAMPLERS, SPACINGS
 
@@ -39,8 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spacing", choices=SPACINGS, help="timestep spacing (default: the sampler's; dpm's is trailing)")
     p.add_argument("--guided-steps", type=common.positive_int,
                    help="of the --steps, this many inside the interval of each spec whose interval starts at 0")
-    p.add_argument("--reference", choices=("train", "test"), default="train",
-                   help="what FID and KID compare against: training images (validation, default) or the test set")
+    p.add_argument("--reference", choices=("val", "test"), default="val",
+                   help="what FID and KID compare against: the validation reference (training images; default) or "
+                        "the test set")
     p.add_argument("--n-ref", type=common.positive_int, default=10000, help="reference images (default 10000)")
     p.add_argument("--min-acc", type=float, default=0.97, help="accuracy the chosen spec must reach (default 0.97)")
 
@@ -50,8 +52,8 @@ def reference(ev: Evaluator, which: str, n_ref: int) -> tuple[torch.Tensor, str]
     if which == "test":
         feats = ev.reference(n_ref)
         return feats, f"the first {len(feats)} test images"
-    idx = torch.randperm(len(ev.train_images), generator=torch.Generator().manual_seed(0))[:n_ref]
-    return ev.features(ev.train_images[idx])[0], f"{len(idx)} training images (random draw, seed 0)"
+    idx = validation_indices(len(ev.train_images))[0][:n_ref]
+    return ev.features(ev.train_images[idx])[0], f"{len(idx)} images of the validation reference (training images)"
 
 
 def sweep(pipe: Pipeline, ev: Evaluator, specs: list[str], n: int, ref: torch.Tensor, sampler: str = "dpm",

@@ -10,7 +10,7 @@ ceiling and the real-data floor; --parts and --rows add everything docs/results.
 Parts (--parts, default: vae rows; all = vae samplers screening rows cli):
   vae        VAE quality and the ceiling: the `vae` task on the checkpoint's VAE over --n test images
   samplers   the `sampling` table, --n-samplers images per --sampler-configs entry, guidance 3 on every step
-  screening  the `guidance` sweep, --n-sweep images per spec, FID against the training-image reference: --specs at
+  screening  the `guidance` sweep, --n-sweep images per spec, FID against the validation reference: --specs at
              20 even steps, --logsnr-specs at 20 log-SNR steps, --split-specs at 4 + 12 steps (empty: skipped)
   rows       --n samples per row (classes cycling, seed --seed), rounded to uint8 as a sample file is, evaluated
              like `python -m nbutils evaluate` (novelty, floor); --rows: recipe (the checkpoint's own recipe),
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> dict:
         out["samplers"] = sampling.measure(pipe, ev, sampling.parse_configs(args.sampler_configs), args.n_samplers,
                                            3.0, args.seed, device=args.device)
     if "screening" in parts:
-        ref, what = guidance.reference(ev, "train", 10000)
+        ref, what = guidance.reference(ev, "val", 10000)
         out["screening"] = {"reference": what, "sweeps": []}
         for specs, spacing, steps, split in ((args.specs, None, 20, None), (args.logsnr_specs, "logsnr", 20, None),
                                              (args.split_specs, None, 16, 12)):

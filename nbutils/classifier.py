@@ -1,14 +1,22 @@
-"""The project's own FashionMNIST classifier: the judge and the feature extractor of the metrics.
+"""The project's own FashionMNIST classifiers: the judges and the feature extractors of the metrics.
 
 FID on FashionMNIST is usually computed with an ImageNet Inception network: a 100 MB download that
-expects 299×299 colour photographs, whose features say little about grayscale clothes. Here a small
-ResNet (He et al. 2016, "Deep residual learning") trained on FashionMNIST itself does both jobs:
+expects 299×299 colour photographs, whose features say little about grayscale clothes. Here classifiers
+trained on FashionMNIST itself do both jobs:
 
-* its penultimate layer (``feature_dim`` numbers per image) is the feature space of FID and KID,
-* its prediction is the judge of class-conditioned samples ("is this generated sneaker a sneaker?").
+* the penultimate layer (``feature_dim`` numbers per image) is the feature space of FID and KID,
+* the prediction is the judge of class-conditioned samples ("is this generated sneaker a sneaker?").
 
-It trains in minutes on a CPU (``python -m nbutils train-classifier``) and its weights are shipped in
-``checkpoints/classifier.safetensors``, so the metrics work offline and give the same numbers everywhere.
+Two are shipped, of different families, so that a result tuned on one can be checked on the other:
+
+* ``resnet`` (``checkpoints/classifier.safetensors``): a small ResNet (He et al. 2016, "Deep residual
+  learning"), batch norm, flip + shift augmentation, label smoothing, seed 0;
+* ``vgg`` (``checkpoints/classifier_vgg.safetensors``): a plain VGG-style stack of 3×3 convolutions and max
+  pooling (Simonyan & Zisserman 2015) with group norm and GELU, a wider feature layer, shift + random-erasing
+  augmentation (Zhong et al. 2020) and no flips, no label smoothing, seed 1.
+
+Each trains in minutes on a CPU (``python -m nbutils train-classifier --arch NAME``), so the metrics work
+offline and give the same numbers everywhere.
 """
 
 from __future__ import annotations
@@ -29,12 +37,16 @@ from .checkpoints import CheckpointError, load_state_strict, read_model, save_mo
 from .config import bf16_supported, checkpoints_dir, pick_device, runs_dir
 
 CLASSIFIER_FILE = "classifier.safetensors"
+ARCHS = ("resnet", "vgg")
+AUGMENTS = ("flip_shift", "shift_erase")
 
 
 @dataclass
 class ClassifierConfig:
-    """Architecture and training of the feature classifier."""
+    """Architecture and training of a feature classifier (defaults: the ``resnet`` one; see :data:`CLASSIFIERS`)."""
 
+    arch: str = "resnet"  # "resnet" (FashionClassifier) or "vgg" (VGGClassifier)
+    augment: str = "flip_shift"  # "flip_shift" or "shift_erase" (see augment())
     channels: tuple[int, ...] = (32, 64, 128)  # at 28×28, 14×14, 7×7
     feature_dim: int = 128  # penultimate layer = the FID/KID feature space
     dropout: float = 0.3
@@ -47,6 +59,17 @@ class ClassifierConfig:
     train_subset: int | None = None
     bf16: bool = True  # bf16 autocast for training where the hardware supports it natively
 
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"classifier arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"classifier augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+
+    @property
+    def file(self) -> str:
+        """The weights' file name: classifier.safetensors for the resnet, classifier_ARCH.safetensors otherwise."""
+        return CLASSIFIER_FILE if self.arch == "resnet" else f"classifier_{self.arch}.safetensors"
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -57,6 +80,14 @@ class ClassifierConfig:
         if unknown:
             raise ValueError(f"classifier config: unknown field(s) {unknown}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+#: The two shipped judges, by architecture: different families, augmentations, losses and seeds.
+CLASSIFIERS = {
+    "resnet": ClassifierConfig(),
+    "vgg": ClassifierConfig(arch="vgg", augment="shift_erase", channels=(32, 64, 128), feature_dim=256,
+                            dropout=0.5, epochs=10, label_smoothing=0.0, seed=1),
+}
 
 
 class BasicBlock(nn.Module):
@@ -107,6 +138,43 @@ class FashionClassifier(nn.Module):
         return self.head(self.dropout(self.features(x)))
 
 
+def _conv(in_ch: int, out_ch: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.GroupNorm(8, out_ch), nn.GELU())
+
+
+class VGGClassifier(nn.Module):
+    """A plain (no shortcut) VGG-style network: per resolution two 3×3 conv-GroupNorm-GELU layers, then 2×2 max
+    pooling (28→14→7→3); the flattened 3×3 map → a ``feature_dim`` layer (the features) → a linear classifier.
+    Input: (N, 1, 28, 28) in [-1, 1]."""
+
+    def __init__(self, cfg: ClassifierConfig):
+        super().__init__()
+        self.cfg = cfg
+        layers, prev = [], 1
+        for ch in cfg.channels:
+            layers += [_conv(prev, ch), _conv(ch, ch), nn.MaxPool2d(2)]
+            prev = ch
+        self.body = nn.Sequential(*layers)
+        side = D.IMAGE_SIZE // 2 ** len(cfg.channels)
+        self.feature = nn.Sequential(nn.Flatten(), nn.Linear(prev * side * side, cfg.feature_dim), nn.GELU())
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(cfg.feature_dim, D.NUM_CLASSES)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, feature_dim) penultimate activations."""
+        if x.ndim != 4 or tuple(x.shape[1:]) != (1, D.IMAGE_SIZE, D.IMAGE_SIZE):
+            raise ValueError(f"expected images (N, 1, 28, 28), got {tuple(x.shape)}")
+        return self.feature(self.body(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(x)))
+
+
+def build_classifier(cfg: ClassifierConfig) -> FashionClassifier | VGGClassifier:
+    """The untrained network ``cfg.arch`` names."""
+    return FashionClassifier(cfg) if cfg.arch == "resnet" else VGGClassifier(cfg)
+
+
 def as_model_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 28, 28) / (N, 1, 28, 28), or float in [-1, 1] → float (N, 1, 28, 28) in [-1, 1]."""
     if images.dtype == torch.uint8:
@@ -120,11 +188,31 @@ def as_model_input(images: torch.Tensor) -> torch.Tensor:
     return images.float()
 
 
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flips and shifts of up to 2 pixels (pad with background, crop back)."""
+def augment(x: torch.Tensor, generator: torch.Generator, kind: str = "flip_shift") -> torch.Tensor:
+    """``flip_shift``: random horizontal flips, then shifts of up to 2 pixels (pad with background, crop back).
+    ``shift_erase``: the shifts, then with probability ½ one random rectangle (4–12 pixels a side) replaced by
+    uniform noise in [-1, 1] (random erasing, Zhong et al. 2020)."""
     n = x.shape[0]
-    flip = torch.rand(n, generator=generator) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if kind == "flip_shift":
+        flip = torch.rand(n, generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    x = _shift(x, generator)
+    if kind == "shift_erase":
+        h, w = torch.randint(4, 13, (2, n), generator=generator)
+        top = (torch.rand(n, generator=generator) * (29 - h)).long()
+        left = (torch.rand(n, generator=generator) * (29 - w)).long()
+        r, c = torch.arange(28)[None, :, None], torch.arange(28)[None, None, :]
+        box = (r >= top[:, None, None]) & (r < (top + h)[:, None, None]) \
+            & (c >= left[:, None, None]) & (c < (left + w)[:, None, None])
+        box &= (torch.rand(n, generator=generator) < 0.5)[:, None, None]
+        noise = torch.rand(x.shape, generator=generator) * 2 - 1
+        x = torch.where(box[:, None], noise, x)
+    return x
+
+
+def _shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by up to 2 pixels each way, filling with background (−1)."""
+    n = x.shape[0]
     padded = F.pad(x, (2, 2, 2, 2), value=-1.0)
     dx, dy = torch.randint(0, 5, (2, n), generator=generator)
     rows = (dy[:, None] + torch.arange(28))[:, :, None]  # (n, 28, 1)
@@ -133,7 +221,7 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: FashionClassifier, images: torch.Tensor, batch_size: int = 1000
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features, logits)`` for a stack of images (uint8 or [-1, 1]), batched, in eval mode."""
     model.eval()
@@ -149,7 +237,7 @@ def predict(model: FashionClassifier, images: torch.Tensor, batch_size: int = 10
     return torch.cat(feats), torch.cat(logits)
 
 
-def accuracy(model: FashionClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     _, logits = predict(model, images)
     return (logits.argmax(1) == labels).float().mean().item()
 
@@ -161,15 +249,15 @@ def train_classifier(
     progress: bool = True,
     log: Callable[[str], None] = print,
     data_root: str | None = None,
-) -> tuple[FashionClassifier, dict]:
-    """Train the classifier on the training split, report test accuracy, save to ``out``.
+) -> tuple[nn.Module, dict]:
+    """Train the classifier ``cfg`` describes on the training split, report test accuracy, save to ``out``.
 
     Adam with a one-cycle learning rate (linear warm-up over the first 10% of steps, cosine decay to 0),
     label smoothing, flip/shift augmentation; weights saved atomically after the last epoch and
     after every epoch (so an interrupted run keeps its last finished epoch).
     """
     cfg = cfg or ClassifierConfig()
-    out = Path(out) if out is not None else runs_dir() / "classifier" / CLASSIFIER_FILE
+    out = Path(out) if out is not None else runs_dir() / "classifier" / cfg.file
     out.parent.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else pick_device()
     train_x, train_y = D.load_split("train", root=data_root, subset=cfg.train_subset)
@@ -177,7 +265,7 @@ def train_classifier(
     x = as_model_input(train_x)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = FashionClassifier(cfg).to(device)
+    model = build_classifier(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loader = D.TensorLoader((x, train_y), batch_size=cfg.batch_size, shuffle=True, generator=gen)
     total = cfg.epochs * len(loader)
@@ -185,7 +273,7 @@ def train_classifier(
     amp = cfg.bf16 and bf16_supported(device)
     if amp:
         model = model.to(memory_format=torch.channels_last)
-    log(f"classifier: {sum(p.numel() for p in model.parameters()):,} parameters, {len(x):,} images, "
+    log(f"classifier ({cfg.arch}): {sum(p.numel() for p in model.parameters()):,} parameters, {len(x):,} images, "
         f"{cfg.epochs} epochs, device {device}{', bf16 autocast' if amp else ''}")
     history = []
     for epoch in range(cfg.epochs):
@@ -194,7 +282,7 @@ def train_classifier(
         bar = tqdm(loader, desc=f"classifier epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         running = 0.0
         for xb, yb in bar:
-            xb, yb = augment(xb, gen).to(device), yb.to(device)
+            xb, yb = augment(xb, gen, cfg.augment).to(device), yb.to(device)
             if amp:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -217,27 +305,31 @@ def train_classifier(
     return model.eval(), {"path": str(out), "history": history, "test_accuracy": history[-1]["test_accuracy"]}
 
 
-def resolve_classifier(checkpoint: str | Path | None = None) -> Path:
-    """``checkpoint`` (file or folder), else the user's ``runs/classifier/``, else the shipped weights."""
+def resolve_classifier(checkpoint: str | Path | None = None, arch: str = "resnet") -> Path:
+    """``checkpoint`` (a file, or a folder holding the ``arch`` classifier's file), else the user's
+    ``runs/classifier/``, else the shipped weights."""
+    if arch not in ARCHS:
+        raise ValueError(f"classifier arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    name = CLASSIFIERS[arch].file
     if checkpoint is not None:
         p = Path(checkpoint)
-        p = p / CLASSIFIER_FILE if p.is_dir() else p
+        p = p / name if p.is_dir() else p
         if not p.is_file():
             raise CheckpointError(f"no classifier checkpoint at {p}")
         return p
-    for p in (runs_dir() / "classifier" / CLASSIFIER_FILE, checkpoints_dir() / CLASSIFIER_FILE):
+    for p in (runs_dir() / "classifier" / name, checkpoints_dir() / name):
         if p.is_file():
             return p
-    raise CheckpointError(f"no {CLASSIFIER_FILE} in {runs_dir() / 'classifier'} nor in {checkpoints_dir()}; "
-                          "train one with: python -m nbutils train-classifier")
+    raise CheckpointError(f"no {name} in {runs_dir() / 'classifier'} nor in {checkpoints_dir()}; "
+                          f"train one with: python -m nbutils train-classifier --arch {arch}")
 
 
-def load_classifier(checkpoint: str | Path | None = None, device: str | torch.device | None = None
-                    ) -> tuple[FashionClassifier, dict]:
+def load_classifier(checkpoint: str | Path | None = None, device: str | torch.device | None = None,
+                    arch: str = "resnet") -> tuple[nn.Module, dict]:
     """``(classifier in eval mode, metadata)`` from a checkpoint (default: see :func:`resolve_classifier`)."""
-    path = resolve_classifier(checkpoint)
+    path = resolve_classifier(checkpoint, arch)
     tensors, meta = read_model(path, "classifier")
-    model = FashionClassifier(ClassifierConfig.from_dict(meta["config"]))
+    model = build_classifier(ClassifierConfig.from_dict(meta["config"]))
     load_state_strict(model, tensors, path)
     meta["path"] = str(path)
     device = torch.device(device) if device is not None else pick_device()

@@ -29,7 +29,7 @@ from PIL import Image
 
 from . import __version__
 from .checkpoints import CheckpointError, atomic_write_bytes, read_model, resolve_checkpoint
-from .classifier import ClassifierConfig, train_classifier
+from .classifier import ARCHS, CLASSIFIERS, train_classifier
 from .config import (
     MIXED_PRECISION,
     PRESETS,
@@ -54,7 +54,7 @@ from .data import (
     to_uint8,
 )
 from .distributed import is_main_process
-from .evaluation import Evaluator, evaluate_file, load_sample_file, to_json
+from .evaluation import REFERENCES, evaluate_file, evaluators, load_sample_file, to_json
 from .grading import DEFAULT_TIMEOUT, grade, write_scores
 from .hub import save_pretrained
 from .metrics import reconstruction_metrics
@@ -348,7 +348,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
-    cfg = ClassifierConfig()
+    cfg = dataclasses.replace(CLASSIFIERS[args.arch])
     if args.epochs:
         cfg.epochs = args.epochs
     out = Path(args.out) if args.out else None
@@ -365,8 +365,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.n_ref is not None and args.n_ref < 2:
         raise CLIError(f"--n-ref must be ≥ 2, got {args.n_ref}")
     load_sample_file(args.file)  # fail on a malformed file before loading anything else
-    evaluator = Evaluator(classifier_path=args.classifier, data_root=args.data_root)
-    result = evaluate_file(args.file, n_ref=args.n_ref, evaluator=evaluator, with_novelty=not args.no_novelty)
+    judges = tuple(j.strip() for j in args.judges.split(",") if j.strip())
+    unknown = [j for j in judges if j not in ARCHS]
+    if not judges or unknown:
+        raise CLIError(f"--judges: unknown judge(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(ARCHS)}")
+    judges_ = evaluators(judges, reference=args.reference, data_root=args.data_root, classifier_path=args.classifier)
+    result = evaluate_file(args.file, n_ref=args.n_ref, evaluator=judges_, with_novelty=not args.no_novelty)
     print(to_json(result))
     return 0
 
@@ -531,19 +535,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("train-classifier", help="train the FashionMNIST classifier used by the metrics")
-    p.add_argument("--epochs", type=_positive_int, help="epochs (default: 15)")
-    p.add_argument("--out", help="output .safetensors (default: runs/classifier/classifier.safetensors)")
+    p = sub.add_parser("train-classifier", help="train a FashionMNIST classifier used by the metrics")
+    p.add_argument("--arch", choices=ARCHS, default="resnet",
+                   help="which of the two judges: resnet (default) or vgg (nbutils.classifier.CLASSIFIERS)")
+    p.add_argument("--epochs", type=_positive_int, help="epochs (default: the judge's own, 15 or 10)")
+    p.add_argument("--out", help="output .safetensors (default: runs/classifier/classifier[_ARCH].safetensors)")
     p.add_argument("--device", help="cpu, cuda, mps (default: auto)")
     p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train_classifier)
 
     p = sub.add_parser("evaluate", help="FID, KID, conditional accuracy, novelty and the real-data floor of a "
-                                        "sample .npz, as one JSON object")
+                                        "sample .npz on both judges, as one JSON object")
     p.add_argument("file", help="a sample file (images uint8 N×28×28, labels int64 N; see `sample --out`)")
-    p.add_argument("--n-ref", type=int, help="number of test images in the reference set (default: all 10,000)")
-    p.add_argument("--classifier", help="classifier checkpoint (default: runs/classifier, else shipped)")
+    p.add_argument("--reference", choices=REFERENCES, default="test",
+                   help="test: the 10,000 test images (numbers to publish; default); val: a fixed 10,000 training "
+                        "images (for choosing settings)")
+    p.add_argument("--n-ref", type=int, help="number of reference images (default: all 10,000)")
+    p.add_argument("--judges", default=",".join(ARCHS),
+                   help="comma-separated classifiers that judge: resnet, vgg (default: both; the first one's "
+                        "numbers are at the top of the JSON, the others' under their names)")
+    p.add_argument("--classifier", help="the first judge's checkpoint (default: runs/classifier, else shipped)")
     p.add_argument("--no-novelty", action="store_true", help="skip the nearest-training-image check")
     p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files")
     p.set_defaults(func=cmd_evaluate)
@@ -551,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="a run as a Hub-format folder: weights, config.json and a generated model card")
     p.add_argument("source", help="a run folder (unet.safetensors + the vae.safetensors it was trained with)")
     p.add_argument("out", help="the folder to write (may be SOURCE itself)")
-    p.add_argument("--results", help="a record of `python -m benchmarks shipped` (JSON, its last line is used)")
+    p.add_argument("--results", help="a record of `python -m benchmarks judges` (JSON, its last line is used)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="draw a run's training curves (loss, lr, gradient norm, epoch metrics) as a PNG")

@@ -134,8 +134,9 @@ class GaussianDiffusion:
     def loss(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor,
              generator: torch.Generator | None = None,
              draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-             ) -> tuple[torch.Tensor, dict[str, float]]:
-        """One training loss: random t, random noise, labels dropped to null with ``cond_drop_prob``.
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One training loss: random t, random noise, labels dropped to null with ``cond_drop_prob``. Returns
+        ``(loss, parts)``, the parts (loss, mse) as detached 0-d tensors (reading them waits for a GPU's step).
 
         ``draws`` = ``(t, noise, labels)`` from :meth:`draw` replaces the random draw (several training
         processes draw for the global batch and each keeps its share; ``nbutils.distributed``)."""
@@ -150,4 +151,4 @@ class GaussianDiffusion:
             loss = (w * per_example).mean()
         else:
             loss = mse
-        return loss, {"loss": float(loss.detach()), "mse": float(mse.detach())}
+        return loss, {"loss": loss.detach(), "mse": mse.detach()}

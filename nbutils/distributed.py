@@ -60,7 +60,7 @@ class OneProcess:
     def loss_factor(self, n_global: int) -> float:
         return 1.0
 
-    def combine(self, parts: dict[str, float], n_global: int) -> dict[str, float]:
+    def combine(self, parts: dict, n_global: int) -> dict:
         return parts
 
     def any(self, flag: bool) -> bool:
@@ -114,17 +114,18 @@ class ManyProcesses(OneProcess):
         lo, hi = self._bounds(n_global)
         return self.world_size * (hi - lo) / n_global
 
-    def _sum(self, values: list[float]) -> list[float]:
-        v = torch.tensor(values, device=self.accelerator.device, dtype=torch.float64)
+    def _sum(self, values: list) -> list[float]:
+        v = torch.stack([torch.as_tensor(x, dtype=torch.float64).to(self.accelerator.device) for x in values])
         torch.distributed.all_reduce(v)
         return v.tolist()
 
-    def combine(self, parts: dict[str, float], n_global: int) -> dict[str, float]:
+    def combine(self, parts: dict, n_global: int) -> dict:
         """The global batch's loss parts: share-weighted sums of every process's, so every process logs the
         same numbers and stops on a non-finite loss at the same step."""
         lo, hi = self._bounds(n_global)
         keys = sorted(parts)
-        return dict(zip(keys, self._sum([parts[k] * (hi - lo) / n_global for k in keys]), strict=True))
+        shares = [torch.as_tensor(parts[k], dtype=torch.float64) * (hi - lo) / n_global for k in keys]
+        return dict(zip(keys, self._sum(shares), strict=True))
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any process (a stop request reaches them all at the same step)."""

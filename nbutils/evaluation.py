@@ -1,10 +1,15 @@
-"""Evaluating generated images: the sample-file format, the evaluator, and the real-data floor.
+"""Evaluating generated images: the sample-file format, the evaluators, and the real-data floor.
 
 A sample file is an ``.npz`` with ``images`` (uint8, (N, 28, 28)) and ``labels`` (int64, (N,), −1 =
 unconditional), as ``python -m nbutils sample --out X.npz`` writes it. :class:`Evaluator` holds what the
-metrics of :mod:`nbutils.metrics` compare against — the classifier of :mod:`nbutils.classifier`, the test
-set's features (cached on disk per classifier), the training images for the novelty check — and reports
-each result beside the same numbers for real images at the same N (the floor).
+metrics of :mod:`nbutils.metrics` compare against — one classifier of :mod:`nbutils.classifier` (the judge),
+the reference set's features (cached on disk per classifier), the training images for the novelty check —
+and reports each result beside the same numbers for real images at the same N (the floor).
+
+Two reference sets: ``test`` (the 10,000 test images; for numbers that are published) and ``val`` (a fixed
+10,000 of the training images, :func:`validation_indices`; for choosing recipes and hyper-parameters, so
+that the test images never steer a choice). The floor of ``val`` draws from the other 50,000 training images.
+:func:`evaluate_all` runs several judges on one set of samples (the ``evaluate`` command: both shipped ones).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 
 from . import data as D
 from .checkpoints import atomic_write_bytes, file_digest
-from .classifier import load_classifier, predict
+from .classifier import ARCHS, load_classifier, predict
 from .config import runs_dir
 from .data import CLASS_NAMES
 from .metrics import conditional_accuracy, fid, kid, novelty
@@ -101,6 +106,18 @@ def load_sample_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     return check_sample_arrays(images, labels, str(path))
 
 
+REFERENCES = ("test", "val")
+VALIDATION_SIZE = 10_000
+
+
+def validation_indices(n_train: int = 60_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(validation, rest)``: indices into the training split, a fixed random draw of :data:`VALIDATION_SIZE`
+    images (the ``val`` reference) and the others (where the ``val`` floor draws from)."""
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(2026))
+    k = min(VALIDATION_SIZE, n_train // 2)
+    return perm[:k], perm[k:]
+
+
 def _read_feature_cache(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The cached test-set features and logits, or None when the cache is missing, damaged or of another size."""
     if not path.is_file():
@@ -116,40 +133,71 @@ def _read_feature_cache(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class Evaluator:
-    """Everything the generation metrics compare against, computed once and cached.
+    """Everything the generation metrics of one judge compare against, computed once and cached.
 
-    Holds the classifier, the test-set features (cached on disk per classifier, so only the first
-    evaluation pays for them), and the training images for the novelty check.
+    Holds the classifier (``arch`` names which of the shipped ones when ``classifier`` is not given), the
+    reference set's features (cached on disk per classifier and reference), and the training images for the
+    novelty check. ``reference``: ``test`` or ``val`` (see the module docstring).
     """
 
     def __init__(self, classifier=None, device=None, data_root=None, cache_dir: str | Path | None = None,
-                 classifier_path: str | Path | None = None):
+                 classifier_path: str | Path | None = None, arch: str = "resnet", reference: str = "test"):
+        if reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
         self._predict = predict
         self.classifier, self.classifier_meta = (classifier, {"path": "(given)"}) if classifier is not None \
-            else load_classifier(classifier_path, device=device or "cpu")
+            else load_classifier(classifier_path, device=device or "cpu", arch=arch)
+        self.arch = self.classifier_meta.get("config", {}).get("arch", arch) if classifier is None else arch
+        self.reference_split = reference
         self.test_images, self.test_labels = D.load_split("test", root=data_root)
         self.train_images, self.train_labels = D.load_split("train", root=data_root)
+        if reference == "test":
+            self.ref_images, self.ref_labels = self.test_images, self.test_labels
+            self._floor_pool = torch.arange(len(self.train_images))
+        else:
+            val, self._floor_pool = validation_indices(len(self.train_images))
+            self.ref_images, self.ref_labels = self.train_images[val], self.train_labels[val]
         digest = file_digest(self.classifier_meta["path"]) if classifier is None else None
         cache = Path(cache_dir) if cache_dir is not None else runs_dir() / "eval_cache"
-        cache_file = cache / f"test_features_{digest}.npz" if digest else None
-        cached = _read_feature_cache(cache_file, len(self.test_images)) if cache_file is not None else None
+        cache_file = cache / f"{reference}_features_{digest}.npz" if digest else None
+        cached = _read_feature_cache(cache_file, len(self.ref_images)) if cache_file is not None else None
         if cached is not None:
-            self.test_features, self.test_logits = cached
+            self.ref_features, self.ref_logits = cached
         else:
-            self.test_features, self.test_logits = predict(self.classifier, self.test_images)
+            self.ref_features, self.ref_logits = predict(self.classifier, self.ref_images)
             if cache_file is not None:  # (re)written whole: a damaged cache is replaced, never trusted
                 buf = io.BytesIO()
-                np.savez(buf, features=self.test_features.numpy(), logits=self.test_logits.numpy())
+                np.savez(buf, features=self.ref_features.numpy(), logits=self.ref_logits.numpy())
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(cache_file, buf.getvalue())
-        self.test_accuracy = float((self.test_logits.argmax(1) == self.test_labels).float().mean())
+        #: the judge's accuracy on the reference images (on ``val``: images it was trained on, so optimistic)
+        self.ref_accuracy = float((self.ref_logits.argmax(1) == self.ref_labels).float().mean())
         self._floors: dict[tuple, dict] = {}  # the floor depends only on (n, n_ref, kid_subsets)
+
+    # the reference under the names of the test split, which it is by default
+    @property
+    def test_features(self) -> torch.Tensor:
+        return self._test_only(self.ref_features)
+
+    @property
+    def test_logits(self) -> torch.Tensor:
+        return self._test_only(self.ref_logits)
+
+    @property
+    def test_accuracy(self) -> float:
+        return self._test_only(self.ref_accuracy)
+
+    def _test_only(self, value):
+        if self.reference_split != "test":
+            raise AttributeError("this evaluator's reference is the validation set; use ref_features, ref_logits, "
+                                 "ref_accuracy")
+        return value
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._predict(self.classifier, images)
 
     def reference(self, n_ref: int | None = None) -> torch.Tensor:
-        return self.test_features[: n_ref or len(self.test_features)]
+        return self.ref_features[: n_ref or len(self.ref_features)]
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor, n_ref: int | None = None,
                  with_novelty: bool = True, with_floor: bool = True, kid_subsets: int = 100) -> dict:
@@ -167,6 +215,7 @@ class Evaluator:
         out = {
             "n": len(images),
             "n_ref": len(ref),
+            "reference": self.reference_split,
             "fid": fid(feats, ref),
             "kid": k_mean,
             "kid_std": k_std,
@@ -178,32 +227,55 @@ class Evaluator:
             out["novelty"] = novelty(images, self.train_images, self.test_images[:n])
         if with_floor:
             out["floor"] = self.floor(len(images), n_ref, kid_subsets)
+        out["judge"] = self.arch
         out["classifier"] = self.classifier_meta["path"]
         out["seconds"] = round(time.perf_counter() - t0, 2)
         return out
 
     def floor(self, n: int, n_ref: int | None = None, kid_subsets: int = 100) -> dict:
-        """The metrics of ``n`` real training images (a fixed random draw) against the same reference;
-        conditional accuracy of the floor = the classifier's accuracy on the test images."""
+        """The metrics of ``n`` real training images (a fixed random draw, never from the reference) against the
+        same reference; conditional accuracy of the floor = the judge's accuracy on the reference images."""
         key = (n, n_ref, kid_subsets)
         if key in self._floors:
             return self._floors[key]
         ref = self.reference(n_ref)
         g = torch.Generator().manual_seed(1234)
-        idx = torch.randperm(len(self.train_images), generator=g)[:n]
+        idx = self._floor_pool[torch.randperm(len(self._floor_pool), generator=g)[:n]]
         feats, _ = self.features(self.train_images[idx])
         k_mean, k_std = kid(feats, ref, subsets=kid_subsets)
         self._floors[key] = {"what": f"{len(idx)} real training images", "fid": fid(feats, ref), "kid": k_mean,
-                             "kid_std": k_std, "cond_acc": self.test_accuracy}
+                             "kid_std": k_std, "cond_acc": self.ref_accuracy}
         return self._floors[key]
 
 
-def evaluate_file(path: str | Path, n_ref: int | None = None, evaluator: Evaluator | None = None,
+def evaluators(archs: tuple[str, ...] = ARCHS, reference: str = "test", device=None, data_root=None,
+               classifier_path: str | Path | None = None) -> list[Evaluator]:
+    """One :class:`Evaluator` per judge (default: both shipped ones); ``classifier_path`` is the first one's."""
+    if not archs:
+        raise ValueError("no judge named")
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        raise ValueError(f"unknown judge(s) {', '.join(unknown)}; valid: {', '.join(ARCHS)}")
+    return [Evaluator(device=device, data_root=data_root, arch=a, reference=reference,
+                      classifier_path=classifier_path if i == 0 else None) for i, a in enumerate(archs)]
+
+
+def evaluate_all(images: torch.Tensor, labels: torch.Tensor, judges: list[Evaluator], **kwargs) -> dict:
+    """The first judge's :meth:`Evaluator.evaluate` at the top level (novelty too), each further judge's under its
+    name: ``{"fid": …, "cond_acc": …, …, "vgg": {"fid": …, "cond_acc": …, "floor": …}}``."""
+    out = judges[0].evaluate(images, labels, **kwargs)
+    for judge in judges[1:]:
+        other = judge.evaluate(images, labels, **{**kwargs, "with_novelty": False})
+        out[judge.arch] = {k: v for k, v in other.items() if k not in ("n", "n_ref", "reference")}
+    return out
+
+
+def evaluate_file(path: str | Path, n_ref: int | None = None, evaluator: Evaluator | list[Evaluator] | None = None,
                   **kwargs) -> dict:
-    """:meth:`Evaluator.evaluate` on a sample ``.npz`` (the ``evaluate`` CLI command)."""
+    """:func:`evaluate_all` on a sample ``.npz`` (the ``evaluate`` CLI command); default judges: both shipped."""
     images, labels = load_sample_file(path)
-    ev = evaluator or Evaluator()
-    result = ev.evaluate(images, labels, n_ref=n_ref, **kwargs)
+    judges = evaluator if isinstance(evaluator, list) else [evaluator] if evaluator is not None else evaluators()
+    result = evaluate_all(images, labels, judges, n_ref=n_ref, **kwargs)
     result["file"] = str(path)
     return result
 

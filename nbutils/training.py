@@ -127,18 +127,27 @@ def make_optimizer(params, tc: TrainConfig, device: torch.device) -> torch.optim
     return torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
 
 
-def optimizer_step(what: str, loss: torch.Tensor, parts: dict[str, float], model: nn.Module, ema: EMA,
-                   opt: torch.optim.Optimizer, tc: TrainConfig, step: int, epoch: int, last_checkpoint: Path,
-                   scaler: torch.amp.GradScaler | None = None) -> float:
-    """One optimizer step: NaN/inf guard, backward, gradient clipping, Adam, EMA update; returns the gradient norm
-    (before clipping).
-
-    ``parts`` are the loss parts of the whole (global) batch; ``scaler`` is fp16's gradient scaler."""
-    if not math.isfinite(parts["loss"]):
+def check_finite(what: str, parts: dict, step: int, epoch: int, last_checkpoint: Path) -> None:
+    """Raise :class:`NonFiniteLossError` when ``parts["loss"]`` (a number or a 0-d tensor) is NaN or infinite."""
+    if not math.isfinite(float(parts["loss"])):
+        readable = {k: float(v) for k, v in parts.items()}
         raise NonFiniteLossError(
-            f"non-finite {what} loss at step {step} (epoch {epoch + 1}): {parts}; last good checkpoint: "
+            f"non-finite {what} loss at step {step} (epoch {epoch + 1}): {readable}; last good checkpoint: "
             f"{last_checkpoint if last_checkpoint.exists() else 'none'}"
         )
+
+
+def optimizer_step(what: str, loss: torch.Tensor, parts: dict | None, model: nn.Module, ema: EMA,
+                   opt: torch.optim.Optimizer, tc: TrainConfig, step: int, epoch: int, last_checkpoint: Path,
+                   scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """One optimizer step: NaN/inf guard, backward, gradient clipping, Adam, EMA update; returns the gradient norm
+    (before clipping) as a 0-d tensor on the model's device.
+
+    ``parts`` are the loss parts of the whole (global) batch, checked before the step; ``None`` leaves the check to
+    the caller (:func:`fit` checks when it reads the numbers back, so that a GPU step never waits for the host).
+    ``scaler`` is fp16's gradient scaler."""
+    if parts is not None:
+        check_finite(what, parts, step, epoch, last_checkpoint)
     opt.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
@@ -152,7 +161,7 @@ def optimizer_step(what: str, loss: torch.Tensor, parts: dict[str, float], model
         scaler.step(opt)  # skipped when fp16 gradients overflowed
         scaler.update()
     ema.update(model)
-    return float(grad_norm)
+    return grad_norm.detach()
 
 
 def autocast_dtype(setting: str, device: torch.device, log: Callable[[str], None] = print,
@@ -559,6 +568,50 @@ def _smooth(running: float, value: float, beta: float = 0.98) -> float:
     return value if running == 0 else beta * running + (1 - beta) * value
 
 
+#: Steps between reads of the per-step numbers (loss parts, gradient norm) back to the host, by device type;
+#: every step where absent. Reading a number from a GPU waits for all queued work, so reading every step would keep
+#: the host from queueing the next step while this one runs. The numbers and their history are the same either way.
+SYNC_EVERY = {"cuda": 32}
+
+
+class _StepLog:
+    """The per-step numbers of :func:`fit`, kept where they were computed and read back to the host in one transfer
+    every ``every`` steps (and before any checkpoint): then checked for NaN/inf, smoothed for the progress bar,
+    appended to the run's history and passed to ``on_step``, in step order."""
+
+    def __init__(self, run: Run, every: int, on_step: Callable[[int, dict], None] | None):
+        self.run, self.every, self.on_step = run, every, on_step
+        self.pending: list[tuple[int, int, float, dict, Any]] = []
+        self.running: float = 0.0
+        self.last: dict | None = None
+
+    def add(self, step: int, epoch: int, lr: float, parts: dict, grad_norm) -> bool:
+        """Record one step; True when the numbers were read back (time to refresh the progress bar)."""
+        self.pending.append((step, epoch, lr, parts, grad_norm))
+        if len(self.pending) >= self.every:
+            self.flush()
+            return True
+        return False
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        flat = [v for *_, parts, g in self.pending for v in (*parts.values(), g)]
+        device = next((v.device for v in flat if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        values = iter(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).detach()
+                                   for v in flat]).tolist())
+        pending, self.pending = self.pending, []
+        for step, epoch, lr, parts, _ in pending:
+            numbers = {k: next(values) for k in parts}
+            grad_norm = next(values)
+            check_finite(self.run.what.upper(), numbers, step - 1, epoch, self.run.weights_path)
+            self.running = _smooth(self.running, numbers["loss"])
+            self.run.history.steps.append({"step": step, **numbers, "lr": lr, "grad_norm": grad_norm})
+            self.last = numbers
+            if self.on_step is not None:
+                self.on_step(step, numbers)
+
+
 def fit(
     run: Run,
     epochs: int,
@@ -583,6 +636,7 @@ def fit(
     ``start_epoch(epoch)`` runs before each epoch that starts afresh (not one resumed in the middle).
     """
     procs = run.procs
+    steps = _StepLog(run, SYNC_EVERY.get(run.device.type, 1) if procs.world_size == 1 else 1, on_step)
     with StopRequest() as stop:
         for epoch in range(run.epoch, epochs):
             if start_epoch is not None and run.partial is None:
@@ -601,6 +655,7 @@ def fit(
             loader = batches(epoch)
             bar = progress_bar(loader, len(loader), f"{run.what.upper()} epoch {epoch + 1}/{epochs}", run.progress,
                                done=skip)
+            steps.running = running
             for b, batch in enumerate(bar, start=skip):
                 if len(batch[0]) < procs.world_size:  # a last batch too small to split (several processes only)
                     continue
@@ -608,24 +663,24 @@ def fit(
                 for group in run.opt.param_groups:
                     group["lr"] = lr
                 loss, parts, n_global = train_step(batch)
-                grad_norm = optimizer_step(run.what.upper(), loss * procs.loss_factor(n_global), parts, run.model,
+                grad_norm = optimizer_step(run.what.upper(), loss * procs.loss_factor(n_global), None, run.model,
                                            run.ema, run.opt, run.tc, run.step, epoch, run.weights_path, run.scaler)
                 run.step += 1
-                running = _smooth(running, parts["loss"])
-                run.history.steps.append({"step": run.step, **parts, "lr": lr, "grad_norm": grad_norm})
-                bar.set_postfix(**postfix(running, parts))
-                if on_step is not None:
-                    on_step(run.step, parts)
+                if steps.add(run.step, epoch, lr, parts, grad_norm):
+                    bar.set_postfix(**postfix(steps.running, steps.last))
                 if procs.any(stop.signal is not None):
                     bar.close()
+                    steps.flush()
                     if procs.is_main:
-                        run.save(epoch, {"batch": b + 1, "epoch_rng": epoch_rng, "running": running})
+                        run.save(epoch, {"batch": b + 1, "epoch_rng": epoch_rng, "running": steps.running})
                     procs.barrier()
                     msg = (f"{stop.signal or 'stop request'} received: stopped after step {run.step} (batch "
                            f"{b + 1}/{len(loader)} of epoch {epoch + 1}); checkpoint written to {run.run_dir}. "
                            + resume_hint(run.what, run.run_dir, epochs, run.cfg))
                     raise TrainingInterrupted(msg)  # its message is the one the user sees (CLI: the error line)
             bar.close()
+            steps.flush()
+            running = steps.running
             seconds = time.perf_counter() - t0
             record = {"epoch": epoch + 1, "step": run.step, "seconds": seconds, "train_loss": running,
                       "processes": procs.world_size, "batches_per_s": (len(loader) - skip) / max(seconds, 1e-9)}

@@ -220,8 +220,9 @@ def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 def vae_loss(
     x: torch.Tensor, recon: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, kl_weight: float
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """``mean squared error per pixel + kl_weight · KL per image / pixels``; returns (loss, parts).
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``mean squared error per pixel + kl_weight · KL per image / pixels``; returns (loss, parts), the parts
+    (loss, mse, kl) as detached 0-d tensors (reading them waits for a GPU's step).
 
     Both terms are normalised per pixel so ``kl_weight`` does not depend on the batch size or the
     image size; in that normalisation β = 1e-6 … 1e-4 is the "very small KL" regime of LDM.
@@ -229,7 +230,7 @@ def vae_loss(
     rec = F.mse_loss(recon, x)
     kl = kl_divergence(mean, logvar).mean() / x[0].numel()
     loss = rec + kl_weight * kl
-    return loss, {"loss": float(loss.detach()), "mse": float(rec.detach()), "kl": float(kl.detach())}
+    return loss, {"loss": loss.detach(), "mse": rec.detach(), "kl": kl.detach()}
 
 
 def latent_stats(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, float]:

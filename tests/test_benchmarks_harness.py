@@ -30,6 +30,17 @@ def test_sampling_table_at_a_tiny_size():
     assert record["rows"] and all(row["seconds"] > 0 for row in record["rows"])
 
 
+def test_judges_table_at_a_tiny_size():
+    out = _run("judges", "--n", "40", "--checkpoint", "checkpoints")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[0])["rows"]
+    assert [(r["reference"], r["judge"]) for r in rows[::3]] == [("test", "resnet"), ("test", "vgg"),
+                                                                 ("val", "resnet"), ("val", "vgg")]
+    assert [r["row"].split(":")[0] for r in rows[:3]] == ["floor", "ceiling", "recipe"]
+    assert all(r["fid_vs_ceiling"] == 1.0 for r in rows if r["row"] == "ceiling")
+    assert len({r["fid"] for r in rows if r["row"] == "recipe"}) == 4  # each judge and reference sees differently
+
+
 def test_bad_input_is_one_error_line():
     out = _run("sampling", "--checkpoint", "no/such/folder", "--n", "2", "--no-metrics")
     assert out.returncode == 1 and out.stderr.strip().startswith("error:") and "Traceback" not in out.stderr

@@ -183,6 +183,17 @@ def test_shipped_classifier_is_accurate(evaluator):
     assert evaluator.test_accuracy >= 0.93
 
 
+def test_the_second_shipped_judge_is_accurate_and_sees_differently(evaluator):
+    from nbutils.classifier import load_classifier, predict
+    from nbutils.config import checkpoints_dir
+
+    vgg, meta = load_classifier(checkpoints_dir(), device="cpu", arch="vgg")
+    assert meta["config"]["arch"] == "vgg"
+    feats, logits = predict(vgg, evaluator.test_images)
+    assert (logits.argmax(1) == evaluator.test_labels).float().mean() >= 0.93
+    assert feats.shape == (10_000, 256)  # another feature space than the resnet's 128 numbers
+
+
 @pytest.mark.slow
 def test_evaluate_cli_prints_one_json_object(tmp_path, capsys, evaluator):
     imgs = evaluator.test_images[:300].numpy()
@@ -190,11 +201,46 @@ def test_evaluate_cli_prints_one_json_object(tmp_path, capsys, evaluator):
     path = _write(tmp_path / "real.npz", images=imgs, labels=labels)
     assert main(["evaluate", path, "--n-ref", "1000", "--classifier", "checkpoints"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["n"] == 300 and out["n_ref"] == 1000
+    assert out["n"] == 300 and out["n_ref"] == 1000 and out["reference"] == "test" and out["judge"] == "resnet"
     for key in ("fid", "kid", "kid_std", "cond_acc", "per_class_acc", "novelty", "floor"):
         assert key in out
     assert set(out["per_class_acc"]) == set(CLASS_NAMES)
     assert out["novelty"]["ratio"] == pytest.approx(1.0, abs=0.05)  # real test images are the novelty yardstick
+    second = out["vgg"]  # the second judge, on the same images and reference
+    assert second["judge"] == "vgg" and second["classifier"].endswith("classifier_vgg.safetensors")
+    assert {"fid", "kid", "cond_acc", "per_class_acc", "floor"} <= set(second) and "novelty" not in second
+    assert second["fid"] != out["fid"] and second["cond_acc"] > 0.85
+    assert main(["evaluate", path, "--n-ref", "1000", "--judges", "vgg", "--no-novelty"]) == 0
+    only = json.loads(capsys.readouterr().out)
+    assert only["judge"] == "vgg" and only["fid"] == pytest.approx(second["fid"]) and "resnet" not in only
+
+
+def test_evaluate_cli_rejects_an_unknown_judge(tmp_path, capsys):
+    path = _write(tmp_path / "s.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(4, np.int64))
+    assert main(["evaluate", path, "--judges", "resnet,inception"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --judges: unknown judge(s) inception") and "Traceback" not in err
+
+
+def test_validation_reference_is_a_fixed_part_of_the_training_split():
+    val, rest = E.validation_indices()
+    assert len(val) == E.VALIDATION_SIZE and len(val) + len(rest) == 60_000
+    assert len(set(val.tolist()) | set(rest.tolist())) == 60_000  # disjoint, together all of it
+    assert torch.equal(val, E.validation_indices()[0])
+
+
+@pytest.mark.slow
+def test_the_validation_reference_never_touches_the_test_images(tmp_path, evaluator):
+    ev = E.Evaluator(classifier_path="checkpoints", cache_dir=tmp_path, reference="val")
+    val, rest = E.validation_indices()
+    assert torch.equal(ev.ref_images, evaluator.train_images[val]) and len(ev.ref_features) == E.VALIDATION_SIZE
+    assert [p.name.split("_")[0] for p in tmp_path.glob("*.npz")] == ["val"]
+    with pytest.raises(AttributeError, match="reference is the validation set"):
+        _ = ev.test_features
+    res = ev.evaluate(ev.ref_images[:2000], ev.ref_labels[:2000], with_novelty=False, kid_subsets=10)
+    assert res["reference"] == "val" and res["fid"] < 1.0  # a subset of the reference itself
+    assert res["floor"]["cond_acc"] == ev.ref_accuracy and res["floor"]["fid"] < 1.0
+    assert set(ev._floor_pool.tolist()).isdisjoint(val.tolist())
 
 
 @pytest.mark.slow

@@ -93,7 +93,10 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
         TV.train_vae(get_config("smoke"), run_dir=tmp_path, resume=True, device="cpu", progress=False)
 
 
-def test_nan_loss_stops_with_step_and_parts(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sync_every", [1, 4])
+def test_nan_loss_stops_with_step_and_parts(tmp_path, monkeypatch, sync_every):
+    """A NaN names the step it happened in, also when the numbers are read back only every few steps (GPU)."""
+    monkeypatch.setitem(TR.SYNC_EVERY, "cpu", sync_every)
     real = TV.vae_loss
 
     def poisoned(*args, **kwargs):

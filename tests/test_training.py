@@ -1,5 +1,6 @@
 """The shared training machinery: what it refuses to load, and the second training phase."""
 
+import math
 import os
 import pickle
 
@@ -133,6 +134,18 @@ def _same_run(a, b):
     from nbutils.pipeline import load_vae
 
     assert load_vae(a, device="cpu")[1]["tensor_digest"] == load_vae(b, device="cpu")[1]["tensor_digest"]
+
+
+def test_reading_the_step_numbers_back_in_blocks_changes_nothing(tmp_path, monkeypatch):
+    """On a GPU the loop reads the loss parts and gradient norms back every SYNC_EVERY steps instead of every step
+    (no host synchronisation per step): the same weights, the same per-step history, the same running loss."""
+    _vae_run(tmp_path / "every", 2)
+    monkeypatch.setitem(TR.SYNC_EVERY, "cpu", 5)  # smoke: 8 steps an epoch, so one read mid-epoch, one at its end
+    _vae_run(tmp_path / "blocks", 2)
+    _same_run(tmp_path / "every", tmp_path / "blocks")
+    (steps_a, epochs_a), (steps_b, epochs_b) = (TR.load_history(tmp_path / r, "vae") for r in ("every", "blocks"))
+    assert steps_a == steps_b and len(steps_a) == 16 and all(math.isfinite(s["grad_norm"]) for s in steps_a)
+    assert [e["train_loss"] for e in epochs_a] == [e["train_loss"] for e in epochs_b]
 
 
 def test_a_save_killed_before_or_after_its_commit_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
