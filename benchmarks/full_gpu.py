@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", default="runs/full", help="the run folder (resumed when it holds a run)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop training cleanly after this many seconds (default: no limit)")
+    p.add_argument("--stop-after-steps", type=common.positive_int, default=None,
+                   help="stop training cleanly after this many optimizer steps of this invocation, both models "
+                        "counted (on a GPU at the next read-back of the step numbers); default: no limit")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="reduce-overhead")
     p.add_argument("--recipe", choices=("model", "shipped"), default="shipped",
                    help="sampling recipe: the model's own or the shipped model's (default)")
@@ -90,19 +93,29 @@ def run(args: argparse.Namespace) -> dict:
         record["card"] = torch.cuda.get_device_name(args.device)
         record["cuda"] = torch.version.cuda
     stage = "vae"
+    steps_done = 0
+
+    def count(step: int, parts: dict) -> None:  # the same graceful stop as the budget's
+        nonlocal steps_done
+        steps_done += 1
+        if steps_done == args.stop_after_steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    on_step = count if args.stop_after_steps else None
     try:
         t0 = time.perf_counter()
         train_vae(cfg, run_dir=run_dir, resume=(run_dir / "vae_state.pt").is_file(), device=args.device,
-                  log=common.log)
+                  log=common.log, on_step=on_step)
         record["vae_seconds"] = round(time.perf_counter() - t0, 1)
         stage = "unet"
         t0 = time.perf_counter()
         train_unet(cfg, run_dir=run_dir, resume=(run_dir / "unet_state.pt").is_file(), device=args.device,
-                   log=common.log)
+                   log=common.log, on_step=on_step)
         record["unet_seconds"] = round(time.perf_counter() - t0, 1)
     except TrainingInterrupted as exc:
         common.log(str(exc))
-        record.update(stage=f"stopped in {stage} training (budget); run the same command again to resume")
+        record.update(stage=f"stopped in {stage} training (budget); run the same command again to resume",
+                      steps_this_run=steps_done)
     finally:
         if timer is not None:
             timer.cancel()

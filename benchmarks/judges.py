@@ -42,7 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     sets = {}  # row name → (uint8 images, labels)
-    files = {Path(f).stem: load_sample_file(f) for f in args.samples}  # malformed files fail before any work
+    names = [Path(f).stem for f in args.samples]
+    taken = sorted({n for n in names if names.count(n) > 1 or n in ("ceiling", "recipe")})
+    if taken:
+        raise ValueError(f"--samples: rows are named by file name, and {', '.join(taken)} would be ambiguous; "
+                         "rename the file(s)")
+    files = {n: load_sample_file(f) for n, f in zip(names, args.samples, strict=True)}  # malformed: fail first
     pipe = common.load(args)
     record = {"task": "judges", "checkpoint": pipe.meta["path"], "n": args.n, "seed": args.seed}
     if not args.no_recipe:

@@ -47,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", metavar="FILE", help="profile the timed steps (torch.profiler) into FILE: "
                    "per-operator tables; the timings then include the profiler's own cost")
     p.add_argument("--threads", type=common.positive_int, help="threads per process (default: cores / processes)")
+    p.add_argument("--sync-every", type=common.positive_int,
+                   help="steps between reads of the loss back to the host (default: the library's, "
+                        "nbutils.training.SYNC_EVERY: 32 on CUDA, 1 elsewhere); --warmup and --steps must be "
+                        "multiples of it, since the clock is stamped when the numbers are read back")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
 
@@ -108,6 +112,7 @@ def worker(args: argparse.Namespace) -> None:
         "compile": args.compile and device.type == "cuda",
         "timed_steps": args.steps,
         "profiled": bool(args.profile),
+        "sync_every": args.sync_every,
         "seconds_per_step": round(per_step, 5),
         "latent_samples_per_s": round(args.batch_size / per_step, 1),
         "epoch_minutes": round(steps_per_epoch * per_step / 60, 2),
@@ -122,8 +127,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _sync_every(args: argparse.Namespace) -> int:
+    import torch
+
+    from nbutils.training import SYNC_EVERY
+
+    every = args.sync_every or SYNC_EVERY.get(torch.device(args.device).type, 1)
+    if args.warmup % every or args.steps % every:
+        raise ValueError(f"--warmup ({args.warmup}) and --steps ({args.steps}) must be multiples of --sync-every "
+                         f"({every}), e.g. --warmup {every} --steps {2 * every}")
+    return every
+
+
 def run(args: argparse.Namespace) -> dict | None:
+    every = _sync_every(args)
     if args.worker:
+        import torch
+
+        from nbutils.training import SYNC_EVERY
+
+        SYNC_EVERY[torch.device(args.device).type] = every  # this process only
         worker(args)
         return None
     rows = []
@@ -132,7 +155,7 @@ def run(args: argparse.Namespace) -> dict | None:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         own = ["training", "--worker", "--preset", args.preset, "--batch-size", str(args.batch_size),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--epochs", str(args.epochs),
-               "--mixed-precision", args.mixed_precision, "--device", args.device,
+               "--mixed-precision", args.mixed_precision, "--device", args.device, "--sync-every", str(every),
                "--checkpoint", str(Path(args.checkpoint).resolve()),
                *(["--compile"] if args.compile else []),
                *(["--profile", str(Path(args.profile).resolve())] if args.profile else [])]

@@ -147,7 +147,8 @@ class Evaluator:
         self._predict = predict
         self.classifier, self.classifier_meta = (classifier, {"path": "(given)"}) if classifier is not None \
             else load_classifier(classifier_path, device=device or "cpu", arch=arch)
-        self.arch = self.classifier_meta.get("config", {}).get("arch", arch) if classifier is None else arch
+        own = getattr(getattr(classifier, "cfg", None), "arch", None)  # a given classifier knows its architecture
+        self.arch = self.classifier_meta.get("config", {}).get("arch", arch) if classifier is None else own or arch
         self.reference_split = reference
         self.test_images, self.test_labels = D.load_split("test", root=data_root)
         self.train_images, self.train_labels = D.load_split("train", root=data_root)
@@ -249,14 +250,15 @@ class Evaluator:
 
 
 def evaluators(archs: tuple[str, ...] = ARCHS, reference: str = "test", device=None, data_root=None,
-               classifier_path: str | Path | None = None) -> list[Evaluator]:
+               classifier_path: str | Path | None = None, cache_dir: str | Path | None = None) -> list[Evaluator]:
     """One :class:`Evaluator` per judge (default: both shipped ones); ``classifier_path`` is the first one's."""
+    archs = tuple(dict.fromkeys(archs))  # each judge once
     if not archs:
         raise ValueError("no judge named")
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
         raise ValueError(f"unknown judge(s) {', '.join(unknown)}; valid: {', '.join(ARCHS)}")
-    return [Evaluator(device=device, data_root=data_root, arch=a, reference=reference,
+    return [Evaluator(device=device, data_root=data_root, arch=a, reference=reference, cache_dir=cache_dir,
                       classifier_path=classifier_path if i == 0 else None) for i, a in enumerate(archs)]
 
 

@@ -153,10 +153,13 @@ def _results_table(results: dict[str, Any]) -> str:
     for name in dict.fromkeys(r["row"] for r in rows):
         cells = []
         for j in judges:
-            r = next(r for r in rows if r["row"] == name and r["judge"] == j)
+            r = next((r for r in rows if r["row"] == name and r.get("judge") == j), None)
+            if r is None:
+                cells += ["—", "—", "—"]
+                continue
             ratio = f"{r['fid_vs_ceiling']:g}×" if "fid_vs_ceiling" in r else "—"
             cells += [f"{r['fid']:g}", f"{100 * r['cond_acc']:.2f}%", ratio]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join([*lines, "", f"N = {results.get('n')} against the 10,000 test images, judged by the project's "
-                                    f"two FashionMNIST classifiers ({', '.join(judges)}: features for FID, predictions "
+                                    f"FashionMNIST classifiers {', '.join(judges)} (features for FID, predictions "
                                     f"for accuracy); {where}"])

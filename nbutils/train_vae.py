@@ -64,8 +64,10 @@ def train_vae(
     progress: bool = True,
     log: Callable[[str], None] = print,
     data_root: str | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
 ) -> VAE:
-    """Train the VAE of ``cfg`` and return its EMA copy (with latent statistics set).
+    """Train the VAE of ``cfg`` and return its EMA copy (with latent statistics set). ``on_step(step, loss parts)``
+    is called for every optimizer step (as for ``train_unet``; on a GPU in blocks, when the numbers are read back).
 
     ``epochs`` is the total number of epochs wanted (default ``cfg.train_vae.epochs``); with
     ``resume=True`` training continues from ``run_dir``'s last checkpoint up to that total.
@@ -127,7 +129,8 @@ def train_vae(
             describe=lambda r: f"  test PSNR {r['test_psnr']:.2f} dB  SSIM {r['test_ssim']:.4f}" if "test_psnr" in r
             else "",
             postfix=lambda running, parts: {"loss": f"{running:.4f}",
-                                            "psnr": f"{10 * math.log10(4 / max(parts['mse'], 1e-12)):.1f}dB"})
+                                            "psnr": f"{10 * math.log10(4 / max(parts['mse'], 1e-12)):.1f}dB"},
+            on_step=on_step)
 
         # the scale factor and the latent cache come from the final weights (process 0 computes them)
         with procs.main_first():

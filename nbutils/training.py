@@ -597,9 +597,11 @@ class _StepLog:
         if not self.pending:
             return
         flat = [v for *_, parts, g in self.pending for v in (*parts.values(), g)]
-        device = next((v.device for v in flat if isinstance(v, torch.Tensor)), torch.device("cpu"))
-        values = iter(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).detach()
-                                   for v in flat]).tolist())
+        # the tensors in one transfer (float32: what the losses and norms are, and all that MPS has); the numbers
+        # that already are on the host (several processes' combined parts) as they are
+        tensors = [v.detach().reshape(()).float() for v in flat if isinstance(v, torch.Tensor)]
+        read = iter(torch.stack(tensors).tolist() if tensors else [])
+        values = iter([next(read) if isinstance(v, torch.Tensor) else float(v) for v in flat])
         pending, self.pending = self.pending, []
         for step, epoch, lr, parts, _ in pending:
             numbers = {k: next(values) for k in parts}
@@ -678,8 +680,10 @@ def fit(
                            f"{b + 1}/{len(loader)} of epoch {epoch + 1}); checkpoint written to {run.run_dir}. "
                            + resume_hint(run.what, run.run_dir, epochs, run.cfg))
                     raise TrainingInterrupted(msg)  # its message is the one the user sees (CLI: the error line)
-            bar.close()
             steps.flush()
+            if steps.last is not None:
+                bar.set_postfix(**postfix(steps.running, steps.last))
+            bar.close()
             running = steps.running
             seconds = time.perf_counter() - t0
             record = {"epoch": epoch + 1, "step": run.step, "seconds": seconds, "train_loss": running,

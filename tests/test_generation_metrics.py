@@ -244,6 +244,15 @@ def test_the_validation_reference_never_touches_the_test_images(tmp_path, evalua
 
 
 @pytest.mark.slow
+def test_a_given_classifier_reports_its_own_judge_name(tmp_path):
+    from nbutils.classifier import load_classifier
+
+    vgg = load_classifier("checkpoints", device="cpu", arch="vgg")[0]
+    assert E.Evaluator(classifier=vgg, cache_dir=tmp_path).arch == "vgg"
+    assert [e.arch for e in E.evaluators(("vgg", "vgg"), cache_dir=tmp_path)] == ["vgg"]
+
+
+@pytest.mark.slow
 def test_reference_features_are_cached_per_classifier(tmp_path, evaluator):
     first = E.Evaluator(classifier_path="checkpoints", cache_dir=tmp_path)
     cached = list(tmp_path.glob("test_features_*.npz"))
