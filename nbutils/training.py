@@ -647,17 +647,16 @@ def fit(
             t0 = time.perf_counter()
             gens = {k: run.gens[k] for k in epoch_gens}
             if run.partial is None:
-                epoch_rng, skip, running = {k: g.get_state() for k, g in gens.items()}, 0, 0.0
+                epoch_rng, skip, steps.running = {k: g.get_state() for k, g in gens.items()}, 0, 0.0
             else:  # resuming inside this epoch: replay its shuffling, skip the batches done before the stop
                 for k, g in gens.items():
                     g.set_state(run.partial["epoch_rng"][k])
-                epoch_rng, skip, running = run.partial["epoch_rng"], int(run.partial["batch"]), \
+                epoch_rng, skip, steps.running = run.partial["epoch_rng"], int(run.partial["batch"]), \
                     float(run.partial["running"])
                 run.partial = None
             loader = batches(epoch)
             bar = progress_bar(loader, len(loader), f"{run.what.upper()} epoch {epoch + 1}/{epochs}", run.progress,
                                done=skip)
-            steps.running = running
             for b, batch in enumerate(bar, start=skip):
                 if len(batch[0]) < procs.world_size:  # a last batch too small to split (several processes only)
                     continue
@@ -684,9 +683,8 @@ def fit(
             if steps.last is not None:
                 bar.set_postfix(**postfix(steps.running, steps.last))
             bar.close()
-            running = steps.running
             seconds = time.perf_counter() - t0
-            record = {"epoch": epoch + 1, "step": run.step, "seconds": seconds, "train_loss": running,
+            record = {"epoch": epoch + 1, "step": run.step, "seconds": seconds, "train_loss": steps.running,
                       "processes": procs.world_size, "batches_per_s": (len(loader) - skip) / max(seconds, 1e-9)}
             if skip:  # "seconds" then covers only the batches run after resuming
                 record["resumed_at_batch"] = skip
@@ -694,7 +692,7 @@ def fit(
                 record.update(evaluate())
             run.history.epochs.append(record)
             run.epoch = epoch + 1
-            run.log(f"epoch {epoch + 1}/{epochs}: train loss {running:.5f}{describe(record)}  "
+            run.log(f"epoch {epoch + 1}/{epochs}: train loss {steps.running:.5f}{describe(record)}  "
                     f"({record['seconds']:.0f} s)")
             if procs.is_main:
                 run.save(epoch + 1)
