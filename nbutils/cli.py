@@ -34,6 +34,7 @@ from .config import (
     MIXED_PRECISION,
     PRESETS,
     Config,
+    dataset_name,
     default_preset_name,
     get_config,
     make_generator,
@@ -41,18 +42,17 @@ from .config import (
     project_root,
 )
 from .data import (
-    CLASS_NAMES,
-    DATASETS,
     CorruptDatasetError,
     DatasetNotFoundError,
+    dataset_spec,
     find_raw_dir,
     load_images,
-    load_split,
     per_class,
     save_grid,
     to_model_range,
     to_uint8,
 )
+from .data import class_names as dataset_class_names
 from .distributed import is_main_process
 from .evaluation import REFERENCES, evaluate_file, evaluators, load_sample_file, to_json
 from .grading import DEFAULT_TIMEOUT, grade, write_scores
@@ -79,6 +79,18 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
     return value
+
+
+def _dataset(text: str) -> str:
+    """A dataset name for ``--dataset``: a built-in one or ``folder:PATH`` (checked here, so a typo or a folder
+    that cannot be a dataset is a usage error naming the problem)."""
+    try:
+        name = dataset_name(text)
+        if name.startswith("folder:"):
+            dataset_spec(name)  # scans the folder: classes, one image size
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name
 
 
 #: The most images one command makes or reads: beyond it, memory (not patience) runs out on a laptop.
@@ -173,23 +185,28 @@ def cmd_data(args: argparse.Namespace) -> int:
     """Check the dataset files, print per-split statistics, optionally write a grid of real images."""
     out = _output_path(args.out, (".png",)) if args.out else None
     t0 = time.perf_counter()
-    folder = find_raw_dir(args.data_root, download=not args.no_download)
-    stats = {"folder": str(folder)}
+    data_cfg = get_config("smoke", dataset=args.dataset or "fashion_mnist").data
+    data_cfg = dataclasses.replace(data_cfg, train_subset=None, test_subset=None)
+    names = dataset_class_names(data_cfg)
+    if data_cfg.dataset == "fashion_mnist":
+        stats = {"folder": str(find_raw_dir(args.data_root, download=not args.no_download))}
+    else:
+        stats = {"dataset": data_cfg.dataset, "classes": len(names)}
     for split in ("train", "test"):
-        images, labels = load_split(split, root=folder)
+        images, labels = load_images(data_cfg, split, root=args.data_root, download=not args.no_download)
         x = images.float() / 255
         stats[split] = {
             "images": tuple(images.shape),
             "pixel_mean": round(float(x.mean()), 4),
             "pixel_std": round(float(x.std()), 4),
-            "per_class": {CLASS_NAMES[c]: int((labels == c).sum()) for c in range(len(CLASS_NAMES))},
+            "per_class": {name: int((labels == c).sum()) for c, name in enumerate(names)},
         }
     stats["seconds"] = round(time.perf_counter() - t0, 2)
     print(json.dumps(stats, indent=2))
     if out is not None:
-        images, labels = load_split("train", root=folder)
-        save_grid(per_class(images, labels, args.per_class), out, nrow=args.per_class, row_labels=CLASS_NAMES)
-        print(f"wrote {out} (one row per class: {', '.join(CLASS_NAMES)})", file=sys.stderr)
+        images, labels = load_images(data_cfg, "train", root=args.data_root, download=False)
+        save_grid(per_class(images, labels, args.per_class, names), out, nrow=args.per_class, row_labels=names)
+        print(f"wrote {out} (one row per class: {', '.join(names)})", file=sys.stderr)
     return 0
 
 
@@ -447,9 +464,10 @@ def _training_args(p: argparse.ArgumentParser) -> None:
                    help="autocast dtype on CUDA: auto = bf16 with --compile on a GPU that has it, else float32 "
                         "(default: the preset's); no effect, with a notice, on a CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; a notice elsewhere)")
-    p.add_argument("--dataset", choices=tuple(DATASETS),
-                   help="train on another dataset (default fashion_mnist; cifar10 = 3×32×32 via torchvision, "
-                        "downloaded into data/; fake = torchvision FakeData, offline, for tests)")
+    p.add_argument("--dataset", type=_dataset, metavar="NAME",
+                   help="train on another dataset: fashion_mnist (default); cifar10 (3×32×32, its binary version "
+                        "in --data-root or data/, downloaded there with internet); folder:PATH (your images, one "
+                        "sub-folder per class: docs/scaling.md); fake (torchvision FakeData, offline, for tests)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="change one config value of the preset, e.g. --set unet.dropout=0 --set train_unet.lr=2e-4 "
                         "(repeatable; `info --preset P` lists the fields)")
@@ -466,13 +484,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="versions, device, preset, data location, configuration")
     p.add_argument("--preset", choices=PRESETS, help="preset to describe (default: $NBUTILS_PRESET or auto)")
-    p.add_argument("--dataset", choices=tuple(DATASETS), help="the preset for another dataset")
+    p.add_argument("--dataset", type=_dataset, metavar="NAME",
+                   help="the preset for another dataset: fashion_mnist, cifar10, fake or folder:PATH")
     p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("data", help="check the dataset, print statistics, write a grid of real images")
-    p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files")
+    p.add_argument("--dataset", type=_dataset, metavar="NAME",
+                   help="fashion_mnist (default), cifar10, fake or folder:PATH (your images, one sub-folder per class)")
+    p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files (or CIFAR-10's binary version)")
     p.add_argument("--out", help="write a PNG grid (one row per class) here")
     p.add_argument("--per-class", type=_positive_int, default=10, help="images per class in the grid")
     p.add_argument("--no-download", action="store_true", help="never try torchvision's download")

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import imagefolder
+
 PRESETS = ("smoke", "cpu", "gpu", "shipped", "full")
 #: torch.compile's modes (TrainConfig.compile_mode); "reduce-overhead" captures CUDA graphs, which removes the
 #: per-kernel launch cost that bounds a small model's GPU step
@@ -77,18 +79,22 @@ class DataConfig:
 
     ``image_size`` and ``channels`` are the dataset's (``nbutils.data.DATASETS``); set them with
     :func:`for_dataset`, which also shapes the VAE to match. ``fake`` is torchvision's ``FakeData`` (random
-    images of any shape, offline) for tests.
+    images of any shape, offline) for tests; ``folder:PATH`` is your own images (:mod:`nbutils.imagefolder`),
+    whose class names the config keeps, so that a model samples by name after the folder has gone.
     """
 
-    dataset: str = "fashion_mnist"  # "fashion_mnist" | "cifar10" | "fake"
+    dataset: str = "fashion_mnist"  # "fashion_mnist" | "cifar10" | "fake" | "folder:PATH"
     image_size: int = 28
     channels: int = 1
+    class_names: tuple[str, ...] = ()  # a folder dataset's; empty: the named dataset's own
     train_subset: int | None = None  # first N training images (smoke uses a few hundred)
     test_subset: int | None = None  # first N test images used for per-epoch metrics
 
     def __post_init__(self) -> None:
         _whole(self, "image_size", "channels")
         _whole(self, "train_subset", "test_subset", optional=True)
+        if not isinstance(self.class_names, tuple) or not all(isinstance(n, str) and n for n in self.class_names):
+            raise ValueError(f"class_names must be names (text), got {self.class_names!r}")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -430,24 +436,33 @@ _DATASET_ALIASES = {"fashionmnist": "fashion_mnist", "cifar": "cifar10", "cifar_
 
 
 def dataset_name(name: str) -> str:
-    """The canonical name of a dataset (``FashionMNIST`` → ``fashion_mnist``); an error lists the valid ones."""
+    """The canonical name of a dataset (``FashionMNIST`` → ``fashion_mnist``, ``folder:PATH`` with PATH made
+    absolute); an error lists the valid ones."""
+    if imagefolder.is_folder(name):
+        return imagefolder.folder_name(name)
     key = name.strip().lower().replace("-", "_")
     key = _DATASET_ALIASES.get(key, key)
     if key not in DATASET_SHAPES:
-        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASET_SHAPES)}")
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASET_SHAPES)}, folder:PATH")
     return key
 
 
 def for_dataset(cfg: Config, dataset: str, image_size: int | None = None, channels: int | None = None) -> Config:
     """``cfg`` retargeted at another dataset: the data section names it and carries its image shape, the VAE
     is built for that shape, the UNet for its number of classes. ``image_size``/``channels`` are for
-    ``fake`` only (real datasets have a fixed shape).
+    ``fake`` only (real datasets have a fixed shape); a ``folder:PATH`` is scanned for its shape and classes.
 
     >>> c = for_dataset(get_config("smoke"), "cifar10"); (c.vae.in_channels, c.vae.image_size)
     (3, 32)
     """
     name = dataset_name(dataset)
-    own_size, own_channels, num_classes = DATASET_SHAPES[name]
+    names: tuple[str, ...] = ()
+    if imagefolder.is_folder(name):
+        folder = imagefolder.scan(name)
+        own_size, own_channels, num_classes, names = (folder.image_size, folder.channels, len(folder.class_names),
+                                                      folder.class_names)
+    else:
+        own_size, own_channels, num_classes = DATASET_SHAPES[name]
     size, ch = image_size or own_size, channels or own_channels
     if name not in ANY_SHAPE_DATASETS and (size, ch) != (own_size, own_channels):
         raise ValueError(f"{name} images are {own_channels}×{own_size}×{own_size}; "
@@ -455,7 +470,7 @@ def for_dataset(cfg: Config, dataset: str, image_size: int | None = None, channe
     if size % 4:
         raise ValueError(f"image_size must be a multiple of 4 (the VAE halves it twice), got {size}")
     return cfg.replace(
-        data=dataclasses.replace(cfg.data, dataset=name, image_size=size, channels=ch),
+        data=dataclasses.replace(cfg.data, dataset=name, image_size=size, channels=ch, class_names=names),
         vae=dataclasses.replace(cfg.vae, in_channels=ch, image_size=size),
         unet=dataclasses.replace(cfg.unet, num_classes=num_classes),
     )

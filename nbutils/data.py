@@ -27,6 +27,7 @@ import gzip
 import os
 import re
 import struct
+import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from . import imagefolder
 from .config import ANY_SHAPE_DATASETS, DATASET_SHAPES, data_dir, dataset_name
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -329,21 +331,73 @@ def _load_fashion(split: str, root, download: bool, shape) -> tuple[torch.Tensor
     return images[:, None], labels
 
 
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"  # the dataset page's checksum of the binary version
+CIFAR10_DIR = "cifar-10-batches-bin"
+CIFAR10_FILES = {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test": ("test_batch.bin",)}
+CIFAR10_RECORD = 1 + 3 * 32 * 32  # a label byte, then the red, green and blue 32×32 planes
+
+
+def _cifar10_source(folder: Path, download: bool) -> Path:
+    """The extracted ``cifar-10-batches-bin/`` folder or the ``cifar-10-binary.tar.gz`` archive in ``folder``,
+    downloaded there (checksum verified) when there is neither and ``download`` is allowed."""
+    for candidate in (folder, folder / CIFAR10_DIR):
+        if candidate.name == CIFAR10_DIR and candidate.is_dir():
+            return candidate
+    archive = folder / CIFAR10_URL.rsplit("/", 1)[1]
+    if archive.is_file():
+        return archive
+    reason = "download=False"
+    if download:
+        try:
+            from torchvision.datasets.utils import download_url
+
+            download_url(CIFAR10_URL, str(folder), md5=CIFAR10_MD5)
+            return archive
+        except Exception as exc:  # no internet, a checksum mismatch, ...
+            reason = f"download failed: {type(exc).__name__}: {exc}"
+    raise DatasetNotFoundError(
+        f"CIFAR-10 not found in {folder} ({reason}): put the binary version there ({archive.name}, or its "
+        f"extracted {CIFAR10_DIR}/ folder; --data-root DIR), or allow the download (internet) from {CIFAR10_URL}. "
+        "The Python version (pickles) is not read: unpickling can run code.")
+
+
+def _read_cifar10_records(raw: bytes, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not raw or len(raw) % CIFAR10_RECORD:
+        raise CorruptDatasetError(f"{where} is damaged: {len(raw)} bytes, not a whole number of "
+                                  f"{CIFAR10_RECORD}-byte records; delete it and get a fresh copy")
+    records = torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(-1, CIFAR10_RECORD)
+    labels = records[:, 0].long()
+    if int(labels.max()) >= len(CIFAR10_CLASS_NAMES):
+        raise CorruptDatasetError(f"{where} is damaged: label {int(labels.max())} ≥ {len(CIFAR10_CLASS_NAMES)}")
+    return records[:, 1:].reshape(-1, 3, 32, 32), labels
+
+
 @functools.lru_cache(maxsize=4)
 def _load_cifar10(split: str, root, download: bool, shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR-10 through torchvision (``root`` default ``data/``; the download needs internet once)."""
-    folder = Path(root) if root else data_dir()
-    try:
-        from torchvision.datasets import CIFAR10
-
-        ds = CIFAR10(str(folder), train=split == "train", download=download)
-    except Exception as exc:  # no internet, damaged archive, ...
-        raise DatasetNotFoundError(
-            f"CIFAR-10 not found in {folder} ({type(exc).__name__}: {exc}). torchvision downloads it there "
-            "when there is internet access (download=True); or put the extracted cifar-10-batches-py/ folder "
-            "there (or in --data-root DIR)."
-        ) from exc
-    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)
+    """CIFAR-10's binary version (fixed-length records; Krizhevsky 2009), read from its folder or straight out of
+    its archive: no pickles, no extraction. ``root`` defaults to ``data/``."""
+    source = _cifar10_source(Path(root) if root else data_dir(), download)
+    parts = []
+    if source.is_dir():
+        for name in CIFAR10_FILES[split]:
+            path = source / name
+            if not path.is_file():
+                raise CorruptDatasetError(f"{path} is missing: the {CIFAR10_DIR}/ folder is incomplete")
+            parts.append(_read_cifar10_records(path.read_bytes(), str(path)))
+    else:
+        try:
+            with tarfile.open(source, "r:gz") as tar:
+                for name in CIFAR10_FILES[split]:
+                    member = tar.getmember(f"{CIFAR10_DIR}/{name}")
+                    if not member.isfile():
+                        raise KeyError(name)
+                    parts.append(_read_cifar10_records(tar.extractfile(member).read(), f"{source}:{name}"))
+        except (tarfile.TarError, KeyError, EOFError, zlib.error, OSError) as exc:
+            raise CorruptDatasetError(f"{source} is damaged or not the CIFAR-10 binary version "
+                                      f"({type(exc).__name__}: {exc}); delete it and get a fresh copy") from None
+    images, labels = zip(*parts, strict=True)
+    return torch.cat(images), torch.cat(labels)
 
 
 FAKE_SIZES = {"train": 512, "test": 256}
@@ -374,9 +428,25 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+def _load_folder(split: str, root, download: bool, shape, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return imagefolder.load(imagefolder.scan(name), split)
+
+
 def dataset_spec(name: str) -> DatasetSpec:
-    """The loader, class names and image shape of a dataset, by name (aliases such as ``FashionMNIST`` work)."""
-    return DATASETS[dataset_name(name)]
+    """The loader, class names and image shape of a dataset, by name (aliases such as ``FashionMNIST`` work;
+    ``folder:PATH`` is scanned: :mod:`nbutils.imagefolder`)."""
+    name = dataset_name(name)
+    if imagefolder.is_folder(name):
+        folder = imagefolder.scan(name)
+        return DatasetSpec(name, folder.image_size, folder.channels, folder.class_names,
+                           functools.partial(_load_folder, name=name))
+    return DATASETS[name]
+
+
+def class_names(data_cfg) -> tuple[str, ...]:
+    """The class names of the dataset a ``DataConfig`` names: those it keeps (a folder dataset's), else the named
+    dataset's own. Needs no data files, so a trained model names its classes anywhere."""
+    return tuple(data_cfg.class_names) or DATASETS[dataset_name(data_cfg.dataset)].class_names
 
 
 def load_images(data_cfg, split: str = "train", root: str | os.PathLike | None = None, subset: int | None = None,
@@ -387,6 +457,9 @@ def load_images(data_cfg, split: str = "train", root: str | os.PathLike | None =
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     spec = dataset_spec(data_cfg.dataset)
     shape = data_cfg.image_shape
+    if data_cfg.class_names and tuple(data_cfg.class_names) != spec.class_names:
+        raise ValueError(f"{spec.name} now has the classes {', '.join(spec.class_names)}; the config (and the "
+                         f"models built with it) has {', '.join(data_cfg.class_names)}")
     images, labels = spec.load(split, str(root) if root else None, download, shape)
     if tuple(images.shape[1:]) != shape:
         raise ValueError(f"{spec.name} images are {tuple(images.shape[1:])}, the config says {shape} "
@@ -467,13 +540,15 @@ def make_loader(
     )
 
 
-def per_class(images: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """The first ``k`` images of each class, class by class: shape (10·k, ...), row-major by class."""
+def per_class(images: torch.Tensor, labels: torch.Tensor, k: int,
+              names: Sequence[str] = CLASS_NAMES) -> torch.Tensor:
+    """The first ``k`` images of each class, class by class: shape (classes·k, ...), row-major by class
+    (``names``: the dataset's class names, FashionMNIST's by default)."""
     picks = []
-    for c in range(NUM_CLASSES):
+    for c, name in enumerate(names):
         idx = (labels == c).nonzero().flatten()[:k]
         if len(idx) < k:
-            raise ValueError(f"only {len(idx)} images of class {c} ({CLASS_NAMES[c]}), need {k}")
+            raise ValueError(f"only {len(idx)} images of class {c} ({name}), need {k}")
         picks.append(images[idx])
     return torch.cat(picks)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from .checkpoints import atomic_write_bytes, read_model
 from .config import Config
-from .data import dataset_spec
+from .data import class_names
 from .pipeline import UNET_FILE, VAE_FILE, SamplingRecipe, check_vae
 
 CONFIG_FILE = "config.json"
@@ -59,7 +59,8 @@ def save_pretrained(source: str | Path, out_dir: str | Path, results: dict[str, 
 
 def hub_config(unet_meta: dict[str, Any], vae_meta: dict[str, Any]) -> dict[str, Any]:
     """``config.json``: what the folder holds, in the names diffusers users know where they exist."""
-    cfg = Config.from_dict(unet_meta["config"]).to_dict()
+    config = Config.from_dict(unet_meta["config"])
+    cfg = config.to_dict()
     recipe = SamplingRecipe.from_dict(unet_meta["extra"].get("sampling_recipe") or {})
     return {
         "library_name": "nbutils",
@@ -68,7 +69,7 @@ def hub_config(unet_meta: dict[str, Any], vae_meta: dict[str, Any]) -> dict[str,
         "weights_sha256": {"unet": unet_meta["tensor_digest"], "vae": vae_meta["tensor_digest"]},
         "dataset": cfg["data"]["dataset"],
         "image_shape": [cfg["data"]["channels"], cfg["data"]["image_size"], cfg["data"]["image_size"]],
-        "class_names": list(dataset_spec(cfg["data"]["dataset"]).class_names),
+        "class_names": list(class_names(config.data)),
         "vae": Config.from_dict(vae_meta["config"]).to_dict()["vae"],
         "unet": cfg["unet"],
         "scheduler": cfg["diffusion"],

@@ -38,6 +38,7 @@ from .checkpoints import (
 )
 from .config import Config, DiffusionConfig, bf16_supported, pick_device
 from .data import class_labels, dataset_spec
+from .data import class_names as dataset_class_names
 from .diffusion import to_x0
 from .samplers import SAMPLERS, SPACINGS, make_sampler, split_timesteps, top_timestep
 from .schedules import NoiseSchedule
@@ -240,7 +241,7 @@ def load_pipeline(checkpoint: str | Path | None = None, device: str | torch.devi
         recipe = SamplingRecipe.from_dict(stored) if stored is not None else SamplingRecipe()
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{meta['path']} carries an invalid sampling recipe: {exc}") from exc
-    return Pipeline(vae, unet, cfg.diffusion, recipe, dataset_spec(cfg.data.dataset).class_names, meta)
+    return Pipeline(vae, unet, cfg.diffusion, recipe, dataset_class_names(cfg.data), meta)
 
 
 def load_models(checkpoint: str | Path | None = None, device: str | torch.device | None = None,

@@ -160,7 +160,8 @@ def train_unet(
         def after_epoch(record: dict) -> None:
             grid = None
             if tc.sample_every and record["epoch"] % tc.sample_every == 0:
-                grid = save_sample_grid(Pipeline(vae, run.ema.model, cfg.diffusion),
+                grid = save_sample_grid(Pipeline(vae, run.ema.model, cfg.diffusion,
+                                                 class_names=D.class_names(cfg.data)),
                                         run_dir / f"unet_samples_epoch{record['epoch']:03d}.png")
             if on_epoch_end is not None:
                 on_epoch_end(record, run.history, run.ema.model, grid)
@@ -185,13 +186,15 @@ def _unet_loss(unet: UNet, n: int, latent_shape: tuple[int, ...]) -> torch.Tenso
 
 def save_sample_grid(pipe: Pipeline, path: str | Path, per_class: int = 10, steps: int = 25,
                      guidance: float = 3.0, seed: int = 0) -> Path:
-    """A class-per-row grid of samples (DDIM, ``steps`` steps, fixed seed: comparable across epochs)."""
+    """A class-per-row grid of samples, the class names left of the rows (DDIM, ``steps`` steps, fixed seed:
+    comparable across epochs)."""
     pipe.unet.eval()
     num_classes = pipe.unet.null_label
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     result = sample(pipe, len(labels), labels, SamplingRecipe(sampler="ddim", steps=steps, guidance=guidance),
                     make_generator(seed))
-    return D.save_grid(result.images, path, nrow=per_class)
+    names = pipe.class_names if len(pipe.class_names) == num_classes else None
+    return D.save_grid(result.images, path, nrow=per_class, row_labels=names)
 
 
 def _init_from(source: Path, unet: UNet, ema: EMA, vae_meta: dict, log: Callable[[str], None]) -> None:

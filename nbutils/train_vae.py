@@ -121,7 +121,8 @@ def train_vae(
 
         def after_epoch(record):
             if tc.sample_every and record["epoch"] % tc.sample_every == 0:
-                _save_recon_grid(run.ema.model, test_x, test_y, run_dir / f"vae_recon_epoch{record['epoch']:03d}.png")
+                _save_recon_grid(run.ema.model, test_x, test_y, run_dir / f"vae_recon_epoch{record['epoch']:03d}.png",
+                                 D.class_names(cfg.data))
 
         fit(run, epochs, lambda epoch: loader, train_step,
             evaluate=lambda: {f"test_{k}": v for k, v in evaluate_vae(run.ema.model, test_x.to(device)).items()},
@@ -145,10 +146,11 @@ def _weights(run: Run, epochs_done: int) -> tuple[bytes, bytes]:
     return encode_model("vae", run.ema.model.state_dict(), run.cfg, extra)
 
 
-def _save_recon_grid(vae: VAE, test_x: torch.Tensor, test_y: torch.Tensor, path: Path) -> None:
+def _save_recon_grid(vae: VAE, test_x: torch.Tensor, test_y: torch.Tensor, path: Path,
+                     names: tuple[str, ...]) -> None:
     k = 2 if len(test_x) >= 200 else 1
     try:
-        originals = D.per_class(test_x, test_y, k)
+        originals = D.per_class(test_x, test_y, k, names)
     except ValueError:
         return
     with torch.no_grad():

@@ -46,7 +46,7 @@ def test_data_writes_grid(fake_fashion, tmp_path, capsys, monkeypatch):
     out = tmp_path / "grid.png"
     assert cli.main(["data", "--data-root", str(fake_fashion), "--out", str(out), "--per-class", "2"]) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert stats["train"]["images"] == [40, 28, 28]
+    assert stats["train"]["images"] == [40, 1, 28, 28]
     assert sum(stats["test"]["per_class"].values()) == 20
     import matplotlib.image
 

@@ -90,8 +90,74 @@ def test_a_32x32x3_model_trains_samples_and_writes_colour_files(tmp_path, monkey
 def test_cifar10_missing_offline_is_a_clear_error(tmp_path):
     cfg = get_config("smoke", dataset="cifar10")
     D._load_cifar10.cache_clear()
-    with pytest.raises(D.DatasetNotFoundError, match=r"CIFAR-10 not found in .*empty.*torchvision downloads it"):
+    with pytest.raises(D.DatasetNotFoundError, match=r"CIFAR-10 not found in .*empty \(download=False\): put the "
+                                                     r"binary version there.*pickles\) is not read"):
         D.load_images(cfg.data, "train", root=tmp_path / "empty", download=False)
+
+
+def _cifar_records(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """``n`` CIFAR-10 records in the binary version's format: a label byte, then the R, G and B 32×32 planes."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    labels = rng.integers(0, 10, n, dtype=np.uint8)
+    raw = b"".join(bytes([labels[i]]) + images[i].tobytes() for i in range(n))
+    return images, labels, raw
+
+
+def _write_cifar_archive(folder, per_file: int = 3):
+    """A small cifar-10-binary.tar.gz as the dataset page ships it (cifar-10-batches-bin/ with six batches)."""
+    import io
+    import tarfile
+
+    files = {f"data_batch_{i}.bin": _cifar_records(per_file, i) for i in range(1, 6)}
+    files["test_batch.bin"] = _cifar_records(per_file, 0)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / "cifar-10-binary.tar.gz", "w:gz") as tar:
+        for name, (_, _, raw) in {**files, "batches.meta.txt": (None, None, b"airplane\nautomobile\n")}.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return files
+
+
+def test_cifar10_binary_version_is_read_from_its_archive_and_its_folder(tmp_path):
+    """No torchvision, no pickles: the records are read straight out of the archive, or out of its extracted folder,
+    planes in the right order (a wrong reshape would mix the colour channels)."""
+    import tarfile
+
+    files = _write_cifar_archive(tmp_path / "data")
+    cfg = get_config("smoke", dataset="cifar10").data
+    for root in (tmp_path / "data", tmp_path / "x", tmp_path / "x" / "cifar-10-batches-bin"):
+        D._load_cifar10.cache_clear()
+        train, ytrain = D.load_images(cfg, "train", root=root, download=False)
+        test, ytest = D.load_images(cfg, "test", root=root, download=False)
+        want = np.concatenate([files[f"data_batch_{i}.bin"][0] for i in range(1, 6)])
+        assert train.shape == (15, 3, 32, 32) and np.array_equal(train.numpy(), want)
+        assert ytrain.tolist() == np.concatenate([files[f"data_batch_{i}.bin"][1] for i in range(1, 6)]).tolist()
+        assert np.array_equal(test.numpy(), files["test_batch.bin"][0]) and len(ytest) == 3
+        if root == tmp_path / "data":  # the next two rounds: the extracted folder, given as its parent and itself
+            with tarfile.open(root / "cifar-10-binary.tar.gz") as tar:
+                tar.extractall(tmp_path / "x", filter="data")
+
+
+def test_a_damaged_cifar10_file_is_named(tmp_path):
+    _write_cifar_archive(tmp_path)
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    (folder / "test_batch.bin").write_bytes(_cifar_records(2, 0)[2][:-5])
+    D._load_cifar10.cache_clear()
+    cfg = get_config("smoke", dataset="cifar10").data
+    with pytest.raises(D.CorruptDatasetError, match=r"test_batch.bin is damaged: 6141 bytes, not a whole number of "
+                                                    "3073-byte records"):
+        D.load_images(cfg, "test", root=tmp_path, download=False)
+    with pytest.raises(D.CorruptDatasetError, match=r"data_batch_1.bin is missing"):  # the folder comes first
+        D.load_images(cfg, "train", root=tmp_path, download=False)
+    (tmp_path / "cifar-10-binary.tar.gz").write_bytes(b"not a tar")
+    (folder / "test_batch.bin").unlink()
+    folder.rmdir()
+    D._load_cifar10.cache_clear()
+    with pytest.raises(D.CorruptDatasetError, match=r"cifar-10-binary.tar.gz is damaged or not the CIFAR-10 binary"):
+        D.load_images(cfg, "train", root=tmp_path, download=False)
 
 
 def test_a_vae_config_for_another_shape_is_refused_before_training(tmp_path):

@@ -12,7 +12,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "nbutils"
 
 #: Imports allowed inside functions: optional or slow-to-import dependencies that most commands never need.
-DEFERRABLE = {"torchvision.datasets", "accelerate", "IPython", "IPython.display", "ipywidgets", "matplotlib.pyplot",
+DEFERRABLE = {"torchvision.datasets", "torchvision.datasets.utils",
+              "accelerate", "IPython", "IPython.display", "ipywidgets", "matplotlib.pyplot",
               "pandas", "seaborn", "diffusers", "huggingface_hub"}
 
 
