@@ -64,7 +64,7 @@ from .plotting import plot_run
 from .samplers import SAMPLERS, SPACINGS
 from .train_unet import train_unet
 from .train_vae import train_vae
-from .training import NonFiniteLossError, TrainingInterrupted
+from .training import LOG_WITH, NonFiniteLossError, TrainingInterrupted
 
 
 class CLIError(Exception):
@@ -226,7 +226,7 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else None
     t0 = time.perf_counter()
     vae = train_vae(cfg, run_dir=run_dir, epochs=args.epochs, resume=args.resume, device=args.device,
-                    progress=not args.no_progress, data_root=args.data_root,
+                    progress=not args.no_progress, data_root=args.data_root, log_with=args.log_with,
                     log=lambda m: print(m, file=sys.stderr))
     if is_main_process():
         print(json.dumps({"run_dir": str(run_dir or (project_root() / "runs" / cfg.preset)),
@@ -241,7 +241,7 @@ def cmd_train_unet(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     train_unet(cfg, run_dir=run_dir, epochs=args.epochs, resume=args.resume, vae_checkpoint=args.vae,
                init_from=args.init_from,
-               device=args.device, progress=not args.no_progress, data_root=args.data_root,
+               device=args.device, progress=not args.no_progress, data_root=args.data_root, log_with=args.log_with,
                log=lambda m: print(m, file=sys.stderr))
     if is_main_process():
         print(json.dumps({"run_dir": str(run_dir or (project_root() / "runs" / cfg.preset)),
@@ -460,6 +460,9 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, mps (default: auto)")
     p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--log-with", choices=tuple(LOG_WITH),
+                   help="also log the training curves for TensorBoard in RUN_DIR/tensorboard (needs tensorboard; "
+                        "RUN_DIR/*_steps.jsonl and *_history.json are written either way)")
     p.add_argument("--mixed-precision", choices=MIXED_PRECISION,
                    help="autocast dtype on CUDA: auto = bf16 with --compile on a GPU that has it, else float32 "
                         "(default: the preset's); no effect, with a notice, on a CPU")

@@ -11,6 +11,7 @@ share (optimizer step, precision, stop/resume, the epoch runner) so that the two
 * :func:`autocast_dtype` / :func:`precision` — mixed precision and ``torch.compile`` on CUDA.
 * :func:`start` / :func:`owned` — checks before any work (a model size the config can afford, a state to resume, a
   device, a run folder this process alone can write in), and a failed start that leaves no folder behind.
+* :func:`open_tracker` — optional live curves for TensorBoard (accelerate's tracker), beside the run's own logs.
 * :class:`Run` and :func:`fit` — the epoch loop: progress bars with the running loss, one checkpoint per
   epoch (weights + a resumable training state, committed as one set), exact resume, and Ctrl-C / SIGTERM
   handling: the current step finishes, a checkpoint *including the position inside the epoch* is written,
@@ -22,6 +23,7 @@ The loops themselves live in :mod:`nbutils.train_vae` and :mod:`nbutils.train_un
 from __future__ import annotations
 
 import copy
+import importlib.util
 import io
 import json
 import math
@@ -563,6 +565,43 @@ class Run:
         return "" if n == 1 else f" (global: {n} processes × ≈{self.tc.batch_size / n:g} each)"
 
 
+#: Experiment trackers that ``--log-with`` can feed (through accelerate's trackers), and what each needs installed.
+LOG_WITH = {"tensorboard": ("tensorboard", "pip install tensorboard (or: pip install -e '.[tensorboard]')")}
+
+
+def check_log_with(log_with: str | None) -> None:
+    """Before any work: ``log_with`` is a known tracker whose package is installed, else a one-line error."""
+    if log_with is None:
+        return
+    if log_with not in LOG_WITH:
+        raise ValueError(f"unknown tracker {log_with!r}; valid: {', '.join(LOG_WITH)}")
+    package, how = LOG_WITH[log_with]
+    if importlib.util.find_spec(package) is None or importlib.util.find_spec("accelerate") is None:
+        raise RuntimeError(f"--log-with {log_with} needs the packages accelerate and {package}: {how}")
+
+
+def open_tracker(log_with: str | None, run: Run):
+    """accelerate's tracker for ``log_with`` writing to ``RUN_DIR/tensorboard/{what}`` (``tensorboard --logdir
+    RUN_DIR/tensorboard``), or None. A resumed run first drops what an interrupted process logged after its last
+    checkpoint (``purge_step``), so no step appears twice. The run's own logs (``{what}_steps.jsonl``,
+    ``{what}_history.json``) are written either way."""
+    if log_with is None:
+        return None
+    check_log_with(log_with)
+    from accelerate.tracking import TensorBoardTracker
+
+    tracker = TensorBoardTracker(run.what, run.run_dir / "tensorboard", purge_step=run.step + 1)
+    tracker.start()
+    tracker.writer.add_text("config", "```\n" + str(run.cfg) + "\n```", global_step=run.step)
+    return tracker
+
+
+def _numbers(record: dict, prefix: str, skip: tuple[str, ...] = ("epoch", "step", "processes")) -> dict[str, float]:
+    """The numbers of a history record as tracker values named ``prefix/key``."""
+    return {f"{prefix}/{k}": float(v) for k, v in record.items()
+            if k not in skip and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+
+
 def _smooth(running: float, value: float, beta: float = 0.98) -> float:
     """Exponential running mean for the progress bar (starts at the first value)."""
     return value if running == 0 else beta * running + (1 - beta) * value
@@ -579,8 +618,8 @@ class _StepLog:
     every ``every`` steps (and before any checkpoint): then checked for NaN/inf, smoothed for the progress bar,
     appended to the run's history and passed to ``on_step``, in step order."""
 
-    def __init__(self, run: Run, every: int, on_step: Callable[[int, dict], None] | None):
-        self.run, self.every, self.on_step = run, every, on_step
+    def __init__(self, run: Run, every: int, on_step: Callable[[int, dict], None] | None, tracker=None):
+        self.run, self.every, self.on_step, self.tracker = run, every, on_step, tracker
         self.pending: list[tuple[int, int, float, dict, Any]] = []
         self.running: float = 0.0
         self.last: dict | None = None
@@ -609,6 +648,8 @@ class _StepLog:
             check_finite(self.run.what.upper(), numbers, step - 1, epoch, self.run.weights_path)
             self.running = _smooth(self.running, numbers["loss"])
             self.run.history.steps.append({"step": step, **numbers, "lr": lr, "grad_norm": grad_norm})
+            if self.tracker is not None:
+                self.tracker.log(_numbers(self.run.history.steps[-1], "train"), step)
             self.last = numbers
             if self.on_step is not None:
                 self.on_step(step, numbers)
@@ -626,6 +667,7 @@ def fit(
     postfix: Callable[[float, dict], dict] = lambda running, parts: {"loss": f"{running:.4f}"},
     on_step: Callable[[int, dict], None] | None = None,
     start_epoch: Callable[[int], None] | None = None,
+    log_with: str | None = None,
 ) -> None:
     """Train ``run`` from its current epoch up to ``epochs``.
 
@@ -636,9 +678,23 @@ def fit(
     plot). A stop request (Ctrl-C, SIGTERM)
     ends the step, saves the position inside the epoch and raises :class:`TrainingInterrupted`.
     ``start_epoch(epoch)`` runs before each epoch that starts afresh (not one resumed in the middle).
+    ``log_with="tensorboard"`` also sends every step's numbers and every epoch's record to TensorBoard
+    (:func:`open_tracker`).
     """
     procs = run.procs
-    steps = _StepLog(run, SYNC_EVERY.get(run.device.type, 1) if procs.world_size == 1 else 1, on_step)
+    tracker = open_tracker(log_with, run) if procs.is_main else None
+    steps = _StepLog(run, SYNC_EVERY.get(run.device.type, 1) if procs.world_size == 1 else 1, on_step, tracker)
+    try:
+        _fit(run, epochs, batches, train_step, epoch_gens, evaluate, after_epoch, describe, postfix, start_epoch,
+             steps)
+    finally:
+        if tracker is not None:
+            tracker.finish()
+
+
+def _fit(run, epochs, batches, train_step, epoch_gens, evaluate, after_epoch, describe, postfix, start_epoch,
+         steps: _StepLog) -> None:
+    procs = run.procs
     with StopRequest() as stop:
         for epoch in range(run.epoch, epochs):
             if start_epoch is not None and run.partial is None:
@@ -694,6 +750,8 @@ def fit(
             run.epoch = epoch + 1
             run.log(f"epoch {epoch + 1}/{epochs}: train loss {steps.running:.5f}{describe(record)}  "
                     f"({record['seconds']:.0f} s)")
+            if steps.tracker is not None:
+                steps.tracker.log(_numbers(record, "epoch"), run.step)
             if procs.is_main:
                 run.save(epoch + 1)
                 if after_epoch is not None:

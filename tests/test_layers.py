@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nbutils"
 
 #: Imports allowed inside functions: optional or slow-to-import dependencies that most commands never need.
 DEFERRABLE = {"torchvision.datasets", "torchvision.datasets.utils",
-              "accelerate", "IPython", "IPython.display", "ipywidgets", "matplotlib.pyplot",
+              "accelerate", "accelerate.tracking", "IPython", "IPython.display", "ipywidgets", "matplotlib.pyplot",
               "pandas", "seaborn", "diffusers", "huggingface_hub"}
 
 

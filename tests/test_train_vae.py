@@ -534,3 +534,40 @@ def test_training_curves_are_logged_per_step_and_plotted(smoke_run, tmp_path, ca
     assert cli.main(["plot", str(run), "--out", str(out)]) == 0 and out.stat().st_size > 10_000
     assert cli.main(["plot", str(tmp_path), "--out", str(tmp_path / "none.png")]) == 1
     assert "no training curves" in capsys.readouterr().err
+
+
+def test_tensorboard_gets_every_step_once_across_an_interrupt(smoke_run, tmp_path, monkeypatch):
+    """--log-with tensorboard: the event files hold the run's own per-step log and the epoch records, each step once
+    even when a process logged steps past its last checkpoint (here: the run is set back to the state of its
+    interruption after it finished, as a kill -9 would leave it, and resumed again)."""
+    import shutil
+
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, _, _ = smoke_run
+    run, saved = tmp_path / "tb", tmp_path / "saved"
+    with monkeypatch.context() as m:
+        _signal_at_step(m, 4)
+        with pytest.raises(TR.TrainingInterrupted, match="stopped after step 5"):
+            TV.train_vae(cfg, run_dir=run, epochs=1, device="cpu", progress=False, log=lambda m: None,
+                         log_with="tensorboard")
+    shutil.copytree(run, saved, ignore=shutil.ignore_patterns("tensorboard"))
+    for attempt in range(2):  # the second time, steps 6-8 are in the event files already
+        TV.train_vae(cfg, run_dir=run, epochs=1, resume=True, device="cpu", progress=False, log=lambda m: None,
+                     log_with="tensorboard")
+        steps, epochs = TR.load_history(run)
+        if attempt:
+            break
+        for f in saved.iterdir():
+            shutil.copy(f, run / f.name)
+    events = EventAccumulator(str(run / "tensorboard" / "vae"))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [s["step"] for s in steps] == list(range(1, 9))
+    assert [e.value for e in loss] == pytest.approx([s["loss"] for s in steps], rel=1e-6)
+    assert [e.step for e in events.Scalars("train/grad_norm")] == list(range(1, 9))
+    assert [e.step for e in events.Scalars("epoch/test_psnr")] == [8]
+    with pytest.raises(ValueError, match="unknown tracker 'wandb'; valid: tensorboard"):
+        TV.train_vae(cfg, run_dir=tmp_path / "x", device="cpu", log_with="wandb")
+    assert not (tmp_path / "x").exists()
