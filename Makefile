@@ -1,5 +1,5 @@
 # FashionMNIST Latent Diffusion — `make demo`, `make test`, `make test-all`, `make train`, `make reproduce`, `make lab`.
-# Each target builds .venv on demand (python3 -m venv + pip install -e '.[dev,notebooks]').
+# Each target builds .venv on demand (python3 -m venv + pip install -c constraints.txt -e '.[dev,notebooks]').
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,9 +10,10 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins the versions (the demo picture is reproducible); pyproject.toml keeps the ranges.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,notebooks]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,notebooks]'
 	@touch $(STAMP)
 
 # The dataset: found locally, else (as root on Debian/Ubuntu) the package dataset-fashion-mnist,

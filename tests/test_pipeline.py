@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,6 +108,29 @@ def test_demo_uses_the_shipped_recipe():
     argv = shlex.split(line.split("-m nbutils", 1)[1])
     own = P.load_pipeline(checkpoints_dir(), device="cpu").recipe
     assert _recipe_of(argv, own) == P.SHIPPED_RECIPE
+
+
+def test_make_demo_draws_the_readme_picture(tmp_path):
+    """`make demo`'s sample command, run as the Makefile writes it, draws docs/img/samples.png again: pixel for pixel
+    with the versions in constraints.txt on this kind of CPU, and within rounding elsewhere (another CPU's vector
+    instructions may round a few values differently)."""
+    import shlex
+
+    from PIL import Image
+
+    from nbutils import cli
+    from nbutils.config import project_root
+
+    text = (project_root() / "Makefile").read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if "nbutils sample" in ln and "runs/demo/samples.png" in ln)
+    argv = [str(tmp_path / "demo.png") if a == "runs/demo/samples.png" else a
+            for a in shlex.split(line.split("-m nbutils", 1)[1])]
+    assert cli.main([*argv, "--no-progress"]) == 0
+    drawn, readme = (np.asarray(Image.open(f), dtype=np.int16) for f in (tmp_path / "demo.png",
+                                                                          project_root() / "docs/img/samples.png"))
+    assert drawn.shape == readme.shape
+    differ = np.abs(drawn - readme)
+    assert differ.mean() < 0.5 and (differ > 0).mean() < 0.02, (differ.mean(), (differ > 0).mean())
 
 
 def test_recipe_is_validated_once_and_round_trips():
