@@ -71,6 +71,41 @@ SOLUTIONS: dict[str, str] = {
         x0 = (x_t - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t)
         return math.sqrt(alpha_bar_prev) * x0 + math.sqrt(1 - alpha_bar_prev) * eps
         """,
+    "train_vae_epoch": """
+        losses = []
+        for x in batches:
+            mean, logvar = encode(x)
+            eps = torch.randn(mean.shape, generator=generator)
+            z = mean + torch.exp(0.5 * logvar) * eps
+            recon = decode(z)
+            mse = ((recon - x) ** 2).mean()
+            kl = 0.5 * (mean**2 + logvar.exp() - logvar - 1).flatten(1).sum(1)
+            loss = mse + kl_weight * kl.mean() / x[0].numel()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses
+        """,
+    "train_unet_epoch": """
+        losses = []
+        order = torch.randperm(len(latents), generator=generator)
+        for i in range(0, len(latents), batch_size):
+            x0, y = latents[order[i : i + batch_size]], labels[order[i : i + batch_size]]
+            t = torch.randint(0, len(alphas_cumprod), (len(x0),), generator=generator)
+            noise = torch.randn(x0.shape, generator=generator)
+            a = alphas_cumprod[t].view(-1, 1, 1, 1)
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            target = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+            drop = torch.rand(len(y), generator=generator) < cond_drop_prob
+            y = torch.where(drop, torch.full_like(y, null_label), y)
+            loss = ((model(x_t, t, y) - target) ** 2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses
+        """,
     "sample_latents": """
         x = torch.randn(shape, generator=generator)
         for i, t in enumerate(timesteps):

@@ -22,6 +22,7 @@ the same checks on submitted notebooks, one exercise per fresh process (``python
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib
 import json
 import math
@@ -40,9 +41,12 @@ import safetensors.torch
 import torch
 
 from .classifier import load_classifier, predict
-from .config import checkpoints_dir
+from .config import checkpoints_dir, get_config
+from .data import load_split, to_model_range
 from .pipeline import load_pipeline
 from .samplers import spaced_timesteps
+from .unet import UNet
+from .vae import VAE
 
 STRICT_ENV = "NBUTILS_STRICT_CHECKS"
 EXERCISE_KEY = "nbutils_exercise"  # notebook cell metadata: the exercise (function name) a code cell holds
@@ -109,6 +113,22 @@ EXERCISES: dict[str, Exercise] = {ex.key: ex for ex in [
         "per dimension KL = ½(μ² + σ² − log σ² − 1) with σ² = exp(log σ²); sum over every dimension but the batch.",
         forbidden=_KL),
     Exercise(
+        "1.3", "train_vae_epoch", "one epoch of VAE training (a larger task)",
+        "Write the training loop itself: for every batch, encode, draw z with the reparameterisation trick, decode, "
+        "compute the loss (reconstruction + β·KL), then zero the gradients, backpropagate and take an optimizer step. "
+        "The check trains a fresh small VAE with your loop for one epoch on 2,048 training images and measures how "
+        "well it reconstructs test images it never saw.",
+        "def train_vae_epoch(encode, decode, optimizer, batches, kl_weight, generator):",
+        "One epoch. encode(x) → (mean, logvar) of the latent posterior; decode(z) → the reconstruction.\n"
+        "optimizer: a torch optimizer over the VAE's parameters. batches: a list of image batches (B, 1, 28, 28) in\n"
+        "[-1, 1]. loss = mean squared error over all pixels + kl_weight · (KL per image / pixels per image), the KL\n"
+        "summed over latent dimensions and averaged over the batch. Draw ε with torch.randn(…, generator=generator).\n"
+        "Returns the list of the batches' losses (floats).",
+        "per batch: mean, logvar = encode(x); z = mean + exp(½·logvar)·ε; recon = decode(z); "
+        "mse = mean((recon − x)²); KL per image = ½·Σ(μ² + σ² − log σ² − 1); loss = mse + β·mean(KL)/784; "
+        "optimizer.zero_grad(); loss.backward(); optimizer.step().",
+        forbidden=_KL, points=3, task="vae_training"),
+    Exercise(
         "2.1", "latent_stats", "the scale factor",
         "Compute the per-channel shift and the single scale factor that make posterior samples z = μ + σ·ε "
         "zero-mean with unit variance, exactly, from the cached means and standard deviations (law of total "
@@ -157,6 +177,24 @@ EXERCISES: dict[str, Exercise] = {ex.key: ex for ex in [
         "q: (B, heads, L, d), k and v: (B, heads, S, d) → (B, heads, L, d) = softmax(q·kᵀ/√d)·v.",
         "scores = q·kᵀ / √d with d the last dimension of q; a softmax over the keys (the last dimension); "
         "the weights times v.", forbidden=_ATTENTION),
+    Exercise(
+        "4.3", "train_unet_epoch", "one epoch of denoiser training (a larger task)",
+        "Write the diffusion training loop: for every batch of clean latents, draw a timestep and noise per example, "
+        "noise the latents with q(x_t | x_0), replace some labels by the null label (so the same network learns the "
+        "unconditional model that guidance needs), and regress the model's output on the target of its prediction "
+        "type. The check trains a fresh small UNet with your loop for one epoch on latents of the shipped VAE and "
+        "measures how much its loss on held-out latents dropped.",
+        "def train_unet_epoch(model, optimizer, latents, labels, alphas_cumprod, prediction_type, cond_drop_prob,\n"
+        "                     null_label, batch_size, generator):",
+        "One epoch over latents (N, C, H, W) and labels (N,), in a random order (torch.randperm with generator).\n"
+        "model(x_t, t, y) → the UNet's output; optimizer: a torch optimizer over its parameters. alphas_cumprod: (T,)\n"
+        "ᾱ; t uniform in 0..T−1. prediction_type \"epsilon\" (target ε) or \"v_prediction\" (target v = √ᾱ·ε −\n"
+        "√(1 − ᾱ)·x_0). With probability cond_drop_prob a label becomes null_label. Loss: the mean squared error.\n"
+        "Draw everything random with generator. Returns the list of the batches' losses (floats).",
+        "per batch: t = randint(0, T); ε = randn; x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε; target ε or v = √ᾱ_t·ε − "
+        "√(1 − ᾱ_t)·x_0; y = null_label where rand < cond_drop_prob; loss = mean((model(x_t, t, y) − target)²); "
+        "optimizer.zero_grad(); loss.backward(); optimizer.step().",
+        points=3, task="unet_training"),
     Exercise(
         "5.1", "guided_epsilon", "classifier-free guidance",
         "Combine the conditional and unconditional predictions: w = 0 is unconditional, w = 1 conditional, w > 1 "
@@ -345,6 +383,11 @@ class Task:
     metric: str
     threshold: float
     setting: str  # what was measured, for the message
+    fmt: str = "{:.1%}"  # how a value of the metric is written
+    failure: str = "the images do not show the classes asked for"
+
+    def show(self, value: float) -> str:
+        return self.fmt.format(value)
 
 
 SAMPLING_PER_CLASS, SAMPLING_STEPS, SAMPLING_GUIDANCE = 10, 20, 2.0
@@ -383,9 +426,103 @@ def _run_sampling_task(fn: Callable, monitor: CallMonitor) -> float:
     return (logits.argmax(1) == labels).float().mean().item()
 
 
-TASKS = {"sampling": Task(_run_sampling_task, "conditional accuracy", 0.90,
-                          f"{SAMPLING_PER_CLASS} images per class, {SAMPLING_STEPS} steps, w = {SAMPLING_GUIDANCE:g}, "
-                          "the shipped model, scored by the project's classifier")}
+TRAIN_IMAGES, TEST_IMAGES, BATCH = 2048, 512, 64
+#: the pass marks of the two training tasks, set below what the answer key reaches (tests/test_exercises.py)
+VAE_TASK_PSNR, UNET_TASK_DROP = 14.0, 0.15
+
+
+def _batches(x: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    return [x[order[i : i + BATCH]] for i in range(0, len(x), BATCH)]
+
+
+def _run_vae_task(fn: Callable, monitor: CallMonitor) -> float:
+    """The student's epoch trains a fresh smoke-size VAE (seeded) with Adam; returns the PSNR (dB) of its
+    reconstructions (posterior means) of test images."""
+    cfg = get_config("smoke")
+    torch.manual_seed(0)
+    vae = VAE(cfg.vae)
+    train, _ = load_split("train", subset=TRAIN_IMAGES)
+    test, _ = load_split("test", subset=TEST_IMAGES)
+
+    def encode(x):  # what the student's loop may call (the monitor does not look inside)
+        return vae.encoder(x)
+
+    def decode(z):
+        return vae.decoder(z)
+
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    args = (encode, decode, optimizer, _batches(to_model_range(train)), cfg.vae.kl_weight,
+            torch.Generator().manual_seed(0))
+    monitor.allowed |= {encode.__code__, decode.__code__}
+    monitor.start()
+    try:
+        fn(*args)
+    finally:
+        monitor.stop()
+    vae.eval()
+    with torch.no_grad():
+        x = to_model_range(test)
+        mse = (vae.decoder(vae.encoder(x)[0]).clamp(-1, 1) - x).pow(2).mean().item()
+    return 10 * math.log10(4 / mse) if mse > 0 else math.inf
+
+
+def _run_unet_task(fn: Callable, monitor: CallMonitor) -> float:
+    """The student's epoch trains a fresh smoke-size UNet (seeded) with Adam on the shipped VAE's latents of
+    training images; returns how much its loss on held-out latents (fixed t, noise, labels; the shipped prediction
+    type's target) dropped: 1 − after / before."""
+    pipe = load_pipeline(checkpoints_dir(), device="cpu")
+    cfg = get_config("smoke")
+    torch.manual_seed(0)
+    unet = UNet(dataclasses.replace(cfg.unet, latent_channels=pipe.vae.latent_shape[0]))
+    ac = pipe.schedule.alphas_cumprod.float()
+    v_target = pipe.diffusion.prediction_type == "v_prediction"
+    with torch.no_grad():
+        (train, y_train), (test, y_test) = (load_split(split, subset=n) for split, n in
+                                            (("train", TRAIN_IMAGES), ("test", TEST_IMAGES)))
+        z_train, z_test = pipe.vae.encode(to_model_range(train)), pipe.vae.encode(to_model_range(test))
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(0, len(ac), (len(z_test),), generator=g)
+    noise = torch.randn(z_test.shape, generator=g)
+    a = ac[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * z_test + (1 - a).sqrt() * noise
+    target = a.sqrt() * noise - (1 - a).sqrt() * z_test if v_target else noise
+
+    def held_out_loss() -> float:
+        unet.eval()
+        with torch.no_grad():
+            return (unet(x_t, t, y_test) - target).pow(2).mean().item()
+
+    def model(x, t, y):  # what the student's loop may call
+        return unet(x, t, y)
+
+    before = held_out_loss()
+    unet.train()
+    optimizer = torch.optim.Adam(unet.parameters(), lr=2e-3)
+    args = (model, optimizer, z_train.clone(), y_train.clone(), ac.clone(), pipe.diffusion.prediction_type,
+            pipe.diffusion.cond_drop_prob, unet.null_label, BATCH, torch.Generator().manual_seed(0))
+    monitor.allowed.add(model.__code__)
+    monitor.start()
+    try:
+        fn(*args)
+    finally:
+        monitor.stop()
+    return 1 - held_out_loss() / before
+
+
+TASKS = {
+    "sampling": Task(_run_sampling_task, "conditional accuracy", 0.90,
+                     f"{SAMPLING_PER_CLASS} images per class, {SAMPLING_STEPS} steps, w = {SAMPLING_GUIDANCE:g}, "
+                     "the shipped model, scored by the project's classifier"),
+    "vae_training": Task(_run_vae_task, "test PSNR", VAE_TASK_PSNR,
+                         f"a fresh smoke-size VAE, one epoch of {TRAIN_IMAGES:,} images in batches of {BATCH}, Adam "
+                         f"2e-3, {TEST_IMAGES} test images", fmt="{:.2f} dB",
+                         failure="the VAE did not learn to reconstruct"),
+    "unet_training": Task(_run_unet_task, "held-out loss reduction", UNET_TASK_DROP,
+                          f"a fresh smoke-size UNet, one epoch of {TRAIN_IMAGES:,} latents of the shipped VAE in "
+                          f"batches of {BATCH}, Adam 2e-3, the shipped schedule and prediction type, "
+                          f"{TEST_IMAGES} held-out latents", failure="the denoiser did not learn its target"),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,10 +688,11 @@ def _judge_task(ex: Exercise, head: str, out: dict, attempt: int) -> CheckResult
     else:
         value = float(out["values"][0])
         if math.isfinite(value) and value >= task.threshold:
-            return CheckResult(ex.key, True, f"✓ {head}: {task.metric} {value:.1%} (≥ {task.threshold:.0%} needed; "
-                                             f"{task.setting}).", ex.points, ex.points)
-        message = (f"✗ {head}: {task.metric} {value:.1%}, {task.threshold:.0%} needed ({task.setting}): the images "
-                   "do not show the classes asked for.")
+            return CheckResult(ex.key, True, f"✓ {head}: {task.metric} {task.show(value)} (≥ "
+                                             f"{task.show(task.threshold)} needed; {task.setting}).", ex.points,
+                               ex.points)
+        message = (f"✗ {head}: {task.metric} {task.show(value)}, {task.show(task.threshold)} needed "
+                   f"({task.setting}): {task.failure}.")
     if attempt >= 2:
         message += f" Hint: {ex.formula}"
     return CheckResult(ex.key, False, message, 0.0, ex.points)

@@ -261,6 +261,48 @@ def test_the_sampling_task_fails_wrong_samplers_and_library_ones():
     assert "calls nbutils.diffusion.to_epsilon" in E.check("sample_latents", library, strict=False).message
 
 
+def _variant(key: str, change: tuple[str, str] | None = None):
+    """The answer key's cell of ``key``, with one line changed."""
+    source = answers.solution_cell(key)
+    if change is not None:
+        assert change[0] in source
+        source = source.replace(*change)
+    return _from_cell(key, source)
+
+
+# (a change that breaks the training loop, the reason) per larger training task; each must fail the check
+BROKEN_TRAINING = {
+    "train_vae_epoch": [("optimizer.step()", "pass"),  # never updates the weights
+                        ("optimizer.zero_grad()", "pass")],  # gradients pile up over the epoch
+    "train_unet_epoch": [("optimizer.step()", "pass"),
+                         ('target = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0',
+                          "target = noise"),  # ε as the target of a v-prediction model
+                         ('target = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0',
+                          "target = x0")],
+}
+LIBRARY_TRAINING = {  # the same loops with one line handed to the library: the check names the call
+    "train_vae_epoch": (("loss = mse + kl_weight * kl.mean() / x[0].numel()",
+                         "from nbutils.vae import vae_loss\n"
+                         "        loss, _ = vae_loss(x, recon, mean, logvar, kl_weight)"), "nbutils.vae.vae_loss"),
+    "train_unet_epoch": (("x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise",
+                          "from nbutils.diffusion import add_noise\n"
+                          "        x_t = add_noise(x0, noise, t, alphas_cumprod)"), "nbutils.diffusion.add_noise"),
+}
+
+
+@pytest.mark.parametrize("key", list(BROKEN_TRAINING))
+def test_the_training_tasks_pass_the_answer_key_and_fail_broken_loops(key):
+    """Exercises 1.3 and 4.3 are judged by what the loop trains: a fresh model's test PSNR, the held-out loss."""
+    task = E.TASKS[E.EXERCISES[key].task]
+    result = E.check(key, _variant(key), strict=True)
+    assert result.points == E.EXERCISES[key].points and task.metric in result.message
+    for change in BROKEN_TRAINING[key]:
+        broken = E.check(key, _variant(key, change), strict=False)
+        assert not broken and "needed" in broken.message and task.failure in broken.message, change
+    library = E.check(key, _variant(key, LIBRARY_TRAINING[key][0]), strict=False)
+    assert f"calls {LIBRARY_TRAINING[key][1]}" in library.message
+
+
 def test_check_fails_code_that_reads_the_stored_answers_or_stops_the_monitor():
     reads = _function("guided_epsilon", "import safetensors.torch\n"
                       f"    safetensors.torch.load_file({str(E.FIXTURES)!r})\n    return eps_cond")
