@@ -124,9 +124,9 @@ EXERCISES: dict[str, Exercise] = {ex.key: ex for ex in [
         "[-1, 1]. loss = mean squared error over all pixels + kl_weight · (KL per image / pixels per image), the KL\n"
         "summed over latent dimensions and averaged over the batch. Draw ε with torch.randn(…, generator=generator).\n"
         "Returns the list of the batches' losses (floats).",
-        "per batch: mean, logvar = encode(x); z = mean + exp(½·logvar)·ε; recon = decode(z); "
-        "mse = mean((recon − x)²); KL per image = ½·Σ(μ² + σ² − log σ² − 1); loss = mse + β·mean(KL)/784; "
-        "optimizer.zero_grad(); loss.backward(); optimizer.step().",
+        "per batch: (μ, log σ²) from the encoder; z = μ + σ·ε with σ = exp(½·log σ²); the decoder's reconstruction "
+        "of z; MSE = the mean of the squared pixel errors; KL per image = ½·Σ(μ² + σ² − log σ² − 1); "
+        "loss = MSE + β·(the batch mean of the KL)/784; then clear the gradients, backpropagate, step the optimizer.",
         forbidden=_KL, points=3, task="vae_training"),
     Exercise(
         "2.1", "latent_stats", "the scale factor",
@@ -191,9 +191,10 @@ EXERCISES: dict[str, Exercise] = {ex.key: ex for ex in [
         "ᾱ; t uniform in 0..T−1. prediction_type \"epsilon\" (target ε) or \"v_prediction\" (target v = √ᾱ·ε −\n"
         "√(1 − ᾱ)·x_0). With probability cond_drop_prob a label becomes null_label. Loss: the mean squared error.\n"
         "Draw everything random with generator. Returns the list of the batches' losses (floats).",
-        "per batch: t = randint(0, T); ε = randn; x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε; target ε or v = √ᾱ_t·ε − "
-        "√(1 − ᾱ_t)·x_0; y = null_label where rand < cond_drop_prob; loss = mean((model(x_t, t, y) − target)²); "
-        "optimizer.zero_grad(); loss.backward(); optimizer.step().",
+        "per batch: t uniform in 0..T−1 and ε standard normal, one per example; x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε; "
+        "the target is ε, or v = √ᾱ_t·ε − √(1 − ᾱ_t)·x_0; each label replaced by the null label with probability "
+        "cond_drop_prob; loss = the mean squared difference between the model's output and the target; then clear "
+        "the gradients, backpropagate, step the optimizer.",
         points=3, task="unet_training"),
     Exercise(
         "5.1", "guided_epsilon", "classifier-free guidance",

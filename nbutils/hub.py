@@ -23,6 +23,7 @@ from typing import Any
 from .checkpoints import atomic_write_bytes, read_model
 from .config import Config
 from .data import class_names
+from .imagefolder import is_folder
 from .pipeline import UNET_FILE, VAE_FILE, SamplingRecipe, check_vae
 
 CONFIG_FILE = "config.json"
@@ -67,7 +68,9 @@ def hub_config(unet_meta: dict[str, Any], vae_meta: dict[str, Any]) -> dict[str,
         "pipeline": "class-conditional latent diffusion",
         "files": {"unet": UNET_FILE, "vae": VAE_FILE},
         "weights_sha256": {"unet": unet_meta["tensor_digest"], "vae": vae_meta["tensor_digest"]},
-        "dataset": cfg["data"]["dataset"],
+        # a folder of your own images is named by the folder, not by a path on the machine that trained it
+        "dataset": (f"images of {len(config.data.class_names)} classes ({Path(cfg['data']['dataset']).name})"
+                    if is_folder(cfg["data"]["dataset"]) else cfg["data"]["dataset"]),
         "image_shape": [cfg["data"]["channels"], cfg["data"]["image_size"], cfg["data"]["image_size"]],
         "class_names": list(class_names(config.data)),
         "vae": Config.from_dict(vae_meta["config"]).to_dict()["vae"],
@@ -88,7 +91,7 @@ def model_card(config: dict[str, Any], unet_meta: dict[str, Any], results: dict[
         "license: mit",
         "library_name: nbutils",
         "pipeline_tag: unconditional-image-generation",
-        f"datasets:\n- {HUB_DATASETS.get(config['dataset'], config['dataset'])}",
+        *([f"datasets:\n- {HUB_DATASETS[config['dataset']]}"] if config["dataset"] in HUB_DATASETS else []),
         "tags:\n- diffusion\n- latent-diffusion\n- class-conditional\n- classifier-free-guidance",
         "---",
         "",

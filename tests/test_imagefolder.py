@@ -130,6 +130,9 @@ def test_a_64x64_colour_model_trains_on_a_folder_and_samples_by_class_name_after
     assert meta["config"]["data"]["class_names"] == sorted(CLASSES) and meta["config"]["unet"]["num_classes"] == 3
     with Image.open(run / "unet_samples_epoch001.png") as grid:
         assert grid.mode == "RGB" and grid.height == 2 * (3 * 66 + 2)  # three class rows of 64-pixel images, ×2
+    assert cli.main(["export", str(run), str(tmp_path / "hub")]) == 0  # the card names no path of this machine
+    card = (tmp_path / "hub" / "README.md").read_text() + (tmp_path / "hub" / "config.json").read_text()
+    assert str(tmp_path) not in card and "images of 3 classes (imgs)" in card
     (tmp_path / "imgs").rename(tmp_path / "elsewhere")
     assert cli.main(["sample", "--checkpoint", str(run), "--n", "4", "--steps", "4", "--class", "green_square",
                      "--out", str(tmp_path / "s.npz"), "--no-progress"]) == 0
