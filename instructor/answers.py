@@ -71,6 +71,21 @@ SOLUTIONS: dict[str, str] = {
         x0 = (x_t - math.sqrt(1 - alpha_bar_t) * eps) / math.sqrt(alpha_bar_t)
         return math.sqrt(alpha_bar_prev) * x0 + math.sqrt(1 - alpha_bar_prev) * eps
         """,
+    "knn_classify": """
+        d = (test_latents**2).sum(1, keepdim=True) - 2 * test_latents @ train_latents.T + (train_latents**2).sum(1)
+        nearest = d.topk(k, dim=1, largest=False).indices
+        votes = torch.nn.functional.one_hot(train_labels[nearest], int(train_labels.max()) + 1).sum(1)
+        return votes.argmax(1)
+        """,
+    "forward_chain": """
+        x, kept = x0.clone(), []
+        for s in range(max(timesteps) + 1):
+            noise = torch.randn(x0.shape, generator=generator)
+            x = math.sqrt(1 - float(betas[s])) * x + math.sqrt(float(betas[s])) * noise
+            if s in timesteps:
+                kept.append(x)
+        return torch.stack(kept)
+        """,
     "train_vae_epoch": """
         losses = []
         for x in batches:

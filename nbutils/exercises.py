@@ -147,6 +147,19 @@ EXERCISES: dict[str, Exercise] = {ex.key: ex for ex in [
         "per example, with a and b flattened: ω = arccos(⟨a, b⟩ / (‖a‖‖b‖)); "
         "slerp = [sin((1 − t)ω)·a + sin(tω)·b] / sin ω."),
     Exercise(
+        "2.3", "knn_classify", "what the latent keeps of the class (a larger task)",
+        "Classify test garments by their latents alone: for each test latent find the k training latents nearest to "
+        "it (Euclidean distance) and take the class most of them have. The check encodes 5,000 training and 500 "
+        "test images with the shipped VAE and scores your predictions: if the 4×7×7 latent kept what a garment is, "
+        "its neighbours share its class.",
+        "def knn_classify(train_latents, train_labels, test_latents, k=5):",
+        "train_latents (N, D) and test_latents (M, D) float tensors, train_labels (N,) integer classes →\n"
+        "(M,) predicted classes: for each test latent, the most common label among its k nearest training latents\n"
+        "(Euclidean distance).",
+        "the squared distances ‖a − b‖² = ‖a‖² − 2·a·b + ‖b‖² for all pairs at once, an (M, N) matrix; the k smallest "
+        "per row; their labels; per row, the label that occurs most often.",
+        points=3, task="knn"),
+    Exercise(
         "3.1", "add_noise", "sampling q(x_t | x_0)",
         "Jump straight to any timestep: x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε, indexing ᾱ by the integer timestep of each "
         "example and broadcasting it over the image.",
@@ -160,6 +173,20 @@ EXERCISES: dict[str, Exercise] = {ex.key: ex for ex in [
         "def cosine_alphas_cumprod(T, s=0.008):",
         "ᾱ_1 … ᾱ_T of the cosine schedule as a float64 tensor of length T (ᾱ_t = f(t) / f(0)).",
         "t runs over 1 … T; f(t) = cos²(((t/T) + s) / (1 + s) · π/2); ᾱ_t = f(t) / f(0).", rtol=1e-6, atol=1e-9),
+    Exercise(
+        "3.3", "forward_chain", "the chain behind the closed form (a larger task)",
+        "Run the forward process the slow way, one small step at a time: x_t = √(1 − β_t)·x_{t−1} + √β_t·ε_t with "
+        "fresh noise every step. The check runs your chain on 20,000 copies of a few values with the shipped "
+        "schedule and compares what comes out with the closed form q(x_t | x_0) that the rest of the course jumps "
+        "with: the mean √ᾱ_t·x_0, the spread √(1 − ᾱ_t), and how much x_t still remembers of an earlier x_s.",
+        "def forward_chain(x0, betas, timesteps, generator):",
+        "x0: a tensor of clean values; betas: (T,) the β of each step; timesteps: increasing integers in 0..T−1.\n"
+        "x_t is the state after t + 1 steps (betas[t] is the β of the step that makes x_t, as alphas_cumprod[t] is\n"
+        "ᾱ after t + 1 steps). Draw each step's noise with torch.randn(x0.shape, generator=generator).\n"
+        "Returns the states at the requested timesteps, stacked: (len(timesteps), *x0.shape).",
+        "x = x_0; for each step s = 0, 1, …, max(timesteps): x ← √(1 − β_s)·x + √β_s·ε_s with new ε_s; keep x "
+        "whenever s is a requested timestep; stack what you kept.",
+        points=3, task="forward_chain"),
     Exercise(
         "4.1", "timestep_embedding", "the sinusoidal timestep embedding",
         "Turn integer timesteps into a vector the network can use: cosines and sines at geometrically spaced "
@@ -386,9 +413,17 @@ class Task:
     setting: str  # what was measured, for the message
     fmt: str = "{:.1%}"  # how a value of the metric is written
     failure: str = "the images do not show the classes asked for"
+    higher_is_better: bool = True  # False: the value must be at most the threshold
 
     def show(self, value: float) -> str:
         return self.fmt.format(value)
+
+    def passes(self, value: float) -> bool:
+        return math.isfinite(value) and (value >= self.threshold if self.higher_is_better else value <= self.threshold)
+
+    @property
+    def needed(self) -> str:
+        return f"{'≥' if self.higher_is_better else '≤'} {self.show(self.threshold)}"
 
 
 SAMPLING_PER_CLASS, SAMPLING_STEPS, SAMPLING_GUIDANCE = 10, 20, 2.0
@@ -430,6 +465,7 @@ def _run_sampling_task(fn: Callable, monitor: CallMonitor) -> float:
 TRAIN_IMAGES, TEST_IMAGES, BATCH = 2048, 512, 64
 #: the pass marks of the two training tasks, set below what the answer key reaches (tests/test_exercises.py)
 VAE_TASK_PSNR, UNET_TASK_DROP = 14.0, 0.15
+KNN_TASK_ACCURACY, CHAIN_TASK_GAP = 0.75, 0.03
 
 
 def _batches(x: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
@@ -511,7 +547,68 @@ def _run_unet_task(fn: Callable, monitor: CallMonitor) -> float:
     return 1 - held_out_loss() / before
 
 
+KNN_TRAIN, KNN_TEST = 5_000, 500
+
+
+def _run_knn_task(fn: Callable, monitor: CallMonitor) -> float:
+    """The student's classifier on the shipped VAE's latents (standardised posterior means, flattened) of the first
+    5,000 training and 500 test images; returns its accuracy."""
+    pipe = load_pipeline(checkpoints_dir(), device="cpu")
+    with torch.no_grad():
+        (train, y_train), (test, y_test) = (load_split(split, subset=n) for split, n in
+                                            (("train", KNN_TRAIN), ("test", KNN_TEST)))
+        z_train, z_test = (pipe.vae.encode(to_model_range(x)).flatten(1) for x in (train, test))
+    monitor.start()
+    try:
+        predicted = fn(z_train.clone(), y_train.clone(), z_test.clone(), 5)
+    finally:
+        monitor.stop()
+    predicted = torch.as_tensor(predicted)
+    if tuple(predicted.shape) != (KNN_TEST,):
+        raise ValueError(f"expected {KNN_TEST} predicted classes, one per test latent, got shape "
+                         f"{tuple(predicted.shape)}")
+    return (predicted.long() == y_test).float().mean().item()
+
+
+CHAIN_COPIES, CHAIN_TIMESTEPS = 20_000, (49, 199, 399, 599, 799, 949)
+
+
+def _run_chain_task(fn: Callable, monitor: CallMonitor) -> float:
+    """The student's chain on 20,000 copies of four values with the shipped schedule; returns the largest
+    difference between what came out and the closed form: the means √ᾱ_t·x_0, the standard deviations √(1 − ᾱ_t)
+    and the correlations of consecutive requested states, √(ᾱ_t/ᾱ_s)·√((1 − ᾱ_s)/(1 − ᾱ_t)) for s < t."""
+    schedule = load_pipeline(checkpoints_dir(), device="cpu").schedule
+    x0 = torch.tensor([-1.5, -0.5, 0.5, 1.5]).repeat(CHAIN_COPIES, 1)
+    monitor.start()
+    try:
+        states = fn(x0.clone(), schedule.betas.float().clone(), list(CHAIN_TIMESTEPS), torch.Generator().manual_seed(0))
+    finally:
+        monitor.stop()
+    states = torch.as_tensor(states).double()
+    if tuple(states.shape) != (len(CHAIN_TIMESTEPS), *x0.shape):
+        raise ValueError(f"expected the states stacked as {(len(CHAIN_TIMESTEPS), *x0.shape)}, got shape "
+                         f"{tuple(states.shape)}")
+    ac = schedule.alphas_cumprod[list(CHAIN_TIMESTEPS)].double()
+    x0 = x0.double()
+    gaps = [(states.mean(1) - ac.sqrt()[:, None] * x0[0]).abs().max(),
+            (states.std(1) - (1 - ac).sqrt()[:, None]).abs().max()]
+    for i in range(len(CHAIN_TIMESTEPS) - 1):
+        a, b = states[i] - states[i].mean(0), states[i + 1] - states[i + 1].mean(0)
+        corr = (a * b).mean(0) / (a.std(0) * b.std(0))
+        want = (ac[i + 1] / ac[i]).sqrt() * ((1 - ac[i]) / (1 - ac[i + 1])).sqrt()
+        gaps.append((corr - want).abs().max())
+    return float(torch.stack(gaps).max())
+
+
 TASKS = {
+    "knn": Task(_run_knn_task, "test accuracy", KNN_TASK_ACCURACY,
+                f"5 nearest neighbours among {KNN_TRAIN:,} training latents of the shipped VAE, {KNN_TEST:,} test "
+                "latents", failure="the neighbours found are not the nearest, or the vote is not the majority"),
+    "forward_chain": Task(_run_chain_task, "largest gap to the closed form", CHAIN_TASK_GAP,
+                          f"{CHAIN_COPIES:,} copies of 4 values, the shipped schedule, timesteps "
+                          f"{', '.join(map(str, CHAIN_TIMESTEPS))}: means, standard deviations, correlations of "
+                          "consecutive states", fmt="{:.4f}", higher_is_better=False,
+                          failure="the chain's states are not distributed as q(x_t | x_0) says"),
     "sampling": Task(_run_sampling_task, "conditional accuracy", 0.90,
                      f"{SAMPLING_PER_CLASS} images per class, {SAMPLING_STEPS} steps, w = {SAMPLING_GUIDANCE:g}, "
                      "the shipped model, scored by the project's classifier"),
@@ -688,12 +785,11 @@ def _judge_task(ex: Exercise, head: str, out: dict, attempt: int) -> CheckResult
         message = f"✗ {head}: {out['error']}."
     else:
         value = float(out["values"][0])
-        if math.isfinite(value) and value >= task.threshold:
-            return CheckResult(ex.key, True, f"✓ {head}: {task.metric} {task.show(value)} (≥ "
-                                             f"{task.show(task.threshold)} needed; {task.setting}).", ex.points,
-                               ex.points)
-        message = (f"✗ {head}: {task.metric} {task.show(value)}, {task.show(task.threshold)} needed "
-                   f"({task.setting}): {task.failure}.")
+        if task.passes(value):
+            return CheckResult(ex.key, True, f"✓ {head}: {task.metric} {task.show(value)} ({task.needed} needed; "
+                                             f"{task.setting}).", ex.points, ex.points)
+        message = (f"✗ {head}: {task.metric} {task.show(value)}, {task.needed} needed ({task.setting}): "
+                   f"{task.failure}.")
     if attempt >= 2:
         message += f" Hint: {ex.formula}"
     return CheckResult(ex.key, False, message, 0.0, ex.points)

@@ -159,6 +159,9 @@ DELEGATES = {
     "timestep_embedding": "import nbutils.unet\n    return nbutils.unet.timestep_embedding(t, dim)",
     "attention": "import torch.nn.functional as F\n    return F.scaled_dot_product_attention(q, k, v)",
     "fid_from_features": "from nbutils.metrics import fid\n    return fid(feats_a, feats_b)",
+    "forward_chain": "from nbutils.diffusion import add_noise\n    ac = torch.cumprod(1 - betas, 0)\n"
+                     "    return torch.stack([add_noise(x0, torch.randn(x0.shape, generator=generator), "
+                     "torch.tensor([t]), ac) for t in timesteps])",
 }
 
 
@@ -270,8 +273,19 @@ def _variant(key: str, change: tuple[str, str] | None = None):
     return _from_cell(key, source)
 
 
-# (a change that breaks the training loop, the reason) per larger training task; each must fail the check
-BROKEN_TRAINING = {
+# changes that break the answer of a larger task, per task; each must fail the check
+BROKEN_TASKS = {
+    "knn_classify": [("largest=False", "largest=True"),  # the farthest neighbours
+                     ("votes.argmax(1)", "votes.argmin(1)"),  # the least common label
+                     # a similarity taken for a distance
+                     ("d = (test_latents**2).sum(1, keepdim=True) - 2 * test_latents @ train_latents.T + "
+                      "(train_latents**2).sum(1)", "d = -(test_latents @ train_latents.T)")],
+    "forward_chain": [("math.sqrt(float(betas[s])) * noise", "float(betas[s]) * noise"),  # β for √β
+                      ("math.sqrt(1 - float(betas[s])) * x", "(1 - float(betas[s])) * x"),
+                      # every state drawn afresh from the closed form: right marginals, no memory of earlier states
+                      ("x = math.sqrt(1 - float(betas[s])) * x + math.sqrt(float(betas[s])) * noise",
+                       "ac = torch.cumprod(1 - betas.double(), 0)[s].item()\n"
+                       "        x = math.sqrt(ac) * x0 + math.sqrt(1 - ac) * noise")],
     "train_vae_epoch": [("optimizer.step()", "pass"),  # never updates the weights
                         ("optimizer.zero_grad()", "pass")],  # gradients pile up over the epoch
     "train_unet_epoch": [("optimizer.step()", "pass"),
@@ -280,7 +294,11 @@ BROKEN_TRAINING = {
                          ('target = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0',
                           "target = x0")],
 }
-LIBRARY_TRAINING = {  # the same loops with one line handed to the library: the check names the call
+LIBRARY_TASKS = {  # the same answers with one line handed to the library: the check names the call
+    "forward_chain": (("x = math.sqrt(1 - float(betas[s])) * x + math.sqrt(float(betas[s])) * noise",
+                       "from nbutils.diffusion import add_noise\n"
+                       "        x = add_noise(x0, noise, torch.tensor([s]), torch.cumprod(1 - betas, 0))"),
+                      "nbutils.diffusion.add_noise"),
     "train_vae_epoch": (("loss = mse + kl_weight * kl.mean() / x[0].numel()",
                          "from nbutils.vae import vae_loss\n"
                          "        loss, _ = vae_loss(x, recon, mean, logvar, kl_weight)"), "nbutils.vae.vae_loss"),
@@ -290,17 +308,19 @@ LIBRARY_TRAINING = {  # the same loops with one line handed to the library: the 
 }
 
 
-@pytest.mark.parametrize("key", list(BROKEN_TRAINING))
-def test_the_training_tasks_pass_the_answer_key_and_fail_broken_loops(key):
-    """Exercises 1.3 and 4.3 are judged by what the loop trains: a fresh model's test PSNR, the held-out loss."""
+@pytest.mark.parametrize("key", list(BROKEN_TASKS))
+def test_the_larger_tasks_pass_the_answer_key_and_fail_broken_answers(key):
+    """Exercises 1.3, 2.3, 3.3 and 4.3 are judged by what the code makes: a fresh VAE's test PSNR, a nearest-neighbour
+    accuracy, the chain's gap to the closed form, a fresh UNet's held-out loss."""
     task = E.TASKS[E.EXERCISES[key].task]
     result = E.check(key, _variant(key), strict=True)
     assert result.points == E.EXERCISES[key].points and task.metric in result.message
-    for change in BROKEN_TRAINING[key]:
+    for change in BROKEN_TASKS[key]:
         broken = E.check(key, _variant(key, change), strict=False)
         assert not broken and "needed" in broken.message and task.failure in broken.message, change
-    library = E.check(key, _variant(key, LIBRARY_TRAINING[key][0]), strict=False)
-    assert f"calls {LIBRARY_TRAINING[key][1]}" in library.message
+    if key in LIBRARY_TASKS:
+        library = E.check(key, _variant(key, LIBRARY_TASKS[key][0]), strict=False)
+        assert f"calls {LIBRARY_TASKS[key][1]}" in library.message
 
 
 def test_check_fails_code_that_reads_the_stored_answers_or_stops_the_monitor():
