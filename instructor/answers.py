@@ -86,6 +86,15 @@ SOLUTIONS: dict[str, str] = {
                 kept.append(x)
         return torch.stack(kept)
         """,
+    "precision_recall": """
+        def radii(x):
+            return torch.cdist(x, x).kthvalue(k + 1, dim=1).values  # the first nearest is the point itself
+
+        def inside(points, manifold):
+            return (torch.cdist(points, manifold) <= radii(manifold)[None]).any(1).float().mean().item()
+
+        return inside(fake_feats, real_feats), inside(real_feats, fake_feats)
+        """,
     "train_vae_epoch": """
         losses = []
         for x in batches:

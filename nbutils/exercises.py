@@ -270,6 +270,21 @@ EXERCISES: dict[str, Exercise] = {ex.key: ex for ex in [
         "accuracies, where class k's is over the samples that *asked for* k; NaN for a class never asked for).",
         "overall = the fraction of all samples with predicted = wanted; class k: the same fraction over the samples "
         "that asked for k."),
+    Exercise(
+        "6.3", "precision_recall", "precision and recall: fidelity and diversity apart (a larger task)",
+        "FID mixes two failures into one number: samples that look wrong, and samples that cover too little of the "
+        "data. Improved precision and recall (Kynkäänniemi et al. 2019) measure them apart, with a k-nearest-"
+        "neighbour estimate of each set's manifold in feature space. The check runs your function on the project "
+        "classifier's features of real test images in three situations — a fair sample, a collapsed one (two "
+        "classes only) and one pushed off the data — and each must come out as it should.",
+        "def precision_recall(real_feats, fake_feats, k=3):",
+        "real_feats (N, d), fake_feats (M, d) float tensors → (precision, recall), two floats in [0, 1].\n"
+        "A set's manifold: a ball around each of its points with radius = the distance to that point's k-th nearest\n"
+        "other point of the same set. precision = the fraction of fake points inside the real manifold (in at least\n"
+        "one ball); recall = the fraction of real points inside the fake manifold.",
+        "radii: all pairwise distances within a set, the (k + 1)-th smallest per row (the first is the point itself); "
+        "a point is inside a manifold when its distance to some point of that set is at most that point's radius.",
+        points=3, task="precision_recall"),
 ]}
 
 
@@ -600,7 +615,44 @@ def _run_chain_task(fn: Callable, monitor: CallMonitor) -> float:
     return float(torch.stack(gaps).max())
 
 
+PR_REAL = 1000
+
+
+def _run_precision_recall_task(fn: Callable, monitor: CallMonitor) -> float:
+    """The student's estimate on the project classifier's features of test images: the real set is 1,000 test
+    images; a fair fake set (1,000 other test images) must score precision and recall ≥ 0.5; a collapsed one (the
+    trousers and sneakers among the next 2,000, only two of ten classes) precision ≥ 0.5 and recall ≤ 0.35; the fair
+    set shifted by five standard deviations of the features, precision ≤ 0.05. Returns the fraction of these
+    five conditions met."""
+    classifier, _ = load_classifier(checkpoints_dir() / "classifier.safetensors", device="cpu")
+    images, labels = load_split("test", subset=4 * PR_REAL)
+    feats, _ = predict(classifier, images)
+    real, fair = feats[:PR_REAL], feats[PR_REAL : 2 * PR_REAL]
+    rest, rest_labels = feats[2 * PR_REAL :], labels[2 * PR_REAL :]
+    collapsed = rest[(rest_labels == 1) | (rest_labels == 7)]
+    shifted = fair + 5 * feats.std(0)
+    results = []
+    for fake in (fair, collapsed, shifted):
+        monitor.start()
+        try:
+            out = fn(real.clone(), fake.clone(), 3)
+        finally:
+            monitor.stop()
+        if not isinstance(out, tuple | list) or len(out) != 2:
+            raise ValueError(f"expected (precision, recall), got {type(out).__name__}")
+        results.append(tuple(float(v) for v in out))
+    (p_fair, r_fair), (p_col, r_col), (p_off, _) = results
+    met = [p_fair >= 0.5, r_fair >= 0.5, p_col >= 0.5, r_col <= 0.35, p_off <= 0.05]
+    return sum(met) / len(met)
+
+
 TASKS = {
+    "precision_recall": Task(_run_precision_recall_task, "situations judged right", 1.0,
+                             f"real: {PR_REAL:,} test images' classifier features; fair: {PR_REAL:,} others "
+                             "(precision, recall ≥ 0.5); collapsed: trousers and sneakers only (precision ≥ 0.5, "
+                             "recall ≤ 0.35); shifted off the data (precision ≤ 0.05)", fmt="{:.0%}",
+                             failure="precision should fall when samples leave the data, recall when they cover "
+                                     "only part of it"),
     "knn": Task(_run_knn_task, "test accuracy", KNN_TASK_ACCURACY,
                 f"5 nearest neighbours among {KNN_TRAIN:,} training latents of the shipped VAE, {KNN_TEST:,} test "
                 "latents", failure="the neighbours found are not the nearest, or the vote is not the majority"),

@@ -275,6 +275,9 @@ def _variant(key: str, change: tuple[str, str] | None = None):
 
 # changes that break the answer of a larger task, per task; each must fail the check
 BROKEN_TASKS = {
+    "precision_recall": [("return inside(fake_feats, real_feats), inside(real_feats, fake_feats)",
+                          "return inside(real_feats, fake_feats), inside(fake_feats, real_feats)"),  # swapped
+                         (".any(1)", ".all(1)")],  # inside every ball instead of some ball
     "knn_classify": [("largest=False", "largest=True"),  # the farthest neighbours
                      ("votes.argmax(1)", "votes.argmin(1)"),  # the least common label
                      # a similarity taken for a distance
@@ -310,8 +313,9 @@ LIBRARY_TASKS = {  # the same answers with one line handed to the library: the c
 
 @pytest.mark.parametrize("key", list(BROKEN_TASKS))
 def test_the_larger_tasks_pass_the_answer_key_and_fail_broken_answers(key):
-    """Exercises 1.3, 2.3, 3.3 and 4.3 are judged by what the code makes: a fresh VAE's test PSNR, a nearest-neighbour
-    accuracy, the chain's gap to the closed form, a fresh UNet's held-out loss."""
+    """Exercises 1.3, 2.3, 3.3, 4.3 and 6.3 are judged by what the code makes: a fresh VAE's test PSNR, a
+    nearest-neighbour accuracy, the chain's gap to the closed form, a fresh UNet's held-out loss, precision and recall
+    in three situations."""
     task = E.TASKS[E.EXERCISES[key].task]
     result = E.check(key, _variant(key), strict=True)
     assert result.points == E.EXERCISES[key].points and task.metric in result.message
