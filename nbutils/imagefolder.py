@@ -99,15 +99,30 @@ def _header(path: Path) -> tuple[tuple[int, int], bool]:
         raise FolderError(f"{path} is not a readable image ({type(exc).__name__}: {exc})") from None
 
 
+def _stamp(root: Path) -> tuple:
+    """The modification times of the folder and of the folders in it, two levels down: they change when an image
+    or a class is added, removed or renamed."""
+    stamp = [root.stat().st_mtime_ns]
+    for sub in _class_folders(root):
+        stamp += [sub.name, sub.stat().st_mtime_ns, *(d.stat().st_mtime_ns for d in _class_folders(sub))]
+    return tuple(stamp)
+
+
 def scan(name_or_path: str | os.PathLike) -> ImageFolder:
     """Describe an image folder (``folder:PATH`` or PATH): classes, splits, image size and channels.
 
-    Reads every file's header, not its pixels; an error names the first file that breaks a rule.
+    Reads every file's header, not its pixels (once per process while the folder's listing is unchanged); an error
+    names the first file that breaks a rule.
     """
     text = str(name_or_path)
     root = Path(folder_name(text if is_folder(text) else PREFIX + text)[len(PREFIX):])
     if not root.is_dir():
         raise FolderError(f"image folder {root} does not exist (expected one sub-folder of images per class)")
+    return _scan(root, _stamp(root))
+
+
+@functools.lru_cache(maxsize=8)
+def _scan(root: Path, stamp: tuple) -> ImageFolder:
     subs = {p.name.lower(): p for p in _class_folders(root)}
     test_dir = next((subs[n] for n in TEST_SPLIT_NAMES if n in subs), None)
     if "train" in subs and test_dir is not None:
