@@ -34,7 +34,6 @@ from .config import (
     MIXED_PRECISION,
     PRESETS,
     Config,
-    dataset_name,
     default_preset_name,
     get_config,
     make_generator,
@@ -85,12 +84,9 @@ def _dataset(text: str) -> str:
     """A dataset name for ``--dataset``: a built-in one or ``folder:PATH`` (checked here, so a typo or a folder
     that cannot be a dataset is a usage error naming the problem)."""
     try:
-        name = dataset_name(text)
-        if name.startswith("folder:"):
-            dataset_spec(name)  # scans the folder: classes, one image size
+        return dataset_spec(text).name  # a folder is scanned: classes, one image size
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    return name
 
 
 #: The most images one command makes or reads: beyond it, memory (not patience) runs out on a laptop.

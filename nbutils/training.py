@@ -580,20 +580,25 @@ def check_log_with(log_with: str | None) -> None:
         raise RuntimeError(f"--log-with {log_with} needs the packages accelerate and {package}: {how}")
 
 
+@contextmanager
 def open_tracker(log_with: str | None, run: Run):
     """accelerate's tracker for ``log_with`` writing to ``RUN_DIR/tensorboard/{what}`` (``tensorboard --logdir
-    RUN_DIR/tensorboard``), or None. A resumed run first drops what an interrupted process logged after its last
-    checkpoint (``purge_step``), so no step appears twice. The run's own logs (``{what}_steps.jsonl``,
-    ``{what}_history.json``) are written either way."""
+    RUN_DIR/tensorboard``), or None, closed on the way out. A resumed run first drops what an interrupted process
+    logged after its last checkpoint (``purge_step``), so no step appears twice. The run's own logs
+    (``{what}_steps.jsonl``, ``{what}_history.json``) are written either way."""
     if log_with is None:
-        return None
+        yield None
+        return
     check_log_with(log_with)
     from accelerate.tracking import TensorBoardTracker
 
     tracker = TensorBoardTracker(run.what, run.run_dir / "tensorboard", purge_step=run.step + 1)
     tracker.start()
     tracker.writer.add_text("config", "```\n" + str(run.cfg) + "\n```", global_step=run.step)
-    return tracker
+    try:
+        yield tracker
+    finally:
+        tracker.finish()
 
 
 def _numbers(record: dict, prefix: str, skip: tuple[str, ...] = ("epoch", "step", "processes")) -> dict[str, float]:
@@ -682,20 +687,8 @@ def fit(
     (:func:`open_tracker`).
     """
     procs = run.procs
-    tracker = open_tracker(log_with, run) if procs.is_main else None
-    steps = _StepLog(run, SYNC_EVERY.get(run.device.type, 1) if procs.world_size == 1 else 1, on_step, tracker)
-    try:
-        _fit(run, epochs, batches, train_step, epoch_gens, evaluate, after_epoch, describe, postfix, start_epoch,
-             steps)
-    finally:
-        if tracker is not None:
-            tracker.finish()
-
-
-def _fit(run, epochs, batches, train_step, epoch_gens, evaluate, after_epoch, describe, postfix, start_epoch,
-         steps: _StepLog) -> None:
-    procs = run.procs
-    with StopRequest() as stop:
+    with open_tracker(log_with if procs.is_main else None, run) as tracker, StopRequest() as stop:
+        steps = _StepLog(run, SYNC_EVERY.get(run.device.type, 1) if procs.world_size == 1 else 1, on_step, tracker)
         for epoch in range(run.epoch, epochs):
             if start_epoch is not None and run.partial is None:
                 start_epoch(epoch)
