@@ -27,8 +27,10 @@ def show_grid(
     row_labels: Sequence[str] | None = None,
     ax=None,
     size: float = 0.6,
+    col_labels: Sequence[str] | None = None,
 ):
-    """Show an image grid with matplotlib; ``row_labels`` annotate each row (e.g. class names)."""
+    """Show an image grid with matplotlib; ``row_labels`` annotate each row (e.g. class names), ``col_labels``
+    each column (e.g. timesteps or guidance scales)."""
     import matplotlib.pyplot as plt
 
     grid = image_grid(images, nrow=nrow)
@@ -37,11 +39,18 @@ def show_grid(
         ncol = nrow or int(np.ceil(np.sqrt(n)))
         rows = int(np.ceil(n / ncol))
         extra = 1.2 if row_labels else 0.0
-        _, ax = plt.subplots(figsize=(ncol * size + extra, rows * size + (0.4 if title else 0.0)))
+        below = 0.5 if col_labels else 0.0
+        _, ax = plt.subplots(figsize=(ncol * size + extra, rows * size + (0.4 if title else 0.0) + below))
     ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
-    ax.set_xticks([])
+    h, w = as_uint8(images).shape[1:3]  # (N, H, W) grey or (N, H, W, 3) colour
+    if col_labels:
+        ax.set_xticks([2 + (w + 2) * i + w / 2 for i in range(len(col_labels))])
+        long = max(len(str(c)) for c in col_labels) > 6
+        ax.set_xticklabels(col_labels, fontsize=8, rotation=30 if long else 0, ha="right" if long else "center")
+        ax.tick_params(bottom=False)
+    else:
+        ax.set_xticks([])
     if row_labels:
-        h = as_uint8(images).shape[1]
         ax.set_yticks([2 + (h + 2) * i + h / 2 for i in range(len(row_labels))])
         ax.set_yticklabels(row_labels)
         ax.tick_params(left=False)
@@ -74,7 +83,8 @@ def plot_class_balance(labels_by_split: dict[str, torch.Tensor], ax=None):
         _, ax = plt.subplots(figsize=(9, 3.2))
     sns.barplot(pd.DataFrame(rows), x="class", y="images", hue="split", ax=ax)
     ax.tick_params(axis="x", rotation=30)
-    ax.set_xlabel("")
+    ax.set(xlabel="", ylabel="images", title="images per class in each split")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1), title="split")
     return ax
 
 
@@ -105,11 +115,24 @@ def plot_training_history(steps: list[dict], epochs: list[dict], metric: str = "
         ax1.plot(x[smooth - 1 :], np.convolve(loss, kernel, mode="valid"), lw=1.5, label=f"mean of {smooth}")
     ax1.set(xlabel="step", ylabel="training loss", yscale="log", title="training loss")
     ax1.legend()
+    label, unit = _metric_label(metric)
     if epochs:
-        ax2.plot([e["epoch"] for e in epochs], [e[metric] for e in epochs], "o-")
-    ax2.set(xlabel="epoch", ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')} after each epoch")
+        xs, ys = [e["epoch"] for e in epochs], [e[metric] for e in epochs]
+        ax2.plot(xs, ys, "o-")
+        ax2.set_xticks(xs)
+        for x_, y_ in zip(xs, ys, strict=True):
+            ax2.annotate(f"{y_:.2f}{unit}", (x_, y_), textcoords="offset points", xytext=(0, 6), ha="center",
+                         fontsize=8)
+    ax2.set(xlabel="epoch", ylabel=label, title=f"{label} after each epoch")
     fig.tight_layout()
     return fig
+
+
+def _metric_label(metric: str) -> tuple[str, str]:
+    """An axis label for a recorded metric and the unit to print after its values."""
+    if metric.endswith("psnr"):
+        return metric.replace("_psnr", " PSNR").replace("_", " ") + " (dB)", " dB"
+    return metric.replace("_", " "), ""
 
 
 def read_curves(run_dir: str | os.PathLike, what: str) -> tuple[list[dict], list[dict]]:
@@ -147,7 +170,7 @@ def plot_run(run_dir: str | os.PathLike, smooth: int = 50):
             ax.set(xlabel="step", ylabel=label, title=f"{what.upper()}: {label}")
         metric = "test_psnr" if what == "vae" and epochs and "test_psnr" in epochs[0] else "train_loss"
         row[3].plot([e["epoch"] for e in epochs], [e.get(metric, np.nan) for e in epochs], "o-")
-        row[3].set(xlabel="epoch", ylabel=metric.replace("_", " ") + (" (dB)" if metric == "test_psnr" else ""),
+        row[3].set(xlabel="epoch", ylabel=_metric_label(metric)[0],
                    title=f"{what.upper()}: after each epoch")
     fig.tight_layout()
     return fig
@@ -165,10 +188,10 @@ def plot_schedules(schedules: dict, axes=None):
         axes[0].plot(t, s.betas.numpy(), label=name, color=f"C{i}")
         axes[1].plot(t, abar, label=name, color=f"C{i}")
         axes[2].plot(t, s.log_snr().numpy(), label=name, color=f"C{i}")
-    axes[0].set(title="β_t (noise added per step)", xlabel="t", yscale="log")
-    axes[1].set(title="ᾱ_t (fraction of signal power left)", xlabel="t")
+    axes[0].set(title="β_t (noise added per step)", xlabel="timestep t", ylabel="β_t", yscale="log")
+    axes[1].set(title="ᾱ_t (fraction of signal power left)", xlabel="timestep t", ylabel="ᾱ_t")
     axes[2].axhline(0, color="k", lw=0.8, ls=":")
-    axes[2].set(title="log SNR(t) = log ᾱ/(1 − ᾱ)", xlabel="t")
+    axes[2].set(title="log SNR(t) = log ᾱ/(1 − ᾱ)", xlabel="timestep t", ylabel="log SNR (natural log)")
     axes[1].legend()
     plt.tight_layout()
     return axes
@@ -180,10 +203,8 @@ def show_trajectory(trajectory: Sequence[tuple[int, torch.Tensor]], rows: int = 
 
     ts = [t for t, _ in trajectory]
     imgs = torch.stack([x[:rows] for _, x in trajectory], dim=1).flatten(0, 1)  # (rows·steps, 1, 28, 28)
-    ax = show_grid(imgs, nrow=len(ts), title=title, row_labels=row_labels, size=0.9)
-    h = 28
-    ax.set_xticks([2 + (h + 2) * i + h / 2 for i in range(len(ts))])
-    ax.set_xticklabels([f"t={t}" for t in ts], fontsize=8)
+    ax = show_grid(imgs, nrow=len(ts), title=title, row_labels=row_labels, size=0.9,
+                   col_labels=[f"t={t}" for t in ts])
     plt.tight_layout()
     return ax
 
@@ -216,8 +237,8 @@ class TrainingMonitor:
         import matplotlib.pyplot as plt
 
         has_grid = self.grid_path is not None
-        fig, axes = plt.subplots(1, 2 if has_grid else 1, figsize=(12 if has_grid else 6, 4),
-                                 gridspec_kw={"width_ratios": [1.3, 1]} if has_grid else None)
+        fig, axes = plt.subplots(1, 2 if has_grid else 1, figsize=(14 if has_grid else 6, 5.5 if has_grid else 4),
+                                 gridspec_kw={"width_ratios": [1, 1]} if has_grid else None)
         ax = axes[0] if has_grid else axes
         y = np.asarray(self.losses)
         ax.plot(np.arange(1, len(y) + 1), y, color="C0", alpha=0.25, lw=0.8, label="per step")
@@ -225,9 +246,9 @@ class TrainingMonitor:
             k = np.ones(self.smooth) / self.smooth
             ax.plot(np.arange(self.smooth, len(y) + 1), np.convolve(y, k, mode="valid"), color="C0",
                     label=f"mean of {self.smooth}")
-        for s in self.epoch_ends:
-            ax.axvline(s, color="k", ls=":", lw=0.8)
-        ax.set(xlabel="step", ylabel="loss", yscale="log", title=f"{self.title}: step {len(y)}")
+        for i, s in enumerate(self.epoch_ends):
+            ax.axvline(s, color="k", ls=":", lw=0.8, label="end of an epoch" if i == 0 else None)
+        ax.set(xlabel="step", ylabel="training loss (MSE)", yscale="log", title=f"{self.title}: step {len(y)}")
         ax.legend(loc="upper right")
         if has_grid:
             axes[1].imshow(matplotlib.image.imread(self.grid_path), cmap="gray")

@@ -359,3 +359,25 @@ def test_sample_outputs_other_tools_read(tmp_path, capsys):
     assert grid.mode == "L" and grid.width > 2 * (10 * 30)  # the class names' margin beside 10 images per row
     assert cli.main([*common, "--n", "2", "--out", str(tmp_path / "pngs") + "/"]) == 1  # not empty: not overwritten
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_a_loaded_pipeline_runs_channels_last_on_the_cpu_with_the_same_results():
+    """load_pipeline stores the models' convolution weights NHWC on the CPU (faster oneDNN kernels); samples and
+    the weights' digest are those of the default layout up to float rounding."""
+    from nbutils.checkpoints import tensor_digest
+    from nbutils.config import checkpoints_dir
+
+    pipe = P.load_pipeline(checkpoints_dir(), device="cpu")
+    for model in (pipe.unet, pipe.vae):
+        convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    plain_unet, _ = P.load_unet(checkpoints_dir(), device="cpu")  # loaded alone: the default layout
+    assert not plain_unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert tensor_digest(pipe.unet.state_dict()) == tensor_digest(plain_unet.state_dict())
+    recipe = pipe.recipe.replace(steps=6)
+    fast = P.sample(pipe, 20, "all", recipe, torch.Generator().manual_seed(0))
+    pipe.unet.to(memory_format=torch.contiguous_format)
+    pipe.vae.to(memory_format=torch.contiguous_format)
+    plain = P.sample(pipe, 20, "all", recipe, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fast.latents, plain.latents, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast.images, plain.images, atol=1e-4, rtol=1e-4)
