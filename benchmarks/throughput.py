@@ -11,7 +11,9 @@ For each variant (CHANNELSxLAYERS_PER_BLOCK; default: the preset's own UNet) it 
   over 1,000 latents: conditional + unconditional) → the projected time for 1,000 guided images at 20 steps
   (40 such passes; the VAE decode not included).
 
---warmup untimed repetitions come first. Record results with the machine (the record names it).
+--warmup untimed repetitions come first. --channels-last adds each variant again with weights and latents stored
+channels-last (NHWC, the layout :func:`nbutils.pipeline.load_pipeline` gives models on the CPU) and the ratio of
+the two layouts' times, measured in the same run. Record results with the machine (the record names it).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from nbutils.config import PRESETS, get_config
 from nbutils.diffusion import GaussianDiffusion
 from nbutils.unet import UNet, count_parameters
 
-COLUMNS = ["channels", "layers_per_block", "bf16", "params", "s_per_step", "latents_per_s", "epoch_minutes_60k",
-           "s_per_forward", "projected_s_1000_images_20_guided_steps"]
+COLUMNS = ["channels", "layers_per_block", "bf16", "layout", "params", "s_per_step", "latents_per_s",
+           "epoch_minutes_60k", "s_per_forward", "projected_s_1000_images_20_guided_steps", "step_speedup",
+           "forward_speedup"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
     p.add_argument("--sample-batch", type=common.positive_int, default=1000, help="latents per forward pass")
     p.add_argument("--bf16", action="store_true", help="also measure every variant under bf16 autocast")
+    p.add_argument("--channels-last", action="store_true",
+                   help="also measure every variant channels-last (NHWC), with the speed-up over the default layout")
 
 
 def parse_arch(text: str) -> tuple[tuple[int, ...], int]:
@@ -48,12 +53,13 @@ def parse_arch(text: str) -> tuple[tuple[int, ...], int]:
 
 
 def measure(unet_cfg, diffusion_cfg, device, batch_size: int, steps: int, warmup: int, sample_batch: int,
-            bf16: bool = False, seed: int = 0) -> dict:
+            bf16: bool = False, seed: int = 0, channels_last: bool = False) -> dict:
     torch.manual_seed(seed)
-    unet = UNet(unet_cfg).to(device).train()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    unet = UNet(unet_cfg).to(device).to(memory_format=layout).train()
     opt = torch.optim.Adam(unet.parameters(), lr=1e-4)
     diffusion = GaussianDiffusion(diffusion_cfg)
-    x0 = torch.randn(batch_size, unet_cfg.latent_channels, 7, 7, device=device)
+    x0 = torch.randn(batch_size, unet_cfg.latent_channels, 7, 7, device=device).contiguous(memory_format=layout)
     labels = torch.randint(0, 10, (batch_size,), device=device)
 
     def train_step() -> None:
@@ -71,7 +77,7 @@ def measure(unet_cfg, diffusion_cfg, device, batch_size: int, steps: int, warmup
     train_s = t.seconds / steps
 
     unet.eval()
-    x = torch.randn(sample_batch, unet_cfg.latent_channels, 7, 7, device=device)
+    x = torch.randn(sample_batch, unet_cfg.latent_channels, 7, 7, device=device).contiguous(memory_format=layout)
     tt = torch.full((sample_batch,), 500, device=device)
     y = torch.randint(0, 11, (sample_batch,), device=device)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -83,6 +89,7 @@ def measure(unet_cfg, diffusion_cfg, device, batch_size: int, steps: int, warmup
     fwd_s = t.seconds / 5
     return {
         "channels": list(unet_cfg.block_out_channels), "layers_per_block": unet_cfg.layers_per_block, "bf16": bf16,
+        "layout": "channels_last" if channels_last else "contiguous",
         "params": count_parameters(unet), "batch_size": batch_size, "s_per_step": round(train_s, 4),
         "latents_per_s": round(batch_size / train_s, 1),
         "epoch_minutes_60k": round(60000 / batch_size * train_s / 60, 2),
@@ -101,7 +108,12 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for ucfg in variants:
         for bf16 in (False, True) if args.bf16 else (False,):
-            rows.append(measure(ucfg, cfg.diffusion, device, args.batch_size, args.steps, args.warmup,
-                                args.sample_batch, bf16, args.seed))
-            common.log(rows[-1])
+            for channels_last in (False, True) if args.channels_last else (False,):
+                rows.append(measure(ucfg, cfg.diffusion, device, args.batch_size, args.steps, args.warmup,
+                                    args.sample_batch, bf16, args.seed, channels_last))
+                if channels_last:  # against the default layout's row just before
+                    base = rows[-2]
+                    rows[-1]["step_speedup"] = round(base["s_per_step"] / rows[-1]["s_per_step"], 3)
+                    rows[-1]["forward_speedup"] = round(base["s_per_forward"] / rows[-1]["s_per_forward"], 3)
+                common.log(rows[-1])
     return {"task": "throughput", "preset": args.preset, "device": str(device), "rows": rows}

@@ -297,6 +297,12 @@ def sampling_recipe(args: argparse.Namespace, own: SamplingRecipe) -> SamplingRe
         if len(interval) != 2 or not 0 <= interval[0] <= interval[1]:
             raise CLIError(f"--guidance-interval must be LO,HI with 0 ≤ LO ≤ HI (timesteps), "
                            f"got {args.guidance_interval!r}")
+    if args.timesteps is not None:
+        try:
+            timesteps = tuple(int(v) for v in args.timesteps.split(","))
+        except ValueError:
+            raise CLIError(f"--timesteps must be whole numbers separated by commas, got {args.timesteps!r}") from None
+        base = base.replace(steps=None, guided_steps=None, timestep_spacing=None, timesteps=timesteps)
     given = {"sampler": args.sampler, "steps": args.steps, "guided_steps": args.guided_steps,
              "guidance": args.guidance, "guidance_interval": interval, "timestep_spacing": args.spacing,
              "eta": args.eta, "precision": args.precision}
@@ -310,7 +316,7 @@ def sampling_recipe(args: argparse.Namespace, own: SamplingRecipe) -> SamplingRe
 #: Recipe fields and the ``sample`` flags that set them.
 _RECIPE_FLAGS = {"guided_steps": "--guided-steps", "guidance_interval": "--guidance-interval",
                  "timestep_spacing": "--spacing", "guidance": "--guidance", "steps": "--steps", "eta": "--eta",
-                 "precision": "--precision", "sampler": "--sampler"}
+                 "precision": "--precision", "sampler": "--sampler", "timesteps": "--timesteps"}
 
 
 def _output_folder(text: str) -> Path:
@@ -541,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", choices=SPACINGS,
                    help="timestep spacing (default: the sampler's; with --guided-steps it spaces the guided part, "
                         "trailing or logsnr)")
+    p.add_argument("--timesteps", metavar="T1,T2,…",
+                   help="visit exactly these timesteps, noisiest first, instead of spacing --steps "
+                        "(e.g. 995,902,731,584,415,266,159,91,51,13,0)")
     p.add_argument("--eta", type=float, help="DDIM η (0 = deterministic)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the noise (default 0)")
     p.add_argument("--batch-size", type=_positive_int, default=500)

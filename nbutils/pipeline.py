@@ -63,8 +63,10 @@ class SamplingRecipe:
     ``dpm``); ``timestep_spacing`` None = the sampler's default. ``guidance_interval=(lo, hi)`` guides only at
     lo ≤ t ≤ hi. ``guided_steps`` (with an interval starting at 0) puts that many of the ``steps`` inside the
     interval and the rest above it, instead of spacing all evenly (:func:`nbutils.samplers.split_timesteps`).
-    ``eta`` is DDIM's η. ``precision="bf16"`` runs the UNet under bfloat16 autocast (the sampler's arithmetic
-    and the VAE stay float32); ``auto`` = bf16 where the device has it natively, else fp32.
+    ``timesteps`` lists the timesteps to visit, noisiest first, instead of spacing ``steps`` of them (as diffusers'
+    ``set_timesteps(timesteps=…)``; hand-placed schedules such as Sabour et al. 2024's "Align Your Steps" are
+    such lists). ``eta`` is DDIM's η. ``precision="bf16"`` runs the UNet under bfloat16 autocast (the sampler's
+    arithmetic and the VAE stay float32); ``auto`` = bf16 where the device has it natively, else fp32.
     """
 
     sampler: str = "dpm"
@@ -75,6 +77,7 @@ class SamplingRecipe:
     guided_steps: int | None = None
     eta: float = 0.0
     precision: str = "fp32"
+    timesteps: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -93,9 +96,19 @@ class SamplingRecipe:
             interval = tuple(self.guidance_interval)
             if len(interval) != 2 or not all(isinstance(v, int) for v in interval) \
                     or not 0 <= interval[0] <= interval[1]:
-                raise ValueError(f"guidance_interval must be (lo, hi) timesteps with 0 ≤ lo ≤ hi, got "
+                raise ValueError(f"guidance_interval must be (lo, hi), timestep numbers with 0 ≤ lo ≤ hi, got "
                                  f"{self.guidance_interval!r}")
             object.__setattr__(self, "guidance_interval", interval)
+        if self.timesteps is not None:
+            ts = tuple(self.timesteps)
+            if not ts or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ts) \
+                    or any(a <= b for a, b in zip(ts, ts[1:], strict=False)):
+                raise ValueError(f"timesteps must be whole numbers ≥ 0, strictly decreasing, got {self.timesteps!r}")
+            if self.steps is not None and self.steps != len(ts):
+                raise ValueError(f"steps ({self.steps}) and the {len(ts)} timesteps disagree (leave steps unset)")
+            if self.guided_steps is not None or self.timestep_spacing is not None:
+                raise ValueError("timesteps replace steps' spacing: leave guided_steps and timestep_spacing unset")
+            object.__setattr__(self, "timesteps", ts)
         if self.guided_steps is not None:
             if self.guidance_interval is None or self.guidance_interval[0] != 0:
                 raise ValueError("guided_steps needs guidance_interval=(0, hi): the guided part ends the schedule")
@@ -114,8 +127,11 @@ class SamplingRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if d["guidance_interval"] is not None:
-            d["guidance_interval"] = list(d["guidance_interval"])
+        for key in ("guidance_interval", "timesteps"):
+            if d[key] is not None:
+                d[key] = list(d[key])
+        if d["timesteps"] is None:  # recipes stored before the field existed read the same
+            del d["timesteps"]
         return d
 
     @classmethod
@@ -127,8 +143,9 @@ class SamplingRecipe:
         if unknown:
             raise ValueError(f"unknown sampling recipe fields: {', '.join(sorted(unknown))}")
         d = dict(d)
-        if d.get("guidance_interval") is not None:
-            d["guidance_interval"] = tuple(d["guidance_interval"])
+        for key in ("guidance_interval", "timesteps"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
         return cls(**d)
 
 
@@ -323,9 +340,15 @@ def _precision(recipe: SamplingRecipe, device: torch.device) -> str:
 
 @torch.no_grad()
 def recipe_timesteps(pipe: Pipeline, recipe: SamplingRecipe) -> list[int]:
-    """The timesteps :func:`sample` visits for ``recipe``: its sampler's spacing of ``steps``, or with
-    ``guided_steps`` the two parts split at the guidance interval's top (:func:`nbutils.samplers.split_timesteps`)."""
+    """The timesteps :func:`sample` visits for ``recipe``: its ``timesteps`` if given, its sampler's spacing of
+    ``steps``, or with ``guided_steps`` the two parts split at the guidance interval's top
+    (:func:`nbutils.samplers.split_timesteps`)."""
     schedule = pipe.schedule
+    if recipe.timesteps is not None:
+        top = schedule.num_train_timesteps - 1
+        if recipe.timesteps[0] > top:
+            raise ValueError(f"timesteps must be at most {top} on this schedule, got {recipe.timesteps[0]}")
+        return list(recipe.timesteps)
     if recipe.guided_steps is not None:
         return [int(t) for t in split_timesteps(
             schedule.num_train_timesteps, recipe.steps - recipe.guided_steps, recipe.guided_steps,

@@ -30,6 +30,15 @@ def test_sampling_table_at_a_tiny_size():
     assert record["rows"] and all(row["seconds"] > 0 for row in record["rows"])
 
 
+def test_throughput_compares_the_layouts_in_one_run():
+    out = _run("throughput", "--preset", "smoke", "--steps", "1", "--warmup", "1", "--sample-batch", "8",
+               "--batch-size", "8", "--channels-last")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[0])["rows"]
+    assert [r["layout"] for r in rows] == ["contiguous", "channels_last"]
+    assert rows[1]["forward_speedup"] == round(rows[0]["s_per_forward"] / rows[1]["s_per_forward"], 3)
+
+
 def test_judges_table_at_a_tiny_size():
     out = _run("judges", "--n", "40", "--checkpoint", "checkpoints")
     assert out.returncode == 0, out.stderr[-2000:]

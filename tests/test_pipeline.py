@@ -140,11 +140,17 @@ def test_recipe_is_validated_once_and_round_trips():
                          ({"guidance_interval": (500, 100)}, "guidance_interval"), ({"precision": "fp16"}, "precision"),
                          ({"timestep_spacing": "cosine"}, "timestep_spacing"),
                          ({"steps": 10, "guided_steps": 5}, "guidance_interval=\\(0, hi\\)"),
-                         ({"guidance_interval": (0, 400), "guided_steps": 5}, "needs steps")]:
+                         ({"guidance_interval": (0, 400), "guided_steps": 5}, "needs steps"),
+                         ({"timesteps": (500, 500, 0)}, "strictly decreasing"), ({"timesteps": ()}, "strictly"),
+                         ({"timesteps": (5, -1)}, "≥ 0"), ({"timesteps": (10, 5), "steps": 3}, "disagree"),
+                         ({"timesteps": (10, 5), "timestep_spacing": "logsnr"}, "leave")]:
         with pytest.raises(ValueError, match=message):
             SamplingRecipe(**bad)
     r = P.SHIPPED_RECIPE.replace(guided_steps=None, guidance_interval=(0, 600), steps=16).replace(guided_steps=12)
     assert SamplingRecipe.from_dict(r.to_dict()) == r
+    assert "timesteps" not in r.to_dict()  # recipes without explicit timesteps are stored as before the field
+    listed = SamplingRecipe(timesteps=[900, 500, 100])
+    assert listed.timesteps == (900, 500, 100) and SamplingRecipe.from_dict(listed.to_dict()) == listed
     with pytest.raises(ValueError, match="unknown sampling recipe fields: colour"):
         SamplingRecipe.from_dict({"colour": "red"})
 
@@ -194,6 +200,23 @@ def test_guidance_interval_guides_only_inside_it(sampler):
     assert any(t > 400 for t, _ in calls) and any(t <= 400 for t, _ in calls)
     assert not torch.equal(part, plain) and not torch.equal(part, w1)
 
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+def test_listed_timesteps_are_visited_exactly_and_equal_the_spacing_they_list(sampler):
+    from nbutils.config import make_generator
+
+    def run(**kw):
+        m = _Recorder()
+        out = _sample(m, _IdentityVAE(), 4, [1, 2, 3, 4], sampler=sampler, generator=make_generator(0),
+                      guidance=2.0, guidance_interval=(0, 600), diffusion=DiffusionConfig(
+                          beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"), **kw)
+        return out.latents, [t for t, _ in m.calls]
+
+    spaced, visited = run(steps=12, timestep_spacing="logsnr")
+    listed, again = run(timesteps=tuple(visited))
+    assert torch.equal(spaced, listed) and again == visited
+    _, chosen = run(timesteps=(950, 700, 300, 40, 0))
+    assert chosen == [950, 700, 300, 40, 0]
 
 
 def test_bad_guidance_interval_and_precision():
