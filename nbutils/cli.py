@@ -302,11 +302,12 @@ def sampling_recipe(args: argparse.Namespace, own: SamplingRecipe) -> SamplingRe
             timesteps = tuple(int(v) for v in args.timesteps.split(","))
         except ValueError:
             raise CLIError(f"--timesteps must be whole numbers separated by commas, got {args.timesteps!r}") from None
-        base = base.replace(steps=None, guided_steps=None, timestep_spacing=None, timesteps=timesteps)
     given = {"sampler": args.sampler, "steps": args.steps, "guided_steps": args.guided_steps,
              "guidance": args.guidance, "guidance_interval": interval, "timestep_spacing": args.spacing,
              "eta": args.eta, "precision": args.precision}
     try:
+        if args.timesteps is not None:  # a list replaces the spacing of the base recipe, then the flags apply
+            base = base.replace(steps=None, guided_steps=None, timestep_spacing=None, timesteps=timesteps)
         return base.replace(**{k: v for k, v in given.items() if v is not None})
     except ValueError as exc:  # the recipe's own check, worded with the flags that set each field
         fields = "|".join(_RECIPE_FLAGS)
