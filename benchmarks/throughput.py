@@ -13,7 +13,11 @@ For each variant (CHANNELSxLAYERS_PER_BLOCK; default: the preset's own UNet) it 
 
 --warmup untimed repetitions come first. --channels-last adds each variant again with weights and latents stored
 channels-last (NHWC, the layout :func:`nbutils.pipeline.load_pipeline` gives models on the CPU) and the ratio of
-the two layouts' times, measured in the same run. Record results with the machine (the record names it).
+the two layouts' times, measured in the same run. Every row also counts the forward pass's floating-point
+operations (``torch.utils.flop_counter``: convolutions and matrix products, two per multiply-add) and the rate
+achieved; --peak first times a large float32 matrix product, the best rate this machine's BLAS reaches, so that each
+row's ``peak_fraction`` says how close the pass already is to the compute floor. Record results with the machine (the
+record names it).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import dataclasses
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import common
 from nbutils.config import PRESETS, get_config
@@ -29,8 +34,8 @@ from nbutils.diffusion import GaussianDiffusion
 from nbutils.unet import UNet, count_parameters
 
 COLUMNS = ["channels", "layers_per_block", "bf16", "layout", "params", "s_per_step", "latents_per_s",
-           "epoch_minutes_60k", "s_per_forward", "projected_s_1000_images_20_guided_steps", "step_speedup",
-           "forward_speedup"]
+           "epoch_minutes_60k", "s_per_forward", "gflop_per_forward", "gflop_per_s", "peak_fraction",
+           "projected_s_1000_images_20_guided_steps", "step_speedup", "forward_speedup"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true", help="also measure every variant under bf16 autocast")
     p.add_argument("--channels-last", action="store_true",
                    help="also measure every variant channels-last (NHWC), with the speed-up over the default layout")
+    p.add_argument("--peak", action="store_true",
+                   help="first time a 2048² float32 matrix product: the rate the compute floor is measured against")
 
 
 def parse_arch(text: str) -> tuple[tuple[int, ...], int]:
@@ -52,8 +59,27 @@ def parse_arch(text: str) -> tuple[tuple[int, ...], int]:
     return tuple(int(c) for c in channels.split(",")), int(layers or 1)
 
 
+def matmul_gflop_per_s(device: torch.device, size: int = 2048, reps: int = 10) -> float:
+    """The rate (GFLOP/s) of a ``size``² float32 matrix product: about the best sustained rate of this machine's
+    BLAS (oneDNN/MKL on CPUs), the ceiling any convolution-heavy network can approach."""
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    for _ in range(2):
+        a @ b
+    with common.Timer(device) as t:
+        for _ in range(reps):
+            a @ b
+    return 2 * size**3 * reps / t.seconds / 1e9
+
+
+def forward_gflop(unet, x, t, y) -> float:
+    """Floating-point operations (GFLOP, a multiply-add counted as two) of one forward pass."""
+    with FlopCounterMode(display=False) as counter:
+        unet(x, t, y)
+    return counter.get_total_flops() / 1e9
+
+
 def measure(unet_cfg, diffusion_cfg, device, batch_size: int, steps: int, warmup: int, sample_batch: int,
-            bf16: bool = False, seed: int = 0, channels_last: bool = False) -> dict:
+            bf16: bool = False, seed: int = 0, channels_last: bool = False, peak: float | None = None) -> dict:
     torch.manual_seed(seed)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     unet = UNet(unet_cfg).to(device).to(memory_format=layout).train()
@@ -86,6 +112,7 @@ def measure(unet_cfg, diffusion_cfg, device, batch_size: int, steps: int, warmup
         with common.Timer(device) as t:
             for _ in range(5):
                 unet(x, tt, y)
+        gflop = forward_gflop(unet, x, tt, y)
     fwd_s = t.seconds / 5
     return {
         "channels": list(unet_cfg.block_out_channels), "layers_per_block": unet_cfg.layers_per_block, "bf16": bf16,
@@ -93,7 +120,8 @@ def measure(unet_cfg, diffusion_cfg, device, batch_size: int, steps: int, warmup
         "params": count_parameters(unet), "batch_size": batch_size, "s_per_step": round(train_s, 4),
         "latents_per_s": round(batch_size / train_s, 1),
         "epoch_minutes_60k": round(60000 / batch_size * train_s / 60, 2),
-        "sample_batch": sample_batch, "s_per_forward": round(fwd_s, 4),
+        "sample_batch": sample_batch, "s_per_forward": round(fwd_s, 4), "gflop_per_forward": round(gflop, 2),
+        "gflop_per_s": round(gflop / fwd_s, 1), "peak_fraction": round(gflop / fwd_s / peak, 3) if peak else None,
         "projected_s_1000_images_20_guided_steps": round(40 * fwd_s * 1000 / sample_batch, 2),
     }
 
@@ -105,15 +133,19 @@ def run(args: argparse.Namespace) -> dict:
     if args.variants:
         variants = [dataclasses.replace(cfg.unet, block_out_channels=c, layers_per_block=k)
                     for c, k in map(parse_arch, args.variants.split())]
+    peak = matmul_gflop_per_s(device) if args.peak else None
+    if peak:
+        common.log({"matmul_gflop_per_s": round(peak, 1)})
     rows = []
     for ucfg in variants:
         for bf16 in (False, True) if args.bf16 else (False,):
             for channels_last in (False, True) if args.channels_last else (False,):
                 rows.append(measure(ucfg, cfg.diffusion, device, args.batch_size, args.steps, args.warmup,
-                                    args.sample_batch, bf16, args.seed, channels_last))
+                                    args.sample_batch, bf16, args.seed, channels_last, peak))
                 if channels_last:  # against the default layout's row just before
                     base = rows[-2]
                     rows[-1]["step_speedup"] = round(base["s_per_step"] / rows[-1]["s_per_step"], 3)
                     rows[-1]["forward_speedup"] = round(base["s_per_forward"] / rows[-1]["s_per_forward"], 3)
                 common.log(rows[-1])
-    return {"task": "throughput", "preset": args.preset, "device": str(device), "rows": rows}
+    return {"task": "throughput", "preset": args.preset, "device": str(device),
+            "matmul_gflop_per_s": round(peak, 1) if peak else None, "rows": rows}

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from benchmarks import TASKS
 
@@ -32,11 +33,28 @@ def test_sampling_table_at_a_tiny_size():
 
 def test_throughput_compares_the_layouts_in_one_run():
     out = _run("throughput", "--preset", "smoke", "--steps", "1", "--warmup", "1", "--sample-batch", "8",
-               "--batch-size", "8", "--channels-last")
+               "--batch-size", "8", "--channels-last", "--peak")
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads(out.stdout.strip().splitlines()[0])["rows"]
+    record = json.loads(out.stdout.strip().splitlines()[0])
+    rows = record["rows"]
     assert [r["layout"] for r in rows] == ["contiguous", "channels_last"]
     assert rows[1]["forward_speedup"] == round(rows[0]["s_per_forward"] / rows[1]["s_per_forward"], 3)
+    # the layout changes the speed, not the work; the rate is the work over the time, against the matmul's
+    assert rows[0]["gflop_per_forward"] == rows[1]["gflop_per_forward"] > 0
+    assert record["matmul_gflop_per_s"] > 0
+    for r in rows:
+        rate = r["gflop_per_forward"] / r["s_per_forward"]
+        assert r["gflop_per_s"] == pytest.approx(rate, rel=0.02, abs=0.1)
+        assert r["peak_fraction"] == pytest.approx(rate / record["matmul_gflop_per_s"], rel=0.02, abs=0.002)
+
+
+def test_the_flop_count_is_the_convolutions_by_hand():
+    """One 3×3 convolution's count, worked out by hand: 2 · (output positions) · (C_in · 9) · C_out."""
+    from benchmarks.throughput import forward_gflop
+
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+    x = torch.randn(5, 4, 7, 7)
+    assert forward_gflop(lambda a, b, c: conv(a), x, None, None) * 1e9 == 2 * 5 * 49 * 4 * 9 * 8
 
 
 def test_judges_table_at_a_tiny_size():
