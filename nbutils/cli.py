@@ -236,7 +236,7 @@ def cmd_train_unet(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else None
     t0 = time.perf_counter()
     train_unet(cfg, run_dir=run_dir, epochs=args.epochs, resume=args.resume, vae_checkpoint=args.vae,
-               init_from=args.init_from,
+               init_from=args.init_from, teacher=args.teacher,
                device=args.device, progress=not args.no_progress, data_root=args.data_root, log_with=args.log_with,
                log=lambda m: print(m, file=sys.stderr))
     if is_main_process():
@@ -514,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", help="VAE file or run folder when --run-dir has none (default: latest run, else shipped)")
     p.add_argument("--init-from", metavar="RUN",
                    help="start a new run from RUN's UNet weights (fine-tuning: fresh optimizer, this config's lr)")
+    p.add_argument("--teacher", metavar="CHECKPOINT",
+                   help="guidance distillation: learn CHECKPOINT's guided output (its recipe's w), to sample unguided")
     p.set_defaults(func=cmd_train_unet)
 
     p = sub.add_parser("reconstruct", help="encode+decode test images with a VAE; write .npz (or a .png grid)")

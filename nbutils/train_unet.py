@@ -7,6 +7,12 @@ guidance combines, Ho & Salimans 2022), draw t and noise, and regress the UNet's
 z = μ + σ·ε from the latent cache, standardised with the VAE's shift and scale; images are never
 re-encoded. An optional second phase (``cfg.finetune_unet``) continues at a lower learning rate.
 The epoch loop, checkpoints, resume and Ctrl-C come from :mod:`nbutils.training`.
+
+Guidance distillation (``teacher=``; stage one of Meng et al. 2023, "On Distillation of Guided Diffusion
+Models"): instead of the data's target, the student regresses a trained teacher's *guided* output at the same
+(x_t, t, class) — out_u + w·(out_c − out_u) with the teacher recipe's w inside its guidance interval, the plain
+conditional output outside it. The student then samples without guidance, one UNet pass per step where the
+teacher needs two on the guided steps; it may also be narrower than its teacher.
 """
 
 from __future__ import annotations
@@ -29,9 +35,19 @@ from .checkpoints import (
     resolve_checkpoint,
 )
 from .config import Config, display_path, make_generator, pick_device
-from .diffusion import GaussianDiffusion
+from .diffusion import GaussianDiffusion, add_noise
 from .latents import latent_dataset
-from .pipeline import UNET_FILE, VAE_FILE, Pipeline, SamplingRecipe, check_vae, load_vae, sample, vae_identity
+from .pipeline import (
+    UNET_FILE,
+    VAE_FILE,
+    Pipeline,
+    SamplingRecipe,
+    check_vae,
+    load_pipeline,
+    load_vae,
+    sample,
+    vae_identity,
+)
 from .training import (
     EMA,
     Run,
@@ -64,6 +80,7 @@ def train_unet(
     on_step: Callable[[int, dict], None] | None = None,
     log_with: str | None = None,
     init_from: str | Path | None = None,
+    teacher: str | Path | None = None,
 ) -> UNet:
     """Train the latent UNet of ``cfg`` on the cached latents of a VAE; returns the EMA UNet.
 
@@ -74,6 +91,10 @@ def train_unet(
     ``init_from`` (a run folder or UNet checkpoint; ignored with ``resume``) starts a *new* run from another
     run's weights — raw and EMA from its state file when it has one — with a fresh optimizer. Its VAE must be
     this run's (the same SHA-256).
+
+    ``teacher`` (a UNet checkpoint or run folder) trains by guidance distillation (module docstring): the
+    teacher must have learned the same VAE's latents under the same noise schedule and prediction type; its
+    stored recipe gives w and the interval, and the student is saved with that recipe, unguided.
 
     Every ``sample_every`` epochs a grid of samples (one row per class) goes to
     ``RUN_DIR/unet_samples_epochNNN.png``; ``on_epoch_end(record, history, ema_unet, grid_path)`` is called
@@ -105,6 +126,7 @@ def train_unet(
             cache = latent_dataset(vae, vae_meta["path"], subset=cfg.data.train_subset, root=data_root,
                                    progress=progress, data_cfg=cfg.data)
         shift, scale = vae.latent_shift.cpu()[:, None, None], float(vae.latent_scale)
+        distill = load_teacher(teacher, cfg, vae_meta, device, log) if teacher is not None else None
 
         torch.manual_seed(tc.seed)
         unet = UNet(cfg.unet).to(device)
@@ -117,6 +139,8 @@ def train_unet(
         def weights(run: Run, epochs_done: int) -> tuple[bytes, bytes]:
             extra = {"epoch": epochs_done, "step": run.step, **vae_identity(vae_meta),
                      "metrics": run.history.epochs[-1] if run.history.epochs else {}}
+            if distill is not None:
+                extra.update(distill.record())
             return encode_model("unet", run.ema.model.state_dict(), cfg, extra)
 
         run = Run("unet", cfg, tc, run_dir, unet, EMA(unet, tc.ema_decay, tc.ema_warmup_steps),
@@ -126,7 +150,9 @@ def train_unet(
         phase2_tc = dataclasses.replace(tc, lr=phase2.lr, lr_warmup_steps=phase2.lr_warmup_steps)
         if resume:
             if run.weights_path.is_file():  # the run goes on with the VAE it started with, or not at all
-                check_vae(read_model(run.weights_path, "unet")[1]["extra"], vae_meta, f"the run in {run_dir}")
+                saved = read_model(run.weights_path, "unet")[1]["extra"]
+                check_vae(saved, vae_meta, f"the run in {run_dir}")
+                check_same_teacher(saved, distill, run_dir)
             run.resume()
             if phase2.epochs and (run.epoch > tc.epochs or (run.epoch == tc.epochs and run.partial is not None)):
                 run.tc = phase2_tc
@@ -158,7 +184,10 @@ def train_unet(
             t, noise, dropped = diffusion.draw(x0, labels, generator=gens["noise"])  # for the global batch
             x0, t, noise, dropped = procs.shard(x0, t, noise, dropped)  # this process's share (all of it on one)
             with autocast(device, run.amp_dtype):
-                loss, parts = diffusion.loss(run.forward, x0, dropped, draws=(t, noise, dropped))
+                if distill is None:
+                    loss, parts = diffusion.loss(run.forward, x0, dropped, draws=(t, noise, dropped))
+                else:
+                    loss, parts = distill.loss(run.forward, x0, t, noise, dropped)
             return loss, procs.combine(parts, len(labels)), len(labels)
 
         def after_epoch(record: dict) -> None:
@@ -166,12 +195,14 @@ def train_unet(
             if tc.sample_every and record["epoch"] % tc.sample_every == 0:
                 grid = save_sample_grid(Pipeline(vae, run.ema.model, cfg.diffusion,
                                                  class_names=D.class_names(cfg.data)),
-                                        run_dir / f"unet_samples_epoch{record['epoch']:03d}.png")
+                                        run_dir / f"unet_samples_epoch{record['epoch']:03d}.png",
+                                        guidance=3.0 if distill is None else 1.0)  # a student is guided already
             if on_epoch_end is not None:
                 on_epoch_end(record, run.history, run.ema.model, grid)
 
         n = len(cache["labels"])
-        log(f"UNet: {sum(p.numel() for p in unet.parameters()):,} parameters, {n:,} latents from "
+        log(f"UNet{' (student)' if distill else ''}: {sum(p.numel() for p in unet.parameters()):,} parameters, "
+            f"{n:,} latents from "
             f"{display_path(vae_meta['path'])}, batch {tc.batch_size}{run.split_note()}, "
             f"{-(-n // tc.batch_size)} steps/epoch, device {device}, run dir {display_path(run_dir)}")
         if run.epoch < epochs:
@@ -180,6 +211,76 @@ def train_unet(
         fit(run, epochs, batches, train_step, epoch_gens=("shuffle", "latent"), after_epoch=after_epoch,
             on_step=on_step, start_epoch=start_epoch, log_with=log_with)
         return run.ema.model
+
+
+class Distillation:
+    """Guidance distillation's target and loss (module docstring): a frozen teacher UNet and its guidance."""
+
+    def __init__(self, teacher: UNet, meta: dict, recipe: SamplingRecipe, alphas_cumprod: torch.Tensor):
+        self.teacher, self.meta, self.recipe = teacher.eval().requires_grad_(False), meta, recipe
+        self.alphas_cumprod = alphas_cumprod
+        self.null = teacher.null_label
+
+    @torch.no_grad()
+    def target(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The teacher's output with its recipe's guidance: w inside the interval, w = 1 (conditional) outside;
+        null labels get the teacher's unconditional output."""
+        lo, hi = self.recipe.guidance_interval or (0, self.alphas_cumprod.numel())
+        w = torch.where((t >= lo) & (t <= hi), self.recipe.guidance, 1.0).to(x_t.dtype).view(-1, 1, 1, 1)
+        b = x_t.shape[0]
+        null = torch.full_like(labels, self.null)
+        out = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null])).float()
+        cond, uncond = out[:b], out[b:]
+        return uncond + w * (cond - uncond)
+
+    def loss(self, model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """MSE between the student's output and :meth:`target` at x_t = q(x_t | x_0) (the forward process on the
+        training latents, as Meng et al.'s first stage); parts as :meth:`GaussianDiffusion.loss`."""
+        x_t = add_noise(x0, noise, t, self.alphas_cumprod)
+        target = self.target(x_t, t, labels)
+        mse = torch.nn.functional.mse_loss(model(x_t, t, labels).float(), target)
+        return mse, {"loss": mse.detach(), "mse": mse.detach()}
+
+    def record(self) -> dict:
+        """What the student's metadata says about its teacher, and the recipe it samples with (unguided)."""
+        return {"distilled_from": {"unet_tensor_digest": self.meta["tensor_digest"],
+                                   "guidance": self.recipe.guidance,
+                                   "guidance_interval": list(self.recipe.guidance_interval or [])},
+                "sampling_recipe": self.recipe.replace(guidance=1.0, guidance_interval=None).to_dict()}
+
+
+def load_teacher(checkpoint: str | Path, cfg: Config, vae_meta: dict, device, log: Callable[[str], None]
+                 ) -> Distillation:
+    """The teacher of a guidance distillation, checked against the student's run: same VAE (SHA-256 of its
+    tensors), same noise schedule and prediction type, a recipe with guidance."""
+    pipe = load_pipeline(checkpoint, device=device)
+    where = pipe.meta["path"]
+    check_vae(pipe.meta["extra"], vae_meta, f"the teacher {where}")
+    mine, theirs = dataclasses.asdict(cfg.diffusion), dataclasses.asdict(pipe.diffusion)
+    diffs = [f"{k}: {theirs[k]!r} (teacher) vs {mine[k]!r}" for k in mine
+             if k not in ("cond_drop_prob", "min_snr_gamma") and mine[k] != theirs[k]]
+    if diffs:
+        raise CheckpointError(f"the teacher {where} learned another diffusion process: " + "; ".join(diffs))
+    if pipe.unet.null_label != cfg.unet.num_classes:
+        raise CheckpointError(f"the teacher {where} has {pipe.unet.null_label} classes, this UNet "
+                              f"{cfg.unet.num_classes}")
+    if pipe.recipe.guidance == 1.0:
+        raise CheckpointError(f"the teacher {where} samples without guidance: nothing to distil")
+    log(f"distilling the teacher {display_path(where)}: w = {pipe.recipe.guidance:g} on "
+        f"{pipe.recipe.guidance_interval or 'every step'}")
+    return Distillation(pipe.unet, pipe.meta, pipe.recipe, GaussianDiffusion(cfg.diffusion).alphas_cumprod)
+
+
+def check_same_teacher(saved_extra: dict, distill: Distillation | None, run_dir: Path) -> None:
+    """Resume goes on with the teacher (or the plain objective) the run started with, or not at all."""
+    before = (saved_extra.get("distilled_from") or {}).get("unet_tensor_digest")
+    now = distill.meta["tensor_digest"] if distill is not None else None
+    if before != now:
+        said = {None: "no teacher"}
+        raise CheckpointError(f"the run in {run_dir} was trained with {said.get(before, 'a teacher')}, resumed with "
+                              f"{said.get(now, 'a teacher')}" + (" (another one)" if before and now else "")
+                              + ": resume it as it started (--teacher)")
 
 
 def _unet_loss(unet: UNet, n: int, latent_shape: tuple[int, ...]) -> torch.Tensor:

@@ -571,3 +571,68 @@ def test_tensorboard_gets_every_step_once_across_an_interrupt(smoke_run, tmp_pat
     with pytest.raises(ValueError, match="unknown tracker 'wandb'; valid: tensorboard"):
         TV.train_vae(cfg, run_dir=tmp_path / "x", device="cpu", log_with="wandb")
     assert not (tmp_path / "x").exists()
+
+
+def test_distillation_target_is_the_teachers_guided_output():
+    """Per example: w·(cond − uncond) + uncond inside the guidance interval, the conditional output outside it,
+    the unconditional output for null labels — what ``pipeline.guided_output`` gives one timestep at a time."""
+    from nbutils.unet import UNet
+
+    cfg = get_config("smoke")
+    torch.manual_seed(0)
+    teacher = UNet(cfg.unet).eval()
+    recipe = P.SamplingRecipe(guidance=2.5, guidance_interval=(100, 600))
+    alphas = TU.GaussianDiffusion(cfg.diffusion).alphas_cumprod
+    distill = TU.Distillation(teacher, {"tensor_digest": "x"}, recipe, alphas)
+    t = torch.tensor([0, 99, 100, 350, 600, 601, 999, 350])
+    labels = torch.tensor([1, 2, 3, 4, 5, 6, 7, teacher.null_label])
+    x = torch.randn(len(t), *(cfg.unet.latent_channels, 7, 7))
+    got = distill.target(x, t, labels)
+    for i in range(len(t)):
+        w = 2.5 if 100 <= t[i] <= 600 else 1.0
+        want = P.guided_output(teacher, x[i : i + 1], int(t[i]), labels[i : i + 1], w, teacher.null_label)
+        torch.testing.assert_close(got[i : i + 1], want, rtol=1e-4, atol=1e-5)
+    assert not any(p.requires_grad for p in teacher.parameters())  # frozen: no gradient reaches the teacher
+
+
+@pytest.mark.slow
+def test_guidance_distillation_trains_a_student_that_samples_unguided(smoke_run, tmp_path):
+    """A student learns a teacher's guided output: it records its teacher, samples with the teacher's recipe
+    unguided, trains to a lower loss than a plain run (no noise in its target), and cannot be resumed with
+    another objective; a teacher on another VAE is refused."""
+    import dataclasses
+
+    from nbutils.checkpoints import export_model
+
+    cfg, vae_run, _ = smoke_run
+    teacher_run, student, plain = _unet_runs(vae_run, tmp_path, "teacher", "student", "plain")
+    quiet = {"device": "cpu", "progress": False, "log": lambda m: None}
+    cfg = cfg.replace(train_unet=dataclasses.replace(cfg.train_unet, sample_every=0))
+    TU.train_unet(cfg, run_dir=teacher_run, epochs=2, **quiet)
+    recipe = P.SamplingRecipe(sampler="dpm", steps=8, guidance=2.0, guidance_interval=(30, 600))
+    export_model(teacher_run / "unet.safetensors", teacher_run / "unet.safetensors", "unet",
+                 sampling_recipe=recipe.to_dict())  # the teacher as released: with its recipe
+    logs = []
+    TU.train_unet(cfg, run_dir=student, epochs=1, teacher=teacher_run, device="cpu", progress=False,
+                  log=logs.append)
+    assert any(m.startswith("distilling the teacher") and "w = 2 on (30, 600)" in m for m in logs)
+    extra = P.load_unet(student, device="cpu")[1]["extra"]
+    teacher_meta = P.load_unet(teacher_run, device="cpu")[1]
+    assert extra["distilled_from"] == {"unet_tensor_digest": teacher_meta["tensor_digest"], "guidance": 2.0,
+                                       "guidance_interval": [30, 600]}
+    pipe = P.load_pipeline(student, device="cpu")
+    assert pipe.recipe == recipe.replace(guidance=1.0, guidance_interval=None)
+    assert P.sample(pipe, 4, "all", generator=torch.Generator().manual_seed(0)).images.isfinite().all()
+    TU.train_unet(cfg, run_dir=plain, epochs=1, **quiet)
+    loss = {r: TR.load_history(r, "unet")[1][-1]["train_loss"] for r in (student, plain)}
+    assert loss[student] < 0.5 * loss[plain]
+    with pytest.raises(CheckpointError, match="trained with a teacher, resumed with no teacher"):
+        TU.train_unet(cfg, run_dir=student, epochs=2, resume=True, **quiet)
+    with pytest.raises(CheckpointError, match="trained with no teacher, resumed with a teacher"):
+        TU.train_unet(cfg, run_dir=plain, epochs=2, resume=True, teacher=teacher_run, **quiet)
+    TU.train_unet(cfg, run_dir=student, epochs=2, resume=True, teacher=teacher_run, **quiet)
+    other_vae = tmp_path / "other"
+    TV.train_vae(cfg.replace(train_vae=dataclasses.replace(cfg.train_vae, seed=1)), run_dir=other_vae, epochs=1,
+                 **quiet)
+    with pytest.raises(CheckpointError, match="is not the VAE the teacher .* was trained with"):
+        TU.train_unet(cfg, run_dir=other_vae, epochs=1, teacher=teacher_run, **quiet)
