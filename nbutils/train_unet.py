@@ -45,6 +45,7 @@ from .pipeline import (
     check_vae,
     load_pipeline,
     load_vae,
+    recipe_timesteps,
     sample,
     vae_identity,
 )
@@ -216,10 +217,12 @@ def train_unet(
 class Distillation:
     """Guidance distillation's target and loss (module docstring): a frozen teacher UNet and its guidance."""
 
-    def __init__(self, teacher: UNet, meta: dict, recipe: SamplingRecipe, alphas_cumprod: torch.Tensor):
+    def __init__(self, teacher: UNet, meta: dict, recipe: SamplingRecipe, alphas_cumprod: torch.Tensor,
+                 student_recipe: SamplingRecipe | None = None):
         self.teacher, self.meta, self.recipe = teacher.eval().requires_grad_(False), meta, recipe
         self.alphas_cumprod = alphas_cumprod
         self.null = teacher.null_label
+        self.student_recipe = student_recipe or recipe.replace(guidance=1.0, guidance_interval=None)
 
     @torch.no_grad()
     def target(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -247,7 +250,7 @@ class Distillation:
         return {"distilled_from": {"unet_tensor_digest": self.meta["tensor_digest"],
                                    "guidance": self.recipe.guidance,
                                    "guidance_interval": list(self.recipe.guidance_interval or [])},
-                "sampling_recipe": self.recipe.replace(guidance=1.0, guidance_interval=None).to_dict()}
+                "sampling_recipe": self.student_recipe.to_dict()}
 
 
 def load_teacher(checkpoint: str | Path, cfg: Config, vae_meta: dict, device, log: Callable[[str], None]
@@ -269,7 +272,18 @@ def load_teacher(checkpoint: str | Path, cfg: Config, vae_meta: dict, device, lo
         raise CheckpointError(f"the teacher {where} samples without guidance: nothing to distil")
     log(f"distilling the teacher {display_path(where)}: w = {pipe.recipe.guidance:g} on "
         f"{pipe.recipe.guidance_interval or 'every step'}")
-    return Distillation(pipe.unet, pipe.meta, pipe.recipe, GaussianDiffusion(cfg.diffusion).alphas_cumprod)
+    return Distillation(pipe.unet, pipe.meta, pipe.recipe, GaussianDiffusion(cfg.diffusion).alphas_cumprod,
+                        unguided(pipe))
+
+
+def unguided(pipe: Pipeline) -> SamplingRecipe:
+    """The recipe a student of ``pipe`` samples with: the teacher's, at the same timesteps, without guidance (a
+    recipe whose ``guided_steps`` place steps around the guidance interval lists those timesteps instead)."""
+    recipe = pipe.recipe
+    if recipe.guided_steps is None:
+        return recipe.replace(guidance=1.0, guidance_interval=None)
+    return recipe.replace(guidance=1.0, guidance_interval=None, guided_steps=None, steps=None,
+                          timestep_spacing=None, timesteps=tuple(recipe_timesteps(pipe, recipe)))
 
 
 def check_same_teacher(saved_extra: dict, distill: Distillation | None, run_dir: Path) -> None:

@@ -593,6 +593,14 @@ def test_distillation_target_is_the_teachers_guided_output():
         want = P.guided_output(teacher, x[i : i + 1], int(t[i]), labels[i : i + 1], w, teacher.null_label)
         torch.testing.assert_close(got[i : i + 1], want, rtol=1e-4, atol=1e-5)
     assert not any(p.requires_grad for p in teacher.parameters())  # frozen: no gradient reaches the teacher
+    # a student samples the teacher's timesteps unguided, also where guided_steps placed them around the interval
+    split = P.SamplingRecipe(sampler="ddim", steps=10, guided_steps=6, guidance=3.0, guidance_interval=(0, 400))
+    pipe = P.Pipeline(None, teacher, cfg.diffusion, split)
+    student = TU.unguided(pipe)
+    assert student.guidance == 1.0 and student.guidance_interval is None and student.sampler == "ddim"
+    assert list(student.timesteps) == P.recipe_timesteps(pipe, split)
+    assert TU.unguided(pipe.__class__(None, teacher, cfg.diffusion, recipe)) == recipe.replace(
+        guidance=1.0, guidance_interval=None)
 
 
 @pytest.mark.slow
