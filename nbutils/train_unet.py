@@ -218,11 +218,11 @@ class Distillation:
     """Guidance distillation's target and loss (module docstring): a frozen teacher UNet and its guidance."""
 
     def __init__(self, teacher: UNet, meta: dict, recipe: SamplingRecipe, alphas_cumprod: torch.Tensor,
-                 student_recipe: SamplingRecipe | None = None):
+                 student_recipe: SamplingRecipe):
         self.teacher, self.meta, self.recipe = teacher.eval().requires_grad_(False), meta, recipe
         self.alphas_cumprod = alphas_cumprod
         self.null = teacher.null_label
-        self.student_recipe = student_recipe or recipe.replace(guidance=1.0, guidance_interval=None)
+        self.student_recipe = student_recipe  # the teacher's recipe unguided (:func:`unguided`)
 
     @torch.no_grad()
     def target(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -583,7 +583,7 @@ def test_distillation_target_is_the_teachers_guided_output():
     teacher = UNet(cfg.unet).eval()
     recipe = P.SamplingRecipe(guidance=2.5, guidance_interval=(100, 600))
     alphas = TU.GaussianDiffusion(cfg.diffusion).alphas_cumprod
-    distill = TU.Distillation(teacher, {"tensor_digest": "x"}, recipe, alphas)
+    distill = TU.Distillation(teacher, {"tensor_digest": "x"}, recipe, alphas, recipe.replace(guidance=1.0))
     t = torch.tensor([0, 99, 100, 350, 600, 601, 999, 350])
     labels = torch.tensor([1, 2, 3, 4, 5, 6, 7, teacher.null_label])
     x = torch.randn(len(t), *(cfg.unet.latent_channels, 7, 7))
@@ -599,7 +599,7 @@ def test_distillation_target_is_the_teachers_guided_output():
     student = TU.unguided(pipe)
     assert student.guidance == 1.0 and student.guidance_interval is None and student.sampler == "ddim"
     assert list(student.timesteps) == P.recipe_timesteps(pipe, split)
-    assert TU.unguided(pipe.__class__(None, teacher, cfg.diffusion, recipe)) == recipe.replace(
+    assert TU.unguided(P.Pipeline(None, teacher, cfg.diffusion, recipe)) == recipe.replace(
         guidance=1.0, guidance_interval=None)
 
 
