@@ -6,12 +6,15 @@
 
 Made for a GPU lent for a few minutes at a time. Training runs with the settings that remove per-step overhead
 on CUDA: the data on the device, bf16 autocast, the forward pass compiled with --compile-mode (default
-"reduce-overhead": CUDA graphs), the fused Adam, no sample grids during training. When --budget-s runs out the
+"reduce-overhead": CUDA graphs) for the full batch size, the fused Adam, no sample grids during training, the
+loss parts read back every few dozen steps, and a checkpoint (with the VAE's test evaluation) every
+--checkpoint-every epochs instead of every epoch. When --budget-s runs out the
 process stops itself after the current step (SIGTERM, which the training loop turns into a checkpoint); run the
 same command again and it resumes exactly where it stopped (each model's --resume). Once both models are trained
 it samples --n images with --recipe and evaluates them on both judges (the resnet's numbers at the top, the vgg's
 under its name). The record says how far the run got ("stage"), the device, the software versions, the wall time
-of each part and, when finished, the quality numbers.
+of each part, each model's median seconds per epoch and per step (over the epochs of the run's history; the first
+epoch of each invocation includes compilation, reported apart) and, when finished, the quality numbers.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -49,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop training cleanly after this many optimizer steps of this invocation, both models "
                         "counted (on a GPU at the next read-back of the step numbers); default: no limit")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="reduce-overhead")
+    p.add_argument("--checkpoint-every", type=common.positive_int, default=10, metavar="N",
+                   help="save each model (and evaluate the VAE) every N epochs (default 10; a stop always saves)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (the per-epoch lines remain)")
     p.add_argument("--recipe", choices=("model", "shipped"), default="shipped",
                    help="sampling recipe: the model's own or the shipped model's (default)")
 
@@ -63,12 +70,25 @@ def _settings(preset: str, device: str, compile_mode: str):
                        train_unet=dataclasses.replace(cfg.train_unet, **fast))
 
 
-def _epochs(run_dir: Path, what: str) -> int:
+def _epochs(run_dir: Path, what: str) -> list[dict]:
     try:
         _, epochs = load_history(run_dir, what)
     except (FileNotFoundError, ValueError):
-        return 0
-    return len(epochs)
+        return []
+    return epochs
+
+
+def _speed(epochs: list[dict]) -> dict:
+    """Median seconds per epoch and per step over the epochs run whole (robust to the few that compile: the first
+    of each invocation, the slowest shown apart)."""
+    whole = [e for e in epochs if "resumed_at_batch" not in e]
+    if not whole:
+        return {}
+    seconds = median([e["seconds"] for e in whole])
+    steps = round(median([e["seconds"] * e["batches_per_s"] for e in whole]))
+    return {"epoch_seconds": round(seconds, 3), "step_seconds": round(seconds / steps, 5), "steps_per_epoch": steps,
+            "slowest_epoch_seconds": round(max(e["seconds"] for e in whole), 1),
+            "trained_seconds": round(sum(e["seconds"] for e in epochs), 1)}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -89,9 +109,11 @@ def run(args: argparse.Namespace) -> dict:
         timer.start()
     record = {"preset": args.preset, "device": args.device, "run_dir": str(run_dir),
               "compile_mode": args.compile_mode if torch.device(args.device).type == "cuda" else "none"}
+    record["torch"] = torch.__version__
     if torch.device(args.device).type == "cuda":
         record["card"] = torch.cuda.get_device_name(args.device)
         record["cuda"] = torch.version.cuda
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions once
     stage = "vae"
     steps_done = 0
 
@@ -105,12 +127,14 @@ def run(args: argparse.Namespace) -> dict:
     try:
         t0 = time.perf_counter()
         train_vae(cfg, run_dir=run_dir, resume=(run_dir / "vae_state.pt").is_file(), device=args.device,
-                  log=common.log, on_step=on_step)
+                  log=common.log, on_step=on_step, progress=not args.no_progress,
+                  checkpoint_every=args.checkpoint_every)
         record["vae_seconds"] = round(time.perf_counter() - t0, 1)
         stage = "unet"
         t0 = time.perf_counter()
         train_unet(cfg, run_dir=run_dir, resume=(run_dir / "unet_state.pt").is_file(), device=args.device,
-                   log=common.log, on_step=on_step)
+                   log=common.log, on_step=on_step, progress=not args.no_progress,
+                   checkpoint_every=args.checkpoint_every)
         record["unet_seconds"] = round(time.perf_counter() - t0, 1)
     except TrainingInterrupted as exc:
         common.log(str(exc))
@@ -119,7 +143,10 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         if timer is not None:
             timer.cancel()
-    record["vae_epochs"], record["unet_epochs"] = _epochs(run_dir, "vae"), _epochs(run_dir, "unet")
+    for what in ("vae", "unet"):
+        epochs = _epochs(run_dir, what)
+        record[f"{what}_epochs"] = len(epochs)
+        record[f"{what}_speed"] = _speed(epochs)
     if "stage" not in record:
         pipe = load_pipeline(run_dir, device=args.device)
         recipe = SHIPPED_RECIPE if args.recipe == "shipped" else pipe.recipe

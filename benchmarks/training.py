@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 from benchmarks import common
-from nbutils.config import MIXED_PRECISION, PRESETS
+from nbutils.config import COMPILE_MODES, MIXED_PRECISION, PRESETS
 
 COLUMNS = ["processes", "threads_per_process", "device", "preset", "global_batch", "autocast", "compile",
-           "seconds_per_step", "latent_samples_per_s", "epoch_minutes", "projected_minutes"]
+           "compile_mode", "seconds_per_step", "latent_samples_per_s", "epoch_minutes", "projected_minutes"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=common.positive_int, default=100, help="epochs for the projected wall time")
     p.add_argument("--mixed-precision", default="no", choices=MIXED_PRECISION)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile's mode with --compile (\"reduce-overhead\": CUDA graphs)")
     p.add_argument("--profile", metavar="FILE", help="profile the timed steps (torch.profiler) into FILE: "
                    "per-operator tables; the timings then include the profiler's own cost")
     p.add_argument("--threads", type=common.positive_int, help="threads per process (default: cores / processes)")
@@ -71,6 +73,7 @@ def worker(args: argparse.Namespace) -> None:
         "train_unet.sample_every=0",
         f"train_unet.mixed_precision={args.mixed_precision}",
         f"train_unet.compile={args.compile}",
+        f"train_unet.compile_mode={args.compile_mode}",
     ])
     device = torch.device(args.device)
     stamps: dict[int, float] = {}
@@ -110,6 +113,7 @@ def worker(args: argparse.Namespace) -> None:
         "mixed_precision": args.mixed_precision,
         "autocast": str(autocast or "float32").removeprefix("torch."),  # what the setting means on this device
         "compile": args.compile and device.type == "cuda",
+        "compile_mode": args.compile_mode if args.compile and device.type == "cuda" else "none",
         "timed_steps": args.steps,
         "profiled": bool(args.profile),
         "sync_every": args.sync_every,
@@ -157,7 +161,7 @@ def run(args: argparse.Namespace) -> dict | None:
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--epochs", str(args.epochs),
                "--mixed-precision", args.mixed_precision, "--device", args.device, "--sync-every", str(every),
                "--checkpoint", str(Path(args.checkpoint).resolve()),
-               *(["--compile"] if args.compile else []),
+               *(["--compile", "--compile-mode", args.compile_mode] if args.compile else []),
                *(["--profile", str(Path(args.profile).resolve())] if args.profile else [])]
         if n == 1:
             cmd = [sys.executable, "-m", "benchmarks", *own]

@@ -223,7 +223,7 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     vae = train_vae(cfg, run_dir=run_dir, epochs=args.epochs, resume=args.resume, device=args.device,
                     progress=not args.no_progress, data_root=args.data_root, log_with=args.log_with,
-                    log=lambda m: print(m, file=sys.stderr))
+                    checkpoint_every=args.checkpoint_every, log=lambda m: print(m, file=sys.stderr))
     if is_main_process():
         print(json.dumps({"run_dir": str(run_dir or (project_root() / "runs" / cfg.preset)),
                           "seconds": round(time.perf_counter() - t0, 1),
@@ -238,7 +238,7 @@ def cmd_train_unet(args: argparse.Namespace) -> int:
     train_unet(cfg, run_dir=run_dir, epochs=args.epochs, resume=args.resume, vae_checkpoint=args.vae,
                init_from=args.init_from, teacher=args.teacher,
                device=args.device, progress=not args.no_progress, data_root=args.data_root, log_with=args.log_with,
-               log=lambda m: print(m, file=sys.stderr))
+               checkpoint_every=args.checkpoint_every, log=lambda m: print(m, file=sys.stderr))
     if is_main_process():
         print(json.dumps({"run_dir": str(run_dir or (project_root() / "runs" / cfg.preset)),
                           "seconds": round(time.perf_counter() - t0, 1)}))
@@ -463,6 +463,9 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, mps (default: auto)")
     p.add_argument("--data-root", help="folder holding the FashionMNIST .gz files")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=1, metavar="N",
+                   help="save the run (and evaluate the VAE on the test set) every N epochs (default 1); the last "
+                        "epoch and Ctrl-C always save")
     p.add_argument("--log-with", choices=tuple(LOG_WITH),
                    help="also log the training curves for TensorBoard in RUN_DIR/tensorboard (needs tensorboard; "
                         "RUN_DIR/*_steps.jsonl and *_history.json are written either way)")

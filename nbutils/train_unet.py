@@ -53,6 +53,7 @@ from .training import (
     EMA,
     Run,
     autocast,
+    check_checkpoint_every,
     check_log_with,
     check_model_size,
     describe_estimate,
@@ -82,6 +83,7 @@ def train_unet(
     log_with: str | None = None,
     init_from: str | Path | None = None,
     teacher: str | Path | None = None,
+    checkpoint_every: int = 1,
 ) -> UNet:
     """Train the latent UNet of ``cfg`` on the cached latents of a VAE; returns the EMA UNet.
 
@@ -100,12 +102,14 @@ def train_unet(
     Every ``sample_every`` epochs a grid of samples (one row per class) goes to
     ``RUN_DIR/unet_samples_epochNNN.png``; ``on_epoch_end(record, history, ema_unet, grid_path)`` is called
     after each epoch and ``on_step(step, loss_parts)`` after each step (notebook 04's live picture);
-    ``log_with="tensorboard"`` also logs the curves for TensorBoard in ``RUN_DIR/tensorboard/unet``.
+    ``log_with="tensorboard"`` also logs the curves for TensorBoard in ``RUN_DIR/tensorboard/unet``;
+    ``checkpoint_every`` epochs between checkpoints (:func:`nbutils.training.fit`).
     """
     tc, phase2 = cfg.train_unet, cfg.finetune_unet
     epochs = tc.epochs + phase2.epochs if epochs is None else epochs
     check_model_size(cfg, "unet", UNet)  # before anything is built or written
     check_log_with(log_with)
+    check_checkpoint_every(checkpoint_every)
     run_dir, procs, device, log, progress = start(tc, epochs, run_dir, cfg.preset, device, log, progress,
                                                   "unet_state.pt" if resume else None)
     with owned(run_dir, procs):
@@ -210,7 +214,7 @@ def train_unet(
             flops = step_flops(unet, lambda m, k: _unet_loss(m, k, vae.latent_shape), tc.batch_size)
             log(describe_estimate("UNet", flops, (epochs - run.epoch) * -(-n // tc.batch_size), device))
         fit(run, epochs, batches, train_step, epoch_gens=("shuffle", "latent"), after_epoch=after_epoch,
-            on_step=on_step, start_epoch=start_epoch, log_with=log_with)
+            on_step=on_step, start_epoch=start_epoch, log_with=log_with, checkpoint_every=checkpoint_every)
         return run.ema.model
 
 

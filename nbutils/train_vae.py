@@ -28,6 +28,7 @@ from .training import (
     EMA,
     Run,
     autocast,
+    check_checkpoint_every,
     check_log_with,
     check_model_size,
     describe_estimate,
@@ -67,6 +68,7 @@ def train_vae(
     data_root: str | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     log_with: str | None = None,
+    checkpoint_every: int = 1,
 ) -> VAE:
     """Train the VAE of ``cfg`` and return its EMA copy (with latent statistics set). ``on_step(step, loss parts)``
     is called for every optimizer step (as for ``train_unet``; on a GPU in blocks, when the numbers are read back).
@@ -74,11 +76,13 @@ def train_vae(
     ``epochs`` is the total number of epochs wanted (default ``cfg.train_vae.epochs``); with
     ``resume=True`` training continues from ``run_dir``'s last checkpoint up to that total.
     ``log_with="tensorboard"`` also logs the curves for TensorBoard in ``RUN_DIR/tensorboard/vae``.
+    ``checkpoint_every``: epochs between checkpoints and test-set evaluations (:func:`nbutils.training.fit`).
     """
     tc = cfg.train_vae
     epochs = tc.epochs if epochs is None else epochs
     check_model_size(cfg, "vae", VAE)  # before anything is built or written
     check_log_with(log_with)
+    check_checkpoint_every(checkpoint_every)
     run_dir, procs, device, log, progress = start(tc, epochs, run_dir, cfg.preset, device, log, progress,
                                                   "vae_state.pt" if resume else None)
     with owned(run_dir, procs):
@@ -135,7 +139,7 @@ def train_vae(
             else "",
             postfix=lambda running, parts: {"loss": f"{running:.4f}",
                                             "psnr": f"{10 * math.log10(4 / max(parts['mse'], 1e-12)):.1f}dB"},
-            on_step=on_step, log_with=log_with)
+            on_step=on_step, log_with=log_with, checkpoint_every=checkpoint_every)
 
         # the scale factor and the latent cache come from the final weights (process 0 computes them)
         with procs.main_first():

@@ -200,9 +200,24 @@ def autocast_dtype(setting: str, device: torch.device, log: Callable[[str], None
     return torch.bfloat16 if supported else None
 
 
-def precision(tc: TrainConfig, model: nn.Module, device: torch.device, log: Callable[[str], None]
-              ) -> tuple[torch.dtype | None, torch.amp.GradScaler | None, nn.Module]:
-    """``(autocast dtype, fp16 gradient scaler or None, the module to call for the forward pass)``."""
+class CompiledForBatch:
+    """The forward pass compiled for one batch size (``torch.compile(dynamic=False)``), the eager module for any
+    other: an epoch's short last batch runs eagerly, once per epoch, instead of costing a recompilation (and, under
+    ``mode="reduce-overhead"``, a second set of CUDA graphs). Both call the same parameters."""
+
+    def __init__(self, model: nn.Module, batch: int, mode: str = "default"):
+        self.model, self.batch = model, batch
+        self.compiled = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs):
+        return (self.compiled if len(x) == self.batch else self.model)(x, *args, **kwargs)
+
+
+def precision(tc: TrainConfig, model: nn.Module, device: torch.device, log: Callable[[str], None],
+              batch: int | None = None) -> tuple[torch.dtype | None, torch.amp.GradScaler | None, nn.Module]:
+    """``(autocast dtype, fp16 gradient scaler or None, the callable for the forward pass)``; with ``tc.compile`` on
+    CUDA the forward is compiled for batches of ``batch`` examples (default ``tc.batch_size``; see
+    :class:`CompiledForBatch`)."""
     dtype = autocast_dtype(tc.mixed_precision, device, log, compile=tc.compile)
     if dtype is not None:
         log(f"mixed precision: {str(dtype).removeprefix('torch.')} autocast on {device}")
@@ -210,7 +225,7 @@ def precision(tc: TrainConfig, model: nn.Module, device: torch.device, log: Call
     forward = model
     if tc.compile:
         if device.type == "cuda":
-            forward = torch.compile(model, mode=None if tc.compile_mode == "default" else tc.compile_mode)
+            forward = CompiledForBatch(model, batch or tc.batch_size, tc.compile_mode)
         else:
             log(f"note: compile=True has no effect on {device.type} (CUDA only); training uncompiled")
     return dtype, scaler, forward
@@ -488,7 +503,7 @@ class Run:
     partial: dict | None = None  # resuming inside an epoch: {"batch", "epoch_rng", "running"}
     scaler: torch.amp.GradScaler | None = None
     amp_dtype: torch.dtype | None = None
-    forward: nn.Module | None = None
+    forward: Callable | None = None  # the model, or its compiled forward (CompiledForBatch)
     saved_scaler: dict | None = None  # fp16's loss scale from the state being resumed
 
     @property
@@ -527,8 +542,9 @@ class Run:
 
     def prepare(self) -> None:
         """Mixed precision and compile for the forward pass; an fp16 run resumes with the loss scale it reached."""
+        share = len(self.procs.shard(torch.empty(self.tc.batch_size))[0])  # this process's part of a full batch
         self.amp_dtype, self.scaler, self.forward = precision(self.tc, self.procs.prepare(self.model), self.device,
-                                                              self.log)
+                                                              self.log, batch=share)
         if self.scaler is not None and self.saved_scaler:
             self.scaler.load_state_dict(self.saved_scaler)
 
@@ -660,6 +676,11 @@ class _StepLog:
                 self.on_step(step, numbers)
 
 
+def check_checkpoint_every(every: int) -> None:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"checkpoint_every must be a whole number ≥ 1, got {every!r}")
+
+
 def fit(
     run: Run,
     epochs: int,
@@ -673,6 +694,7 @@ def fit(
     on_step: Callable[[int, dict], None] | None = None,
     start_epoch: Callable[[int], None] | None = None,
     log_with: str | None = None,
+    checkpoint_every: int = 1,
 ) -> None:
     """Train ``run`` from its current epoch up to ``epochs``.
 
@@ -684,8 +706,11 @@ def fit(
     ends the step, saves the position inside the epoch and raises :class:`TrainingInterrupted`.
     ``start_epoch(epoch)`` runs before each epoch that starts afresh (not one resumed in the middle).
     ``log_with="tensorboard"`` also sends every step's numbers and every epoch's record to TensorBoard
-    (:func:`open_tracker`).
+    (:func:`open_tracker`). ``checkpoint_every``: epochs between saves and ``evaluate()`` calls (a long GPU run
+    spends less time writing); the last epoch and a stop request always save, a killed process loses the epochs
+    since the last save.
     """
+    check_checkpoint_every(checkpoint_every)
     procs = run.procs
     with open_tracker(log_with if procs.is_main else None, run) as tracker, StopRequest() as stop:
         steps = _StepLog(run, SYNC_EVERY.get(run.device.type, 1) if procs.world_size == 1 else 1, on_step, tracker)
@@ -737,7 +762,8 @@ def fit(
                       "processes": procs.world_size, "batches_per_s": (len(loader) - skip) / max(seconds, 1e-9)}
             if skip:  # "seconds" then covers only the batches run after resuming
                 record["resumed_at_batch"] = skip
-            if procs.is_main and evaluate is not None:
+            save = (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs
+            if procs.is_main and evaluate is not None and save:
                 record.update(evaluate())
             run.history.epochs.append(record)
             run.epoch = epoch + 1
@@ -746,7 +772,8 @@ def fit(
             if steps.tracker is not None:
                 steps.tracker.log(_numbers(record, "epoch"), run.step)
             if procs.is_main:
-                run.save(epoch + 1)
+                if save:
+                    run.save(epoch + 1)
                 if after_epoch is not None:
                     after_epoch(record)
     procs.barrier()  # the last checkpoint is on disk before any process returns

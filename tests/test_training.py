@@ -148,6 +148,56 @@ def test_reading_the_step_numbers_back_in_blocks_changes_nothing(tmp_path, monke
     assert [e["train_loss"] for e in epochs_a] == [e["train_loss"] for e in epochs_b]
 
 
+def test_checkpointing_every_few_epochs_trains_the_same_run(tmp_path, monkeypatch):
+    """checkpoint_every=2 over 3 epochs saves (and evaluates the VAE) after epochs 2 and 3 only, and ends with the
+    weights, state and per-step history of a run that saved every epoch; a bad value is refused before any work."""
+    from nbutils import checkpoints as C
+
+    _vae_run(tmp_path / "every", 3)
+    commits = []
+    real_commit = C.commit_files
+
+    def recording(folder, name, files, **info):
+        commits.append(info.get("epochs_done"))
+        return real_commit(folder, name, files, **info)
+
+    monkeypatch.setattr(TR, "commit_files", recording)
+    _vae_run(tmp_path / "sparse", 3, checkpoint_every=2)
+    monkeypatch.undo()
+    assert commits == [2, 3]
+    _same_run(tmp_path / "every", tmp_path / "sparse")
+    (steps_a, _), (steps_b, epochs_b) = (TR.load_history(tmp_path / r, "vae") for r in ("every", "sparse"))
+    assert steps_a == steps_b
+    assert ["test_psnr" in e for e in epochs_b] == [False, True, True]
+    with pytest.raises(ValueError, match="checkpoint_every must be a whole number ≥ 1, got 0"):
+        _vae_run(tmp_path / "bad", 1, checkpoint_every=0)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_compiled_forward_runs_the_full_batch_and_the_short_one_eagerly(monkeypatch):
+    """CompiledForBatch: one compiled graph (static shapes, the asked mode) for the training batch size; the short
+    last batch of an epoch calls the eager module (no recompilation). Both compute with the same parameters."""
+    compiled_calls, asked = [], {}
+
+    def fake_compile(model, **kw):
+        asked.update(kw)
+
+        def run(x, *args, **kwargs):
+            compiled_calls.append(len(x))
+            return model(x, *args, **kwargs)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = torch.nn.Linear(3, 2)
+    forward = TR.CompiledForBatch(model, batch=4, mode="reduce-overhead")
+    assert asked == {"mode": "reduce-overhead", "dynamic": False}
+    x = torch.randn(4, 3)
+    assert torch.equal(forward(x), model(x)) and torch.equal(forward(x[:3]), model(x[:3]))
+    assert compiled_calls == [4]
+    TR.CompiledForBatch(model, batch=4)
+    assert asked["mode"] is None  # "default": torch.compile's own default
+
+
 def test_a_save_killed_before_or_after_its_commit_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
     """Weights, state and history of an epoch are one set: a training process killed while saving epoch 2 resumes
     from all of epoch 1 (killed before the commit) or all of epoch 2 (after it), never a mix, and ends with the
