@@ -5,10 +5,12 @@
     python -m benchmarks full_gpu --preset smoke --run-dir /tmp/full-smoke --n 200       # the same path on a CPU
 
 Made for a GPU lent for a few minutes at a time. Training runs with the settings that remove per-step overhead
-on CUDA: the data on the device, bf16 autocast, the forward pass compiled with --compile-mode (default
-"reduce-overhead": CUDA graphs) for the full batch size, the fused Adam, no sample grids during training, the
-loss parts read back every few dozen steps, and a checkpoint (with the VAE's test evaluation) every
---checkpoint-every epochs instead of every epoch. When --budget-s runs out the
+on CUDA: the data on the device, bf16 autocast, the forward pass compiled for the full batch size, each full-batch
+step (loss, backward, clipping, the fused Adam) replayed as one CUDA graph (--cuda-graph, the default;
+nbutils.training.StepGraph) — or, with --no-cuda-graph, only the forward and backward as CUDA graphs of
+torch.compile's --compile-mode "reduce-overhead" —, no sample grids during training, the loss parts read back
+every few dozen steps, and a checkpoint (with the VAE's test evaluation) every --checkpoint-every epochs instead
+of every epoch. When --budget-s runs out the
 process stops itself after the current step (SIGTERM, which the training loop turns into a checkpoint); run the
 same command again and it resumes exactly where it stopped (each model's --resume). Once both models are trained
 it samples --n images with --recipe and evaluates them on both judges (the resnet's numbers at the top, the vgg's
@@ -52,7 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-after-steps", type=common.positive_int, default=None,
                    help="stop training cleanly after this many optimizer steps of this invocation, both models "
                         "counted (on a GPU at the next read-back of the step numbers); default: no limit")
-    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="reduce-overhead")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="reduce-overhead",
+                   help="torch.compile's mode for the forward pass (with --cuda-graph its own CUDA graphs are off)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="replay each full-batch training step as one CUDA graph (default: on)")
     p.add_argument("--checkpoint-every", type=common.positive_int, default=10, metavar="N",
                    help="save each model (and evaluate the VAE) every N epochs (default 10; a stop always saves)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the per-epoch lines remain)")
@@ -108,7 +113,8 @@ def run(args: argparse.Namespace) -> dict:
         timer.daemon = True
         timer.start()
     record = {"preset": args.preset, "device": args.device, "run_dir": str(run_dir),
-              "compile_mode": args.compile_mode if torch.device(args.device).type == "cuda" else "none"}
+              "compile_mode": args.compile_mode if torch.device(args.device).type == "cuda" else "none",
+              "cuda_graph": args.cuda_graph and torch.device(args.device).type == "cuda"}
     record["torch"] = torch.__version__
     if torch.device(args.device).type == "cuda":
         record["card"] = torch.cuda.get_device_name(args.device)
@@ -128,13 +134,13 @@ def run(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         train_vae(cfg, run_dir=run_dir, resume=(run_dir / "vae_state.pt").is_file(), device=args.device,
                   log=common.log, on_step=on_step, progress=not args.no_progress,
-                  checkpoint_every=args.checkpoint_every)
+                  checkpoint_every=args.checkpoint_every, cuda_graph=args.cuda_graph)
         record["vae_seconds"] = round(time.perf_counter() - t0, 1)
         stage = "unet"
         t0 = time.perf_counter()
         train_unet(cfg, run_dir=run_dir, resume=(run_dir / "unet_state.pt").is_file(), device=args.device,
                    log=common.log, on_step=on_step, progress=not args.no_progress,
-                   checkpoint_every=args.checkpoint_every)
+                   checkpoint_every=args.checkpoint_every, cuda_graph=args.cuda_graph)
         record["unet_seconds"] = round(time.perf_counter() - t0, 1)
     except TrainingInterrupted as exc:
         common.log(str(exc))

@@ -84,7 +84,7 @@ def training_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alph
 def min_snr_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
                     prediction_type: str = "epsilon") -> torch.Tensor:
     """Per-example loss weights of min-SNR-γ (Hang et al. 2023) for the given prediction type."""
-    s = (alphas_cumprod / (1 - alphas_cumprod))[t.cpu().long()].to(t.device)
+    s = (alphas_cumprod / (1 - alphas_cumprod)).to(t.device)[t.long()]  # indexed where t is: no host round trip
     clipped = torch.clamp(s, max=gamma)
     if prediction_type == "epsilon":
         return (clipped / s).float()
@@ -115,6 +115,12 @@ class GaussianDiffusion:
         self.alphas_cumprod = self.schedule.alphas_cumprod
         self.num_classes = num_classes
         self.null_label = num_classes
+
+    def to(self, device: str | torch.device) -> GaussianDiffusion:
+        """Keep ᾱ on ``device`` (the training device): then each loss indexes it there instead of copying it from
+        the host, which on a GPU would wait for all queued work at every step. Returns self."""
+        self.alphas_cumprod = self.alphas_cumprod.to(device)
+        return self
 
     @property
     def num_train_timesteps(self) -> int:

@@ -84,6 +84,7 @@ def train_unet(
     init_from: str | Path | None = None,
     teacher: str | Path | None = None,
     checkpoint_every: int = 1,
+    cuda_graph: bool = False,
 ) -> UNet:
     """Train the latent UNet of ``cfg`` on the cached latents of a VAE; returns the EMA UNet.
 
@@ -103,7 +104,8 @@ def train_unet(
     ``RUN_DIR/unet_samples_epochNNN.png``; ``on_epoch_end(record, history, ema_unet, grid_path)`` is called
     after each epoch and ``on_step(step, loss_parts)`` after each step (notebook 04's live picture);
     ``log_with="tensorboard"`` also logs the curves for TensorBoard in ``RUN_DIR/tensorboard/unet``;
-    ``checkpoint_every`` epochs between checkpoints (:func:`nbutils.training.fit`).
+    ``checkpoint_every`` epochs between checkpoints (:func:`nbutils.training.fit`); ``cuda_graph``: on CUDA,
+    replay each full-batch step as one CUDA graph (:class:`nbutils.training.StepGraph`).
     """
     tc, phase2 = cfg.train_unet, cfg.finetune_unet
     epochs = tc.epochs + phase2.epochs if epochs is None else epochs
@@ -135,7 +137,7 @@ def train_unet(
 
         torch.manual_seed(tc.seed)
         unet = UNet(cfg.unet).to(device)
-        diffusion = GaussianDiffusion(cfg.diffusion, cfg.unet.num_classes)
+        diffusion = GaussianDiffusion(cfg.diffusion, cfg.unet.num_classes).to(device)
         seeds = {"shuffle": tc.seed, "latent": tc.seed + 2, "noise": tc.seed + 1}
         gens = {"shuffle": torch.Generator().manual_seed(seeds["shuffle"]),
                 "latent": torch.Generator().manual_seed(seeds["latent"]),
@@ -167,6 +169,7 @@ def train_unet(
             log(f"note: overwriting the UNet checkpoint in {run_dir} (pass resume=True / --resume to continue it)")
         if init_from is not None and not resume:
             _init_from(Path(init_from), unet, run.ema, vae_meta, log)
+        run.cuda_graph = cuda_graph
         run.prepare()
 
         def start_epoch(epoch: int) -> None:
@@ -184,16 +187,18 @@ def train_unet(
             return D.TensorLoader((((z - shift) * scale).to(device), cache["labels"].to(device)),
                                   batch_size=tc.batch_size, shuffle=True, generator=gens["shuffle"])
 
-        def train_step(batch):
+        def draw(batch):
             x0, labels = (t.to(device, non_blocking=True) for t in batch)
-            t, noise, dropped = diffusion.draw(x0, labels, generator=gens["noise"])  # for the global batch
-            x0, t, noise, dropped = procs.shard(x0, t, noise, dropped)  # this process's share (all of it on one)
+            return (x0, *diffusion.draw(x0, labels, generator=gens["noise"]))  # for the global batch
+
+        def train_step(inputs):
+            x0, t, noise, dropped = procs.shard(*inputs)  # this process's share (all of it on one)
             with autocast(device, run.amp_dtype):
                 if distill is None:
                     loss, parts = diffusion.loss(run.forward, x0, dropped, draws=(t, noise, dropped))
                 else:
                     loss, parts = distill.loss(run.forward, x0, t, noise, dropped)
-            return loss, procs.combine(parts, len(labels)), len(labels)
+            return loss, procs.combine(parts, len(inputs[0])), len(inputs[0])
 
         def after_epoch(record: dict) -> None:
             grid = None
@@ -214,7 +219,8 @@ def train_unet(
             flops = step_flops(unet, lambda m, k: _unet_loss(m, k, vae.latent_shape), tc.batch_size)
             log(describe_estimate("UNet", flops, (epochs - run.epoch) * -(-n // tc.batch_size), device))
         fit(run, epochs, batches, train_step, epoch_gens=("shuffle", "latent"), after_epoch=after_epoch,
-            on_step=on_step, start_epoch=start_epoch, log_with=log_with, checkpoint_every=checkpoint_every)
+            on_step=on_step, start_epoch=start_epoch, log_with=log_with, checkpoint_every=checkpoint_every,
+            draw=draw)
         return run.ema.model
 
 
@@ -276,7 +282,7 @@ def load_teacher(checkpoint: str | Path, cfg: Config, vae_meta: dict, device, lo
         raise CheckpointError(f"the teacher {where} samples without guidance: nothing to distil")
     log(f"distilling the teacher {display_path(where)}: w = {pipe.recipe.guidance:g} on "
         f"{pipe.recipe.guidance_interval or 'every step'}")
-    return Distillation(pipe.unet, pipe.meta, pipe.recipe, GaussianDiffusion(cfg.diffusion).alphas_cumprod,
+    return Distillation(pipe.unet, pipe.meta, pipe.recipe, GaussianDiffusion(cfg.diffusion).to(device).alphas_cumprod,
                         unguided(pipe))
 
 

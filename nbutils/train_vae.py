@@ -69,6 +69,7 @@ def train_vae(
     on_step: Callable[[int, dict], None] | None = None,
     log_with: str | None = None,
     checkpoint_every: int = 1,
+    cuda_graph: bool = False,
 ) -> VAE:
     """Train the VAE of ``cfg`` and return its EMA copy (with latent statistics set). ``on_step(step, loss parts)``
     is called for every optimizer step (as for ``train_unet``; on a GPU in blocks, when the numbers are read back).
@@ -77,6 +78,7 @@ def train_vae(
     ``resume=True`` training continues from ``run_dir``'s last checkpoint up to that total.
     ``log_with="tensorboard"`` also logs the curves for TensorBoard in ``RUN_DIR/tensorboard/vae``.
     ``checkpoint_every``: epochs between checkpoints and test-set evaluations (:func:`nbutils.training.fit`).
+    ``cuda_graph``: on CUDA, replay each full-batch step as one CUDA graph (:class:`nbutils.training.StepGraph`).
     """
     tc = cfg.train_vae
     epochs = tc.epochs if epochs is None else epochs
@@ -107,6 +109,7 @@ def train_vae(
                 log(f"already trained {run.epoch} epochs (asked for {epochs}); nothing to do")
         elif run.weights_path.exists():
             log(f"note: overwriting the checkpoint in {run_dir} (pass resume=True / --resume to continue it)")
+        run.cuda_graph = cuda_graph
         run.prepare()
         log(f"VAE: {sum(p.numel() for p in vae.parameters()):,} parameters, {len(train_x):,} training images, batch "
             f"{tc.batch_size}{run.split_note()}, {len(loader)} steps/epoch, device {device}, "
@@ -117,10 +120,13 @@ def train_vae(
                 o.float().pow(2).mean() for o in m(torch.zeros(k, *shape[-3:], device="meta"))), tc.batch_size),
                 (epochs - run.epoch) * len(loader), device))
 
-        def train_step(batch):
+        def draw(batch):
             x = batch[0].to(device, non_blocking=True)
             # ε of the posterior samples, drawn for the global batch (see nbutils.distributed)
-            eps = torch.randn((len(x), *vae.latent_shape), generator=gens["noise"], device=device)
+            return x, torch.randn((len(x), *vae.latent_shape), generator=gens["noise"], device=device)
+
+        def train_step(inputs):
+            x, eps = inputs
             x_own, eps = procs.shard(x, eps)
             with autocast(device, run.amp_dtype):
                 recon, mean, logvar = run.forward(x_own, noise=eps)
@@ -139,7 +145,7 @@ def train_vae(
             else "",
             postfix=lambda running, parts: {"loss": f"{running:.4f}",
                                             "psnr": f"{10 * math.log10(4 / max(parts['mse'], 1e-12)):.1f}dB"},
-            on_step=on_step, log_with=log_with, checkpoint_every=checkpoint_every)
+            on_step=on_step, log_with=log_with, checkpoint_every=checkpoint_every, draw=draw)
 
         # the scale factor and the latent cache come from the final weights (process 0 computes them)
         with procs.main_first():

@@ -23,6 +23,7 @@ The loops themselves live in :mod:`nbutils.train_vae` and :mod:`nbutils.train_un
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import io
 import json
@@ -34,7 +35,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,15 @@ def optimizer_step(what: str, loss: torch.Tensor, parts: dict | None, model: nn.
     ``scaler`` is fp16's gradient scaler."""
     if parts is not None:
         check_finite(what, parts, step, epoch, last_checkpoint)
+    grad_norm = backward_and_step(loss, model, opt, tc, scaler)
+    ema.update(model)
+    return grad_norm
+
+
+def backward_and_step(loss: torch.Tensor, model: nn.Module, opt: torch.optim.Optimizer, tc: TrainConfig,
+                      scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """Backward, gradient clipping and the optimizer's step (no host synchronisation: a CUDA graph can hold it);
+    returns the gradient norm before clipping."""
     opt.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
@@ -162,7 +172,6 @@ def optimizer_step(what: str, loss: torch.Tensor, parts: dict | None, model: nn.
     else:
         scaler.step(opt)  # skipped when fp16 gradients overflowed
         scaler.update()
-    ema.update(model)
     return grad_norm.detach()
 
 
@@ -232,8 +241,9 @@ def precision(tc: TrainConfig, model: nn.Module, device: torch.device, log: Call
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
-    """``torch.autocast`` to ``dtype``, or a no-op context for None (float32)."""
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    """``torch.autocast`` to ``dtype``, or a no-op context for None (float32). Without autocast's cache of cast
+    weights (each weight is cast once a step anyway), which CUDA graph capture does not allow."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False)
 
 
 def check_model_size(cfg: Config, section: str, build: Callable[[Any], nn.Module]) -> int:
@@ -505,6 +515,7 @@ class Run:
     amp_dtype: torch.dtype | None = None
     forward: Callable | None = None  # the model, or its compiled forward (CompiledForBatch)
     saved_scaler: dict | None = None  # fp16's loss scale from the state being resumed
+    cuda_graph: bool = False  # replay each full-batch step as one CUDA graph (StepGraph)
 
     @property
     def weights_path(self) -> Path:
@@ -529,6 +540,8 @@ class Run:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
+        for group in self.opt.param_groups:  # as make_optimizer has them (a StepGraph run saved a tensor lr)
+            group["lr"], group["capturable"] = float(group["lr"]), False
         torch.set_rng_state(state["rng"]["torch"])
         for k, g in self.gens.items():
             g.set_state(state["rng"][k])
@@ -543,7 +556,12 @@ class Run:
     def prepare(self) -> None:
         """Mixed precision and compile for the forward pass; an fp16 run resumes with the loss scale it reached."""
         share = len(self.procs.shard(torch.empty(self.tc.batch_size))[0])  # this process's part of a full batch
-        self.amp_dtype, self.scaler, self.forward = precision(self.tc, self.procs.prepare(self.model), self.device,
+        tc = self.tc
+        own_graphs = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+        if self.cuda_graph and tc.compile and tc.compile_mode in own_graphs:
+            tc = dataclasses.replace(tc, compile_mode=own_graphs[tc.compile_mode])  # the step is one graph already
+            self.log("note: with the step as a CUDA graph the forward is compiled without CUDA graphs of its own")
+        self.amp_dtype, self.scaler, self.forward = precision(tc, self.procs.prepare(self.model), self.device,
                                                               self.log, batch=share)
         if self.scaler is not None and self.saved_scaler:
             self.scaler.load_state_dict(self.saved_scaler)
@@ -676,6 +694,98 @@ class _StepLog:
                 self.on_step(step, numbers)
 
 
+class _Rerun:
+    """Stands in for :class:`_CapturedGraph` off CUDA: ``replay()`` runs ``fn`` again (the same step, uncaptured)."""
+
+    def __init__(self, fn: Callable[[], torch.Tensor]):
+        self.fn = fn
+
+    def replay(self) -> torch.Tensor:
+        return self.fn()
+
+
+class _CapturedGraph:
+    """``fn`` recorded once as a CUDA graph (:class:`torch.cuda.CUDAGraph`); ``replay()`` re-runs the recorded
+    kernels on whatever the captured buffers hold now and returns ``fn``'s (static) output."""
+
+    def __init__(self, fn: Callable[[], torch.Tensor]):
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = fn()
+
+    def replay(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.out
+
+
+class StepGraph:
+    """The training step as one CUDA graph: the loss, backward, gradient clipping and Adam of a full batch are
+    captured once and then replayed, one launch a step instead of hundreds ("whole-network capture" in PyTorch's
+    CUDA semantics notes). What a replay cannot do stays outside, in the same order as without the graph: the
+    step's inputs (the batch and its random draws, made eagerly by ``draw``, so the random streams are those of
+    the plain loop) are copied into fixed buffers first, and the EMA update (one fused launch) follows.
+
+    On CUDA the learning rate becomes a tensor that the (capturable, fused) Adam reads, filled before each replay.
+    The first ``warmup`` steps of each optimizer run eagerly on a side stream (they are real steps: they initialise
+    Adam's state, cuDNN's choices and compiled code), the next one is captured and replayed; a new optimizer (a
+    second training phase) starts over. A batch of another shape (an epoch's short last batch) runs eagerly. One
+    process, bf16 or float32 only. Off CUDA the same path runs uncaptured (``_Rerun``): how it is tested on a CPU.
+    """
+
+    def __init__(self, run: Run, train_step: Callable, warmup: int = 3,
+                 graph: Callable[[Callable[[], torch.Tensor]], Any] | None = None):
+        if run.procs.world_size != 1:
+            raise ValueError("cuda_graph: one process only")
+        if run.scaler is not None:
+            raise ValueError("cuda_graph: bf16 or float32 only (fp16's loss scaling decides on the host)")
+        self.run, self.train_step, self.warmup = run, train_step, warmup
+        self.make_graph = graph or (_CapturedGraph if run.device.type == "cuda" else _Rerun)
+        self.opt: torch.optim.Optimizer | None = None
+        self.static: list[torch.Tensor] | None = None
+        self.keys: list[str] | None = None
+
+    def _new_optimizer(self) -> None:
+        self.opt, self.graph, self.eager_steps = self.run.opt, None, 0
+        if self.run.device.type == "cuda":
+            for group in self.opt.param_groups:  # what a captured Adam reads at each replay
+                group["capturable"] = True
+                group["lr"] = torch.tensor(float(group["lr"]), device=self.run.device)
+
+    def _body(self) -> torch.Tensor:
+        """One step on the fixed buffers: the loss parts and the gradient norm stacked in one tensor."""
+        loss, parts, _ = self.train_step(self.static)
+        grad_norm = backward_and_step(loss, self.run.model, self.run.opt, self.run.tc)
+        self.keys = list(parts)
+        return torch.stack([*(parts[k].float() for k in self.keys), grad_norm.float()])
+
+    def __call__(self, inputs: tuple[torch.Tensor, ...]) -> tuple[dict, torch.Tensor]:
+        """One step on ``inputs`` (``draw(batch)``): ``(loss parts, gradient norm)`` as tensors of this step."""
+        if self.run.opt is not self.opt:
+            self._new_optimizer()
+        if self.static is None:
+            self.static = [x.clone() for x in inputs]
+        if [x.shape for x in inputs] != [x.shape for x in self.static]:  # the short last batch: eagerly
+            loss, parts, _ = self.train_step(inputs)
+            return parts, backward_and_step(loss, self.run.model, self.run.opt, self.run.tc)
+        for buffer, x in zip(self.static, inputs, strict=True):
+            buffer.copy_(x)
+        if self.graph is None and self.eager_steps < self.warmup:
+            side = None
+            if self.run.device.type == "cuda":  # warm-up steps on a side stream, as capture wants
+                side = torch.cuda.Stream(self.run.device)
+                side.wait_stream(torch.cuda.current_stream(self.run.device))
+            with torch.cuda.stream(side) if side is not None else nullcontext():
+                out = self._body()
+            if side is not None:
+                torch.cuda.current_stream(self.run.device).wait_stream(side)
+            self.eager_steps += 1
+        else:
+            if self.graph is None:
+                self.graph = self.make_graph(self._body)  # recorded, not run
+            out = self.graph.replay().clone()  # the next replay overwrites the graph's output
+        return dict(zip(self.keys, out[:-1], strict=True)), out[-1]
+
+
 def check_checkpoint_every(every: int) -> None:
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"checkpoint_every must be a whole number ≥ 1, got {every!r}")
@@ -695,14 +805,16 @@ def fit(
     start_epoch: Callable[[int], None] | None = None,
     log_with: str | None = None,
     checkpoint_every: int = 1,
+    draw: Callable[[tuple], tuple] = lambda batch: batch,
 ) -> None:
     """Train ``run`` from its current epoch up to ``epochs``.
 
     ``batches(epoch)`` returns the epoch's loader (it may draw from the generators named in ``epoch_gens``);
-    ``train_step(batch)`` returns ``(loss of this process's share, loss parts of the global batch, global batch
-    size)``. After each epoch process 0 adds ``evaluate()``'s metrics to the epoch's history record, logs a line
-    ending in ``describe(record)``, saves the run and calls ``after_epoch(record)`` (pictures, a notebook's live
-    plot). A stop request (Ctrl-C, SIGTERM)
+    ``draw(batch)`` makes a step's inputs (the batch on the device and its random draws), ``train_step(inputs)``
+    returns ``(loss of this process's share, loss parts of the global batch, global batch size)`` and draws
+    nothing itself (``run.cuda_graph`` replays it as a CUDA graph: :class:`StepGraph`). After each epoch process 0
+    adds ``evaluate()``'s metrics to the epoch's history record, logs a line ending in ``describe(record)``, saves
+    the run and calls ``after_epoch(record)`` (pictures, a notebook's live plot). A stop request (Ctrl-C, SIGTERM)
     ends the step, saves the position inside the epoch and raises :class:`TrainingInterrupted`.
     ``start_epoch(epoch)`` runs before each epoch that starts afresh (not one resumed in the middle).
     ``log_with="tensorboard"`` also sends every step's numbers and every epoch's record to TensorBoard
@@ -712,6 +824,7 @@ def fit(
     """
     check_checkpoint_every(checkpoint_every)
     procs = run.procs
+    graph = StepGraph(run, train_step) if run.cuda_graph else None
     with open_tracker(log_with if procs.is_main else None, run) as tracker, StopRequest() as stop:
         steps = _StepLog(run, SYNC_EVERY.get(run.device.type, 1) if procs.world_size == 1 else 1, on_step, tracker)
         for epoch in range(run.epoch, epochs):
@@ -736,10 +849,18 @@ def fit(
                     continue
                 lr = lr_at(run.step - run.phase_start, run.tc, run.tc.lr_warmup_steps)
                 for group in run.opt.param_groups:
-                    group["lr"] = lr
-                loss, parts, n_global = train_step(batch)
-                grad_norm = optimizer_step(run.what.upper(), loss * procs.loss_factor(n_global), None, run.model,
-                                           run.ema, run.opt, run.tc, run.step, epoch, run.weights_path, run.scaler)
+                    if isinstance(group["lr"], torch.Tensor):  # a captured Adam's (StepGraph)
+                        group["lr"].fill_(lr)
+                    else:
+                        group["lr"] = lr
+                if graph is not None:
+                    parts, grad_norm = graph(draw(batch))
+                    run.ema.update(run.model)
+                else:
+                    loss, parts, n_global = train_step(draw(batch))
+                    grad_norm = optimizer_step(run.what.upper(), loss * procs.loss_factor(n_global), None,
+                                               run.model, run.ema, run.opt, run.tc, run.step, epoch,
+                                               run.weights_path, run.scaler)
                 run.step += 1
                 if steps.add(run.step, epoch, lr, parts, grad_norm):
                     bar.set_postfix(**postfix(steps.running, steps.last))

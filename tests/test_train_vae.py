@@ -456,6 +456,38 @@ def test_second_phase_is_the_two_run_recipe_exactly(smoke_run, tmp_path, monkeyp
     _assert_same_state(one / "unet_state.pt", cut / "unet_state.pt")
 
 
+def test_the_step_as_a_graph_trains_the_same_two_phase_run_and_resumes(smoke_run, tmp_path):
+    """``cuda_graph=True`` (StepGraph: fixed input buffers, a tensor learning rate, warm-up steps then replays, a new
+    optimizer in the second phase, the short last batch eagerly) trains bit for bit the plain loop's run, and a run
+    stopped mid-phase resumes to it. On a CPU the step runs uncaptured, which is what this checks; the capture
+    itself needs CUDA (benchmarks/full_gpu.py)."""
+    import dataclasses
+    import os
+    import signal
+
+    from nbutils.config import PhaseConfig
+
+    cfg, vae_run, _ = smoke_run
+    cfg = cfg.replace(unet=dataclasses.replace(cfg.unet, dropout=0.0),
+                      data=dataclasses.replace(cfg.data, train_subset=500),  # 7 batches of 64 and one of 52
+                      train_unet=dataclasses.replace(cfg.train_unet, epochs=1, sample_every=0),
+                      finetune_unet=PhaseConfig(epochs=1, lr=2e-4, lr_warmup_steps=3))
+    plain, graphed, cut = _unet_runs(vae_run, tmp_path, "plain", "graphed", "cut")
+    quiet = dict(device="cpu", progress=False, log=lambda m: None)
+    TU.train_unet(cfg, run_dir=plain, **quiet)
+    TU.train_unet(cfg, run_dir=graphed, cuda_graph=True, **quiet)
+    _assert_same_state(plain / "unet_state.pt", graphed / "unet_state.pt")
+
+    def stop_at(step, parts):
+        if step == 11:  # inside the second phase
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TR.TrainingInterrupted):
+        TU.train_unet(cfg, run_dir=cut, cuda_graph=True, on_step=stop_at, **quiet)
+    TU.train_unet(cfg, run_dir=cut, resume=True, cuda_graph=True, **quiet)
+    _assert_same_state(plain / "unet_state.pt", cut / "unet_state.pt")
+
+
 def test_resume_refuses_a_vae_other_than_the_runs_own(smoke_run, tmp_path):
     """Swapping another VAE into a UNet run cannot be laundered by --resume: the run records its VAE."""
     import shutil
