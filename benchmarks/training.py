@@ -3,6 +3,8 @@
     python -m benchmarks training                               # this CPU: 1 process vs 2 (gloo)
     python -m benchmarks training --processes 1 --preset cpu --steps 40 --warmup 10
     python -m benchmarks training --device cuda --processes 1 --preset full --mixed-precision bf16 --compile
+    python -m benchmarks training --device cuda --processes 1 --preset full --mixed-precision bf16 --compile \
+        --cuda-graph
 
 Each configuration runs the actual training loop (global batch, per-process shards, the all-reduce of gradients
 and of the logged loss, EMA, Adam) on the cached latents of the --checkpoint VAE, for --warmup steps that are not
@@ -31,7 +33,8 @@ from benchmarks import common
 from nbutils.config import COMPILE_MODES, MIXED_PRECISION, PRESETS
 
 COLUMNS = ["processes", "threads_per_process", "device", "preset", "global_batch", "autocast", "compile",
-           "compile_mode", "seconds_per_step", "latent_samples_per_s", "epoch_minutes", "projected_minutes"]
+           "compile_mode", "cuda_graph", "seconds_per_step", "latent_samples_per_s", "epoch_minutes",
+           "projected_minutes"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile's mode with --compile (\"reduce-overhead\": CUDA graphs)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each training step as one CUDA graph (nbutils.training.StepGraph; one process)")
     p.add_argument("--profile", metavar="FILE", help="profile the timed steps (torch.profiler) into FILE: "
                    "per-operator tables; the timings then include the profiler's own cost")
     p.add_argument("--threads", type=common.positive_int, help="threads per process (default: cores / processes)")
@@ -94,7 +99,7 @@ def worker(args: argparse.Namespace) -> None:
                 profiler.stop()
 
     train_unet(cfg, run_dir=args.run_dir, epochs=1, vae_checkpoint=args.checkpoint, device=device, progress=False,
-               log=lambda m: None, on_step=on_step)
+               log=lambda m: None, on_step=on_step, cuda_graph=args.cuda_graph)
     if not is_main_process():
         return
     if profiler is not None:  # where the timed steps' time went, per operator
@@ -114,6 +119,7 @@ def worker(args: argparse.Namespace) -> None:
         "autocast": str(autocast or "float32").removeprefix("torch."),  # what the setting means on this device
         "compile": args.compile and device.type == "cuda",
         "compile_mode": args.compile_mode if args.compile and device.type == "cuda" else "none",
+        "cuda_graph": args.cuda_graph and device.type == "cuda",
         "timed_steps": args.steps,
         "profiled": bool(args.profile),
         "sync_every": args.sync_every,
@@ -162,6 +168,7 @@ def run(args: argparse.Namespace) -> dict | None:
                "--mixed-precision", args.mixed_precision, "--device", args.device, "--sync-every", str(every),
                "--checkpoint", str(Path(args.checkpoint).resolve()),
                *(["--compile", "--compile-mode", args.compile_mode] if args.compile else []),
+               *(["--cuda-graph"] if args.cuda_graph else []),
                *(["--profile", str(Path(args.profile).resolve())] if args.profile else [])]
         if n == 1:
             cmd = [sys.executable, "-m", "benchmarks", *own]
