@@ -99,6 +99,9 @@ def test_the_reference_run_stops_and_resumes_to_the_end(tmp_path, stop, stage, r
     assert done["stage"] == "done" and done["vae_epochs"] == done["unet_epochs"] == 1
     assert second.stderr.count("resuming ") == resumes, second.stderr[-2000:]  # a finished VAE resumes too
     assert 0 <= done["cond_acc"] <= 1 and done["fid"] > 0 and 0 <= done["vgg"]["cond_acc"] <= 1
+    other = "unet" if stage == "vae" else "vae"  # speed counts the epochs run whole (smoke: 8 steps an epoch)
+    assert done[f"{stage}_speed"] == {} and done[f"{other}_speed"]["steps_per_epoch"] == 8
+    assert done[f"{other}_speed"]["step_seconds"] > 0
 
 
 def test_a_budget_that_ends_before_training_leaves_a_run_to_start_again(tmp_path):
