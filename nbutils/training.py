@@ -697,7 +697,7 @@ class _StepLog:
 class _Rerun:
     """Stands in for :class:`_CapturedGraph` off CUDA: ``replay()`` runs ``fn`` again (the same step, uncaptured)."""
 
-    def __init__(self, fn: Callable[[], torch.Tensor]):
+    def __init__(self, fn: Callable[[], torch.Tensor], device: torch.device):
         self.fn = fn
 
     def replay(self) -> torch.Tensor:
@@ -708,9 +708,9 @@ class _CapturedGraph:
     """``fn`` recorded once as a CUDA graph (:class:`torch.cuda.CUDAGraph`); ``replay()`` re-runs the recorded
     kernels on whatever the captured buffers hold now and returns ``fn``'s (static) output."""
 
-    def __init__(self, fn: Callable[[], torch.Tensor]):
+    def __init__(self, fn: Callable[[], torch.Tensor], device: torch.device):
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.device(device), torch.cuda.graph(self.graph):
             self.out = fn()
 
     def replay(self) -> torch.Tensor:
@@ -733,7 +733,7 @@ class StepGraph:
     """
 
     def __init__(self, run: Run, train_step: Callable, warmup: int = 3,
-                 graph: Callable[[Callable[[], torch.Tensor]], Any] | None = None):
+                 graph: Callable[[Callable[[], torch.Tensor], torch.device], Any] | None = None):
         if run.procs.world_size != 1:
             raise ValueError("cuda_graph: one process only")
         if run.scaler is not None:
@@ -762,11 +762,11 @@ class StepGraph:
         """One step on ``inputs`` (``draw(batch)``): ``(loss parts, gradient norm)`` as tensors of this step."""
         if self.run.opt is not self.opt:
             self._new_optimizer()
-        if self.static is None:
-            self.static = [x.clone() for x in inputs]
-        if [x.shape for x in inputs] != [x.shape for x in self.static]:  # the short last batch: eagerly
+        if len(inputs[0]) != self.run.tc.batch_size:  # a short last batch (also the first after a resume): eagerly
             loss, parts, _ = self.train_step(inputs)
             return parts, backward_and_step(loss, self.run.model, self.run.opt, self.run.tc)
+        if self.static is None:
+            self.static = [x.clone() for x in inputs]
         for buffer, x in zip(self.static, inputs, strict=True):
             buffer.copy_(x)
         if self.graph is None and self.eager_steps < self.warmup:
@@ -781,7 +781,7 @@ class StepGraph:
             self.eager_steps += 1
         else:
             if self.graph is None:
-                self.graph = self.make_graph(self._body)  # recorded, not run
+                self.graph = self.make_graph(self._body, self.run.device)  # recorded, not run
             out = self.graph.replay().clone()  # the next replay overwrites the graph's output
         return dict(zip(self.keys, out[:-1], strict=True)), out[-1]
 

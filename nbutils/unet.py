@@ -172,10 +172,14 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
-def _eager() -> bool:
-    """False while torch.compile or torch.export traces the model."""
+def _checkable(x: torch.Tensor) -> bool:
+    """Whether a check may read ``x``'s values on the host: not while torch.compile or torch.export traces the
+    model, not while a CUDA graph is being captured (a training step replayed as one: nbutils.training.StepGraph),
+    not on the meta device."""
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return not (torch.compiler.is_compiling() or exporting())
+    if torch.compiler.is_compiling() or exporting() or x.device.type == "meta":
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 class UNet(nn.Module):
@@ -242,8 +246,9 @@ class UNet(nn.Module):
         """The context tokens (B, context_tokens, cross_attention_dim) of each label (null included)."""
         if labels.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
-        # a data-dependent check: eager only, so that torch.compile (fullgraph) and torch.export trace straight through
-        if _eager() and labels.device.type != "meta" and labels.numel() and (
+        # a data-dependent check: eager only, so that torch.compile (fullgraph), torch.export and CUDA graph capture
+        # go straight through
+        if _checkable(labels) and labels.numel() and (
                 labels.min() < 0 or labels.max() > self.null_label):
             raise ValueError(f"labels must be in 0..{self.null_label} ({self.null_label} = unconditional), "
                              f"got values in [{int(labels.min())}, {int(labels.max())}]")

@@ -456,7 +456,7 @@ def test_second_phase_is_the_two_run_recipe_exactly(smoke_run, tmp_path, monkeyp
     _assert_same_state(one / "unet_state.pt", cut / "unet_state.pt")
 
 
-def test_the_step_as_a_graph_trains_the_same_two_phase_run_and_resumes(smoke_run, tmp_path):
+def test_the_step_as_a_graph_trains_the_same_two_phase_run_and_resumes(smoke_run, tmp_path, monkeypatch):
     """``cuda_graph=True`` (StepGraph: fixed input buffers, a tensor learning rate, warm-up steps then replays, a new
     optimizer in the second phase, the short last batch eagerly) trains bit for bit the plain loop's run, and a run
     stopped mid-phase resumes to it. On a CPU the step runs uncaptured, which is what this checks; the capture
@@ -472,20 +472,33 @@ def test_the_step_as_a_graph_trains_the_same_two_phase_run_and_resumes(smoke_run
                       data=dataclasses.replace(cfg.data, train_subset=500),  # 7 batches of 64 and one of 52
                       train_unet=dataclasses.replace(cfg.train_unet, epochs=1, sample_every=0),
                       finetune_unet=PhaseConfig(epochs=1, lr=2e-4, lr_warmup_steps=3))
-    plain, graphed, cut = _unet_runs(vae_run, tmp_path, "plain", "graphed", "cut")
+    plain, graphed, *cuts = _unet_runs(vae_run, tmp_path, "plain", "graphed", "cut7", "cut11")
     quiet = dict(device="cpu", progress=False, log=lambda m: None)
     TU.train_unet(cfg, run_dir=plain, **quiet)
     TU.train_unet(cfg, run_dir=graphed, cuda_graph=True, **quiet)
     _assert_same_state(plain / "unet_state.pt", graphed / "unet_state.pt")
 
-    def stop_at(step, parts):
-        if step == 11:  # inside the second phase
-            os.kill(os.getpid(), signal.SIGINT)
+    captured = []
 
-    with pytest.raises(TR.TrainingInterrupted):
-        TU.train_unet(cfg, run_dir=cut, cuda_graph=True, on_step=stop_at, **quiet)
-    TU.train_unet(cfg, run_dir=cut, resume=True, cuda_graph=True, **quiet)
-    _assert_same_state(plain / "unet_state.pt", cut / "unet_state.pt")
+    class Recording(TR._Rerun):  # the batch size each (stand-in) capture records
+        def __init__(self, fn, device):
+            super().__init__(fn, device)
+            captured.append(len(fn.__self__.static[0]))
+
+    # stopped before the short last batch (it is then the first step of the resumed run), or inside the second phase
+    for cut, at in zip(cuts, (7, 11), strict=True):
+        def stop_at(step, parts, at=at):
+            if step == at:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        with pytest.raises(TR.TrainingInterrupted):
+            TU.train_unet(cfg, run_dir=cut, cuda_graph=True, on_step=stop_at, **quiet)
+        captured.clear()
+        monkeypatch.setattr(TR, "_Rerun", Recording)
+        TU.train_unet(cfg, run_dir=cut, resume=True, cuda_graph=True, **quiet)
+        monkeypatch.undo()
+        _assert_same_state(plain / "unet_state.pt", cut / "unet_state.pt")
+        assert captured == [64]  # one capture (the resumed run's phase 2), of a full batch
 
 
 def test_resume_refuses_a_vae_other_than_the_runs_own(smoke_run, tmp_path):
