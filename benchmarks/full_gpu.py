@@ -15,8 +15,8 @@ process stops itself after the current step (SIGTERM, which the training loop tu
 same command again and it resumes exactly where it stopped (each model's --resume). Once both models are trained
 it samples --n images with --recipe and evaluates them on both judges (the resnet's numbers at the top, the vgg's
 under its name). The record says how far the run got ("stage"), the device, the software versions, the wall time
-of each part, each model's median seconds per epoch and per step (over the epochs of the run's history; the first
-epoch of each invocation includes compilation, reported apart) and, when finished, the quality numbers.
+of each part, each model's median seconds per epoch and per step (over the epochs of the run's history, so the
+few that compile barely count; the slowest epoch is reported apart) and, when finished, the quality numbers.
 """
 
 from __future__ import annotations
