@@ -1,7 +1,7 @@
 """full_gpu: the seed's reference run end to end — the `full` preset's VAE and UNet, 10,000 samples, evaluated.
 
     python -m benchmarks full_gpu --device cuda --run-dir runs/full --budget-s 540       # one device lend
-    python -m benchmarks full_gpu --device cuda --run-dir runs/full --budget-s 540       # the next lend: resumes
+    python -m benchmarks full_gpu --device cuda --run-dir runs/full --budget-s 540       # again, same machine: resumes
     python -m benchmarks full_gpu --preset smoke --run-dir /tmp/full-smoke --n 200       # the same path on a CPU
 
 Made for a GPU lent for a few minutes at a time. Training runs with the settings that remove per-step overhead
@@ -158,7 +158,8 @@ def run(args: argparse.Namespace) -> dict:
         recipe = SHIPPED_RECIPE if args.recipe == "shipped" else pipe.recipe
         labels = common.cycling_labels(args.n)
         with common.Timer(args.device) as t:
-            out = sample(pipe, args.n, labels, recipe, torch.Generator().manual_seed(args.seed), progress=True)
+            out = sample(pipe, args.n, labels, recipe, torch.Generator().manual_seed(args.seed),
+                         progress=not args.no_progress)
         record["sample_seconds"] = round(t.seconds, 1)
         m = evaluate_all(out.images, labels, evaluators(device=args.device), with_novelty=False)
         record.update(common.scores(m), stage="done", recipe=recipe.to_dict(),

@@ -1,10 +1,10 @@
 """Hub-format model folders: what the Hugging Face Hub (and anyone without this repository) expects to find.
 
-A folder holds the VAE and UNet weights (the project's safetensors checkpoints, unchanged, so their digests and
-the UNet's record of its VAE still hold), a ``config.json`` that says what is in it (architecture, diffusion
-process, sampling recipe, class names, files), an optional ``results.json`` (measured quality, with the date,
-machine and command that measured it), and a model card, ``README.md``, generated from all of that — never
-written by hand, so it cannot drift from the weights.
+A folder holds the VAE and UNet weights (the project's safetensors checkpoints, unchanged, so their digests and the
+UNet's record of its VAE still hold; or both stored at a lower precision, ``dtype``), a ``config.json`` that says what
+is in it (architecture, diffusion process, sampling recipe, class names, files), an optional ``results.json``
+(measured quality, with the date, machine and command that measured it), and a model card, ``README.md``, generated
+from all of that — never written by hand, so it cannot drift from the weights.
 
 * :func:`save_pretrained` — a run folder (or the shipped ``checkpoints/``) → a Hub-format folder.
 * ``load_pipeline("owner/name")`` (and ``--checkpoint owner/name``) downloads such a folder from the Hub once
@@ -20,7 +20,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import atomic_write_bytes, read_model
+import torch
+
+from .checkpoints import atomic_write_bytes, read_model, save_model
 from .config import Config
 from .data import class_names
 from .imagefolder import is_folder
@@ -32,24 +34,42 @@ CARD_FILE = "README.md"
 HUB_DATASETS = {"fashion_mnist": "zalando-datasets/fashion_mnist", "cifar10": "uoft-cs/cifar10"}
 
 
-def save_pretrained(source: str | Path, out_dir: str | Path, results: dict[str, Any] | None = None) -> Path:
+def save_pretrained(source: str | Path, out_dir: str | Path, results: dict[str, Any] | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
     """Write the UNet + VAE of ``source`` (a run folder or checkpoint folder) to ``out_dir`` in Hub format.
 
     ``results`` (e.g. the record ``python -m benchmarks judges`` prints) goes to ``results.json`` and into the
-    card; by default the one already in ``source`` is kept."""
+    card; by default the one already in ``source`` is kept. ``dtype`` (e.g. ``torch.float16``) stores both models'
+    floating tensors at that precision, as the shipped weights are (loading converts back to float32); the files
+    then hold new tensors, so the UNet's record of its VAE is moved to the stored VAE — only after the source pair
+    passed :func:`~nbutils.pipeline.check_vae` — and the digest of the VAE it was trained with is kept beside it
+    (``vae_tensor_digest_as_trained``)."""
     source, out_dir = Path(source), Path(out_dir)
     unet_tensors, unet_meta = read_model(source / UNET_FILE, "unet")
-    _, vae_meta = read_model(source / VAE_FILE, "vae")
+    vae_tensors, vae_meta = read_model(source / VAE_FILE, "vae")
     vae_meta["path"] = str(source / VAE_FILE)
     check_vae(unet_meta["extra"], vae_meta, str(source / UNET_FILE))
     if results is None and (source / RESULTS_FILE).is_file():
         results = json.loads((source / RESULTS_FILE).read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in (UNET_FILE, VAE_FILE):
-        if (source / name).resolve() != (out_dir / name).resolve():
-            shutil.copyfile(source / name, out_dir / name)
-            if (source / name).with_suffix(".json").is_file():
-                shutil.copyfile((source / name).with_suffix(".json"), (out_dir / name).with_suffix(".json"))
+    if dtype is None:
+        for name in (UNET_FILE, VAE_FILE):
+            if (source / name).resolve() != (out_dir / name).resolve():
+                shutil.copyfile(source / name, out_dir / name)
+                if (source / name).with_suffix(".json").is_file():
+                    shutil.copyfile((source / name).with_suffix(".json"), (out_dir / name).with_suffix(".json"))
+    else:
+        stored = {"stored_dtype": str(dtype)}
+        save_model(out_dir / VAE_FILE, "vae", vae_tensors, Config.from_dict(vae_meta["config"]),
+                   dict(vae_meta["extra"], **stored), dtype=dtype)
+        _, vae_meta = read_model(out_dir / VAE_FILE, "vae")
+        extra = {k: v for k, v in unet_meta["extra"].items() if k != "vae_digest"}
+        extra.update(stored, vae_tensor_digest=vae_meta["tensor_digest"],
+                     vae_tensor_digest_as_trained=unet_meta["extra"].get("vae_tensor_digest_as_trained")
+                     or unet_meta["extra"].get("vae_tensor_digest") or unet_meta["extra"].get("vae_digest"))
+        save_model(out_dir / UNET_FILE, "unet", unet_tensors, Config.from_dict(unet_meta["config"]), extra,
+                   dtype=dtype)
+        _, unet_meta = read_model(out_dir / UNET_FILE, "unet")
     config = hub_config(unet_meta, vae_meta)
     atomic_write_bytes(out_dir / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
     if results is not None:

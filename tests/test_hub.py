@@ -1,14 +1,15 @@
 """Hub-format folders: the shipped checkpoints are one, their card is generated, and a round trip is exact."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from nbutils import hub
-from nbutils.checkpoints import CheckpointError, read_model
-from nbutils.config import checkpoints_dir
-from nbutils.pipeline import SHIPPED_RECIPE, load_pipeline
+from nbutils.checkpoints import CheckpointError, read_model, save_model
+from nbutils.config import Config, checkpoints_dir
+from nbutils.pipeline import SHIPPED_RECIPE, load_pipeline, sample
 
 
 def test_shipped_checkpoints_are_a_hub_folder_with_a_generated_card(tmp_path):
@@ -40,3 +41,47 @@ def test_an_unreachable_hub_id_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="neither a local path nor a reachable Hugging Face Hub model"):
         load_pipeline("nobody-here/no-such-model", device="cpu")
+
+
+def _float32_pair(folder):
+    """The shipped pair as a float32 run would hold it: weights off float16's grid, the UNet recording this VAE."""
+    g = torch.Generator().manual_seed(0)
+    folder.mkdir()
+    digest = None
+    for name in ("vae", "unet"):
+        tensors, meta = read_model(checkpoints_dir() / f"{name}.safetensors", name)
+        tensors = {k: t.float() * (1 + 1e-3 * torch.randn(t.shape, generator=g)) if t.is_floating_point() else t
+                   for k, t in tensors.items()}
+        extra = dict(meta["extra"], vae_tensor_digest=digest) if name == "unet" else meta["extra"]
+        save_model(folder / f"{name}.safetensors", name, tensors, Config.from_dict(meta["config"]), extra)
+        digest = read_model(folder / f"{name}.safetensors", name)[1]["tensor_digest"]
+    return folder
+
+
+def test_a_float16_export_loads_checks_its_vae_and_samples_as_the_float32_run(tmp_path):
+    """`export --dtype float16` of a float32 run: half the bytes, the UNet's record moved to the stored VAE (after
+    the source pair was checked), the trained-with digest kept, and samples within float16's rounding."""
+    src = _float32_pair(tmp_path / "f32")
+    hub.save_pretrained(src, tmp_path / "f16", dtype=torch.float16)
+    for name in ("unet", "vae"):
+        tensors, meta = read_model(tmp_path / "f16" / f"{name}.safetensors", name)
+        assert all(t.dtype == torch.float16 for t in tensors.values() if t.is_floating_point())
+        assert meta["extra"]["stored_dtype"] == "torch.float16"
+        assert (tmp_path / "f16" / f"{name}.safetensors").stat().st_size < \
+            0.6 * (src / f"{name}.safetensors").stat().st_size
+    unet_extra = read_model(tmp_path / "f16" / "unet.safetensors", "unet")[1]["extra"]
+    assert unet_extra["vae_tensor_digest_as_trained"] == \
+        read_model(src / "unet.safetensors", "unet")[1]["extra"]["vae_tensor_digest"]
+    a, b = load_pipeline(src, device="cpu"), load_pipeline(tmp_path / "f16", device="cpu")
+    recipe = a.recipe.replace(steps=5)
+    x = sample(a, 8, "all", recipe, torch.Generator().manual_seed(0), progress=False).images
+    y = sample(b, 8, "all", recipe, torch.Generator().manual_seed(0), progress=False).images
+    assert 0 < (x - y).abs().max() < 0.05
+    assert json.loads((tmp_path / "f16" / "config.json").read_text())["weights_sha256"]["vae"] == \
+        read_model(tmp_path / "f16" / "vae.safetensors", "vae")[1]["tensor_digest"]
+    # the source pair is still checked first: a VAE swapped into the run is refused, not laundered by the export
+    shutil.copytree(src, tmp_path / "swapped")
+    hub.save_pretrained(tmp_path / "f16", tmp_path / "other")  # any other VAE: the float16 one
+    shutil.copyfile(tmp_path / "other" / "vae.safetensors", tmp_path / "swapped" / "vae.safetensors")
+    with pytest.raises(CheckpointError, match="is not the VAE"):
+        hub.save_pretrained(tmp_path / "swapped", tmp_path / "bad", dtype=torch.float16)
