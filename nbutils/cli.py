@@ -406,7 +406,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         except (OSError, ValueError, IndexError) as exc:
             raise CLIError(f"--results {args.results}: not a JSON record ({exc})") from None
     dtype = {"as-is": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-    out = save_pretrained(args.source, args.out, results, dtype=dtype)
+    recipe = SHIPPED_RECIPE if args.recipe == "shipped" else None
+    out = save_pretrained(args.source, args.out, results, dtype=dtype, recipe=recipe)
     print(json.dumps({"out": str(out), "files": sorted(p.name for p in out.iterdir())}))
     return 0
 
@@ -603,10 +604,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="a run as a Hub-format folder: weights, config.json and a generated model card")
     p.add_argument("source", help="a run folder (unet.safetensors + the vae.safetensors it was trained with)")
-    p.add_argument("out", help="the folder to write (may be SOURCE itself)")
+    p.add_argument("out", help="the folder to write (may be SOURCE itself, unless --dtype or --recipe re-encode)")
     p.add_argument("--results", help="a record of `python -m benchmarks judges` (JSON, its last line is used)")
     p.add_argument("--dtype", choices=("as-is", "float16", "bfloat16"), default="as-is",
                    help="store the weights at this precision (the shipped ones are float16); default: as they are")
+    p.add_argument("--recipe", choices=("model", "shipped"), default="model",
+                   help="the sampling recipe to store with the UNet: its own (default) or the shipped model's")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="draw a run's training curves (loss, lr, gradient norm, epoch metrics) as a PNG")

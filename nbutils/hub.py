@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .checkpoints import atomic_write_bytes, read_model, save_model
+from .checkpoints import atomic_write_bytes, encode_model, read_model
 from .config import Config
 from .data import class_names
 from .imagefolder import is_folder
@@ -35,15 +35,16 @@ HUB_DATASETS = {"fashion_mnist": "zalando-datasets/fashion_mnist", "cifar10": "u
 
 
 def save_pretrained(source: str | Path, out_dir: str | Path, results: dict[str, Any] | None = None,
-                    dtype: torch.dtype | None = None) -> Path:
+                    dtype: torch.dtype | None = None, recipe: SamplingRecipe | None = None) -> Path:
     """Write the UNet + VAE of ``source`` (a run folder or checkpoint folder) to ``out_dir`` in Hub format.
 
     ``results`` (e.g. the record ``python -m benchmarks judges`` prints) goes to ``results.json`` and into the
-    card; by default the one already in ``source`` is kept. ``dtype`` (e.g. ``torch.float16``) stores both models'
-    floating tensors at that precision, as the shipped weights are (loading converts back to float32); the files
-    then hold new tensors, so the UNet's record of its VAE is moved to the stored VAE — only after the source pair
-    passed :func:`~nbutils.pipeline.check_vae` — and the digest of the VAE it was trained with is kept beside it
-    (``vae_tensor_digest_as_trained``)."""
+    card; by default the one already in ``source`` is kept. ``recipe`` replaces the sampling recipe stored with the
+    UNet (e.g. the one its results were measured with). ``dtype`` (e.g. ``torch.float16``) stores both models'
+    floating tensors at that precision, as the shipped weights are (loading converts back to float32); the VAE file
+    then holds new tensors, so the UNet's record of its VAE moves to the stored VAE — only after the source pair
+    passed :func:`~nbutils.pipeline.check_vae` — and its record before the first such export is kept
+    (``vae_record_before_export``). Re-encoded files go to a folder that is not a run: never over ``source``."""
     source, out_dir = Path(source), Path(out_dir)
     unet_tensors, unet_meta = read_model(source / UNET_FILE, "unet")
     vae_tensors, vae_meta = read_model(source / VAE_FILE, "vae")
@@ -51,31 +52,55 @@ def save_pretrained(source: str | Path, out_dir: str | Path, results: dict[str, 
     check_vae(unet_meta["extra"], vae_meta, str(source / UNET_FILE))
     if results is None and (source / RESULTS_FILE).is_file():
         results = json.loads((source / RESULTS_FILE).read_text())
+    rewrite = dtype is not None or recipe is not None
+    if rewrite and out_dir.exists():  # a killed write would leave a pair that does not match
+        if out_dir.resolve() == source.resolve():
+            raise ValueError(f"{out_dir}: re-encoded weights go to a new folder, not over their source")
+        if any(out_dir.glob("*_state.pt")) or any(out_dir.glob("*_manifest.json")):
+            raise ValueError(f"{out_dir} holds a training run: write a re-encoded export to a folder of its own")
+    files: dict[str, bytes] = {}  # everything encoded and checked before anything is written
+    if rewrite:
+        extra = dict(unet_meta["extra"])
+        if recipe is not None:
+            extra["sampling_recipe"] = recipe.to_dict()
+        if dtype is not None:
+            _check_representable({**unet_tensors, **vae_tensors}, dtype)
+            vae_extra = dict(vae_meta["extra"], stored_dtype=str(dtype))
+            files[VAE_FILE], files["vae.json"] = encode_model(
+                "vae", vae_tensors, Config.from_dict(vae_meta["config"]), vae_extra, dtype)
+            digest = json.loads(files["vae.json"])["tensor_digest"]
+            if digest != vae_meta["tensor_digest"]:
+                record = {k: extra.pop(k) for k in ("vae_tensor_digest", "vae_digest") if extra.get(k) is not None}
+                extra.setdefault("vae_record_before_export", record)
+                extra["vae_tensor_digest"] = digest
+            extra["stored_dtype"] = str(dtype)
+        files[UNET_FILE], files["unet.json"] = encode_model(
+            "unet", unet_tensors, Config.from_dict(unet_meta["config"]), extra, dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if dtype is None:
-        for name in (UNET_FILE, VAE_FILE):
-            if (source / name).resolve() != (out_dir / name).resolve():
-                shutil.copyfile(source / name, out_dir / name)
-                if (source / name).with_suffix(".json").is_file():
-                    shutil.copyfile((source / name).with_suffix(".json"), (out_dir / name).with_suffix(".json"))
-    else:
-        stored = {"stored_dtype": str(dtype)}
-        save_model(out_dir / VAE_FILE, "vae", vae_tensors, Config.from_dict(vae_meta["config"]),
-                   dict(vae_meta["extra"], **stored), dtype=dtype)
-        _, vae_meta = read_model(out_dir / VAE_FILE, "vae")
-        extra = {k: v for k, v in unet_meta["extra"].items() if k != "vae_digest"}
-        extra.update(stored, vae_tensor_digest=vae_meta["tensor_digest"],
-                     vae_tensor_digest_as_trained=unet_meta["extra"].get("vae_tensor_digest_as_trained")
-                     or unet_meta["extra"].get("vae_tensor_digest") or unet_meta["extra"].get("vae_digest"))
-        save_model(out_dir / UNET_FILE, "unet", unet_tensors, Config.from_dict(unet_meta["config"]), extra,
-                   dtype=dtype)
-        _, unet_meta = read_model(out_dir / UNET_FILE, "unet")
+    for name in (UNET_FILE, VAE_FILE):
+        if name in files:
+            atomic_write_bytes(out_dir / name, files[name])
+            atomic_write_bytes((out_dir / name).with_suffix(".json"), files[Path(name).stem + ".json"])
+        elif (source / name).resolve() != (out_dir / name).resolve():
+            shutil.copyfile(source / name, out_dir / name)
+            if (source / name).with_suffix(".json").is_file():
+                shutil.copyfile((source / name).with_suffix(".json"), (out_dir / name).with_suffix(".json"))
+    _, unet_meta = read_model(out_dir / UNET_FILE, "unet")
+    _, vae_meta = read_model(out_dir / VAE_FILE, "vae")
     config = hub_config(unet_meta, vae_meta)
     atomic_write_bytes(out_dir / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
     if results is not None:
         atomic_write_bytes(out_dir / RESULTS_FILE, (json.dumps(results, indent=2) + "\n").encode())
     atomic_write_bytes(out_dir / CARD_FILE, model_card(config, unet_meta, results).encode())
     return out_dir
+
+
+def _check_representable(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """An error naming the first floating tensor that ``dtype`` cannot hold (values beyond its range become inf)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t.to(dtype)).all():
+            raise ValueError(f"{name} has values that {dtype} cannot hold (beyond ±{torch.finfo(dtype).max:g}); "
+                             "export it at a wider precision")
 
 
 def hub_config(unet_meta: dict[str, Any], vae_meta: dict[str, Any]) -> dict[str, Any]:

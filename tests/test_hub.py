@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -52,7 +54,8 @@ def _float32_pair(folder):
         tensors, meta = read_model(checkpoints_dir() / f"{name}.safetensors", name)
         tensors = {k: t.float() * (1 + 1e-3 * torch.randn(t.shape, generator=g)) if t.is_floating_point() else t
                    for k, t in tensors.items()}
-        extra = dict(meta["extra"], vae_tensor_digest=digest) if name == "unet" else meta["extra"]
+        extra = {k: v for k, v in meta["extra"].items() if k != "stored_dtype"}
+        extra = dict(extra, vae_tensor_digest=digest) if name == "unet" else extra
         save_model(folder / f"{name}.safetensors", name, tensors, Config.from_dict(meta["config"]), extra)
         digest = read_model(folder / f"{name}.safetensors", name)[1]["tensor_digest"]
     return folder
@@ -70,8 +73,8 @@ def test_a_float16_export_loads_checks_its_vae_and_samples_as_the_float32_run(tm
         assert (tmp_path / "f16" / f"{name}.safetensors").stat().st_size < \
             0.6 * (src / f"{name}.safetensors").stat().st_size
     unet_extra = read_model(tmp_path / "f16" / "unet.safetensors", "unet")[1]["extra"]
-    assert unet_extra["vae_tensor_digest_as_trained"] == \
-        read_model(src / "unet.safetensors", "unet")[1]["extra"]["vae_tensor_digest"]
+    assert unet_extra["vae_record_before_export"] == \
+        {"vae_tensor_digest": read_model(src / "unet.safetensors", "unet")[1]["extra"]["vae_tensor_digest"]}
     a, b = load_pipeline(src, device="cpu"), load_pipeline(tmp_path / "f16", device="cpu")
     recipe = a.recipe.replace(steps=5)
     x = sample(a, 8, "all", recipe, torch.Generator().manual_seed(0), progress=False).images
@@ -79,9 +82,41 @@ def test_a_float16_export_loads_checks_its_vae_and_samples_as_the_float32_run(tm
     assert 0 < (x - y).abs().max() < 0.05
     assert json.loads((tmp_path / "f16" / "config.json").read_text())["weights_sha256"]["vae"] == \
         read_model(tmp_path / "f16" / "vae.safetensors", "vae")[1]["tensor_digest"]
+    assert unet_extra["sampling_recipe"] == read_model(src / "unet.safetensors", "unet")[1]["extra"]["sampling_recipe"]
     # the source pair is still checked first: a VAE swapped into the run is refused, not laundered by the export
     shutil.copytree(src, tmp_path / "swapped")
     hub.save_pretrained(tmp_path / "f16", tmp_path / "other")  # any other VAE: the float16 one
     shutil.copyfile(tmp_path / "other" / "vae.safetensors", tmp_path / "swapped" / "vae.safetensors")
     with pytest.raises(CheckpointError, match="is not the VAE"):
         hub.save_pretrained(tmp_path / "swapped", tmp_path / "bad", dtype=torch.float16)
+    assert not (tmp_path / "bad").exists()
+    # never re-encoded over the source (a run folder: its manifests would no longer match)
+    with pytest.raises(ValueError, match="not over their source"):
+        hub.save_pretrained(src, src, dtype=torch.float16)
+    # a value float16 cannot hold is an error before anything is written
+    tensors, meta = read_model(src / "unet.safetensors", "unet")
+    first = next(k for k, t in tensors.items() if t.is_floating_point())
+    tensors[first] = tensors[first].clone().fill_(1e6)
+    save_model(src / "unet.safetensors", "unet", tensors, Config.from_dict(meta["config"]), meta["extra"])
+    with pytest.raises(ValueError, match=f"{first} has values that torch.float16 cannot hold"):
+        hub.save_pretrained(src, tmp_path / "overflow", dtype=torch.float16)
+    assert not (tmp_path / "overflow").exists()
+
+
+def test_export_cli_stores_float16_and_the_shipped_recipe(tmp_path):
+    src = _float32_pair(tmp_path / "f32")
+    out = subprocess.run([sys.executable, "-m", "nbutils", "export", str(src), str(tmp_path / "hub"), "--dtype",
+                          "float16", "--recipe", "shipped"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    assert config["sampling_recipe"] == SHIPPED_RECIPE.to_dict()
+    assert read_model(tmp_path / "hub" / "vae.safetensors", "vae")[1]["extra"]["stored_dtype"] == "torch.float16"
+    again = subprocess.run([sys.executable, "-m", "nbutils", "export", str(tmp_path / "hub"), str(tmp_path / "hub"),
+                            "--dtype", "float16"], capture_output=True, text=True)
+    assert again.returncode != 0 and again.stderr.startswith("error:") and "not over their source" in again.stderr
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "unet_state.pt").write_bytes(b"")
+    refused = subprocess.run([sys.executable, "-m", "nbutils", "export", str(tmp_path / "hub"), str(tmp_path / "run"),
+                              "--dtype", "float16"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "holds a training run" in refused.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["unet_state.pt"]
