@@ -310,6 +310,9 @@ def sampling_recipe(args: argparse.Namespace, own: SamplingRecipe) -> SamplingRe
     try:
         if args.timesteps is not None:  # a list replaces the spacing of the base recipe, then the flags apply
             base = base.replace(steps=None, guided_steps=None, timestep_spacing=None, timesteps=timesteps)
+        elif base.timesteps is not None and any(given[k] is not None for k in ("steps", "guided_steps",
+                                                                                "timestep_spacing")):
+            base = base.replace(timesteps=None)  # a base's list gives way to steps spaced by the flags
         return base.replace(**{k: v for k, v in given.items() if v is not None})
     except ValueError as exc:  # the recipe's own check, worded with the flags that set each field
         fields = "|".join(_RECIPE_FLAGS)

@@ -149,11 +149,12 @@ class SamplingRecipe:
         return cls(**d)
 
 
-#: The recipe ``checkpoints/`` was released with (stored in its UNet's metadata too): DPM-Solver++ with 20 steps
-#: spaced evenly in log-SNR, classifier-free guidance w = 2.9375 on 30 ≤ t ≤ 600 only (6 of the 20 steps on the
-#: cosine schedule). Chosen by measurement for those weights: docs/sampling.md says how, docs/results.md what.
-SHIPPED_RECIPE = SamplingRecipe(sampler="dpm", steps=20, timestep_spacing="logsnr", guidance=2.9375,
-                                guidance_interval=(30, 600))
+#: The recipe ``checkpoints/`` was released with (stored in its UNet's metadata too): DPM-Solver++ on the 20
+#: timesteps spaced evenly in log-SNR less three of the five below t = 30 (17 steps), classifier-free guidance w = 3
+#: on 30 ≤ t ≤ 600 only (6 of the 17 steps on the cosine schedule). Chosen by measurement for those weights on the
+#: validation reference: docs/sampling.md says how, docs/results.md what.
+SHIPPED_TIMESTEPS = (995, 992, 987, 979, 965, 942, 902, 836, 731, 584, 415, 266, 159, 91, 51, 13, 0)
+SHIPPED_RECIPE = SamplingRecipe(sampler="dpm", timesteps=SHIPPED_TIMESTEPS, guidance=3.0, guidance_interval=(30, 600))
 
 
 # --------------------------------------------------------------------------------------------

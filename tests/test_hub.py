@@ -11,7 +11,7 @@ import torch
 from nbutils import hub
 from nbutils.checkpoints import CheckpointError, read_model, save_model
 from nbutils.config import Config, checkpoints_dir
-from nbutils.pipeline import SHIPPED_RECIPE, load_pipeline, sample
+from nbutils.pipeline import SHIPPED_RECIPE, SamplingRecipe, load_pipeline, sample
 
 
 def test_shipped_checkpoints_are_a_hub_folder_with_a_generated_card(tmp_path):
@@ -24,7 +24,22 @@ def test_shipped_checkpoints_are_a_hub_folder_with_a_generated_card(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text()) == config
     card = (shipped / "README.md").read_text()
     assert card.startswith("---\nlicense: mit\n")
-    assert "| recipe | 0.0723 | 97.07% | 1.469× | 1.7293 | 97.21% | 2.039× |" in card  # both judges, test reference
+    assert "| recipe | 0.0746 | 97.09% | 1.515× | 1.6507 | 97.17% | 1.946× |" in card  # both judges, test reference
+
+
+def test_the_fast_checkpoint_is_a_distilled_student_of_the_shipped_unet_with_the_same_vae(tmp_path):
+    """checkpoints/fast: a Hub folder like checkpoints/ (card generated from its files), the shipped VAE byte for
+    byte, a UNet distilled from the shipped one (its record names the teacher's tensors), sampled unguided on the
+    shipped recipe's timesteps."""
+    fast, shipped = checkpoints_dir() / "fast", checkpoints_dir()
+    assert (fast / "vae.safetensors").read_bytes() == (shipped / "vae.safetensors").read_bytes()
+    hub.save_pretrained(fast, tmp_path)
+    assert (tmp_path / "README.md").read_text() == (fast / "README.md").read_text()
+    pipe = load_pipeline(fast, device="cpu")
+    assert pipe.recipe == SamplingRecipe(sampler="dpm", timesteps=SHIPPED_RECIPE.timesteps, guidance=1.0)
+    teacher = read_model(shipped / "unet.safetensors", "unet")[1]
+    assert pipe.meta["extra"]["distilled_from"]["unet_tensor_digest"] == teacher["tensor_digest"]
+    assert pipe.meta["config"]["unet"] == teacher["config"]["unet"]
 
 
 def test_round_trip_is_exact(tmp_path):
@@ -76,7 +91,7 @@ def test_a_float16_export_loads_checks_its_vae_and_samples_as_the_float32_run(tm
     assert unet_extra["vae_record_before_export"] == \
         {"vae_tensor_digest": read_model(src / "unet.safetensors", "unet")[1]["extra"]["vae_tensor_digest"]}
     a, b = load_pipeline(src, device="cpu"), load_pipeline(tmp_path / "f16", device="cpu")
-    recipe = a.recipe.replace(steps=5)
+    recipe = a.recipe.replace(timesteps=None, steps=5)
     x = sample(a, 8, "all", recipe, torch.Generator().manual_seed(0), progress=False).images
     y = sample(b, 8, "all", recipe, torch.Generator().manual_seed(0), progress=False).images
     assert 0 < (x - y).abs().max() < 0.05

@@ -92,8 +92,13 @@ def test_cli_recipe_flag_and_overrides():
     assert _recipe_of(["sample", "--recipe", "default", "--out", "s.png"]) == SamplingRecipe()
     overridden = _recipe_of(["sample", "--recipe", "shipped", "--guidance", "2", "--out", "s.png"])
     assert overridden == shipped.replace(guidance=2.0)
+    assert shipped.timesteps is not None  # a listed recipe: --steps / --spacing replace its list whole
     assert _recipe_of(["sample", "--recipe", "shipped", "--spacing", "trailing", "--steps", "20", "--out", "s.png"]) \
-        == shipped.replace(timestep_spacing="trailing", steps=20)
+        == shipped.replace(timesteps=None, timestep_spacing="trailing", steps=20)
+    assert _recipe_of(["sample", "--recipe", "shipped", "--steps", "12", "--out", "s.png"]) \
+        == shipped.replace(timesteps=None, steps=12)
+    assert _recipe_of(["sample", "--recipe", "shipped", "--timesteps", "900,500,0", "--out", "s.png"]) \
+        == shipped.replace(timesteps=(900, 500, 0))
     assert _recipe_of(["sample", "--guidance", "0", "--out", "s.png"]).guidance == 0.0  # 0 is a value, not "unset"
 
 
@@ -146,7 +151,8 @@ def test_recipe_is_validated_once_and_round_trips():
                          ({"timesteps": (10, 5), "timestep_spacing": "logsnr"}, "leave")]:
         with pytest.raises(ValueError, match=message):
             SamplingRecipe(**bad)
-    r = P.SHIPPED_RECIPE.replace(guided_steps=None, guidance_interval=(0, 600), steps=16).replace(guided_steps=12)
+    r = P.SHIPPED_RECIPE.replace(timesteps=None, timestep_spacing="logsnr", guidance_interval=(0, 600), steps=16)
+    r = r.replace(guided_steps=12)
     assert SamplingRecipe.from_dict(r.to_dict()) == r
     assert "timesteps" not in r.to_dict()  # recipes without explicit timesteps are stored as before the field
     listed = SamplingRecipe(timesteps=[900, 500, 100])
@@ -272,8 +278,10 @@ def test_cli_guidance_interval_and_auto_precision(tmp_path, capsys):
                            (["--recipe", "default", "--guided-steps", "4", "--guidance-interval", "0,400"],
                             "--guided-steps needs --steps (the total"),
                            (["--recipe", "shipped", "--guided-steps", "12"], "--guidance-interval=(0, hi)"),  # 30,600
-                           (["--recipe", "shipped", "--guided-steps", "12", "--guidance-interval", "0,600",
-                             "--spacing", "leading"], "trailing or logsnr, got 'leading'"),
+                           (["--recipe", "shipped", "--guided-steps", "12", "--guidance-interval", "0,600"],
+                            "--guided-steps needs --steps"),  # the shipped recipe lists its timesteps
+                           (["--recipe", "shipped", "--steps", "20", "--guided-steps", "12", "--guidance-interval",
+                             "0,600", "--spacing", "leading"], "trailing or logsnr, got 'leading'"),
                            (["--recipe", "shipped", "--steps", "10", "--guided-steps", "12", "--guidance-interval",
                              "0,600"], "got 12")]:
         assert cli.main(["sample", "--checkpoint", str(checkpoints_dir()), "--n", "4", *extra, "--out", str(out)]) != 0
@@ -397,7 +405,7 @@ def test_a_loaded_pipeline_runs_channels_last_on_the_cpu_with_the_same_results()
     plain_unet, _ = P.load_unet(checkpoints_dir(), device="cpu")  # loaded alone: the default layout
     assert not plain_unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert tensor_digest(pipe.unet.state_dict()) == tensor_digest(plain_unet.state_dict())
-    recipe = pipe.recipe.replace(steps=6)
+    recipe = pipe.recipe.replace(timesteps=None, steps=6)
     fast = P.sample(pipe, 20, "all", recipe, torch.Generator().manual_seed(0))
     pipe.unet.to(memory_format=torch.contiguous_format)
     pipe.vae.to(memory_format=torch.contiguous_format)
