@@ -312,7 +312,9 @@ def sampling_recipe(args: argparse.Namespace, own: SamplingRecipe) -> SamplingRe
             base = base.replace(steps=None, guided_steps=None, timestep_spacing=None, timesteps=timesteps)
         elif base.timesteps is not None and any(given[k] is not None for k in ("steps", "guided_steps",
                                                                                 "timestep_spacing")):
-            base = base.replace(timesteps=None)  # a base's list gives way to steps spaced by the flags
+            # a base's list gives way to steps spaced by the flags; the shipped list thins 20 log-SNR steps, so what
+            # replaces it is spaced in log-SNR unless --spacing says otherwise
+            base = base.replace(timesteps=None, timestep_spacing="logsnr" if base == SHIPPED_RECIPE else None)
         return base.replace(**{k: v for k, v in given.items() if v is not None})
     except ValueError as exc:  # the recipe's own check, worded with the flags that set each field
         fields = "|".join(_RECIPE_FLAGS)

@@ -173,8 +173,9 @@ def model_card(config: dict[str, Any], unet_meta: dict[str, Any], results: dict[
         + (f"{len(recipe['timesteps'])} listed timesteps ({', '.join(map(str, recipe['timesteps']))}), "
            if recipe.get("timesteps") else
            f"{recipe['steps'] or 'default'} steps, spacing {recipe['timestep_spacing'] or 'default'}, ")
-        + f"classifier-free guidance w = {recipe['guidance']:g}"
-        + (f" on {interval[0]} ≤ t ≤ {interval[1]} only" if interval else " on every step")
+        + ("no classifier-free guidance (w = 1: the conditional model alone)" if recipe["guidance"] == 1 else
+           f"classifier-free guidance w = {recipe['guidance']:g}"
+           + (f" on {interval[0]} ≤ t ≤ {interval[1]} only" if interval else " on every step"))
         + f", {recipe['precision']}.",
         "",
     ]

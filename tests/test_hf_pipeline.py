@@ -20,7 +20,7 @@ def pipe():
 
 def test_diffusers_pipeline_gives_the_images_of_nbutils_sample(pipe):
     labels = torch.tensor([0, 5, 7, 9])
-    hf = to_diffusers(pipe)  # the shipped recipe: DPM-Solver++, 20 log-SNR-spaced steps, guidance on an interval
+    hf = to_diffusers(pipe)  # the shipped recipe: DPM-Solver++ on its listed steps, guidance on an interval
     assert isinstance(hf, FashionLatentDiffusionPipeline)
     assert type(hf.scheduler).__name__ == "DPMSolverMultistepScheduler"
     ours = sample(pipe, len(labels), labels, None, torch.Generator().manual_seed(0))

@@ -96,7 +96,9 @@ def test_cli_recipe_flag_and_overrides():
     assert _recipe_of(["sample", "--recipe", "shipped", "--spacing", "trailing", "--steps", "20", "--out", "s.png"]) \
         == shipped.replace(timesteps=None, timestep_spacing="trailing", steps=20)
     assert _recipe_of(["sample", "--recipe", "shipped", "--steps", "12", "--out", "s.png"]) \
-        == shipped.replace(timesteps=None, steps=12)
+        == shipped.replace(timesteps=None, timestep_spacing="logsnr", steps=12)  # its list thins log-SNR steps
+    listed = SamplingRecipe(timesteps=(900, 500, 0), guidance=2.0)  # another listed recipe: the sampler's spacing
+    assert _recipe_of(["sample", "--steps", "12", "--out", "s.png"], listed) == SamplingRecipe(steps=12, guidance=2.0)
     assert _recipe_of(["sample", "--recipe", "shipped", "--timesteps", "900,500,0", "--out", "s.png"]) \
         == shipped.replace(timesteps=(900, 500, 0))
     assert _recipe_of(["sample", "--guidance", "0", "--out", "s.png"]).guidance == 0.0  # 0 is a value, not "unset"
