@@ -89,9 +89,12 @@ case "${1:-}" in
         watch "${2:-540}" ;;
     ddpm)
         : "${OUT:?set OUT}"
+        # written in runs/ first: a call cut off at its limit leaves runs/ddpm_wW.npz.partial.npz, and the same
+        # command in the next call (on the machine still held) continues from its last batch
+        mkdir -p runs
         $PYTHON -m nbutils sample --checkpoint checkpoints --device "$DEVICE" --n "$N" --class all --seed 0 --no-progress \
             --recipe default --sampler ddpm --guidance "${2:?guidance W}" --guidance-interval 30,600 \
-            --out "$OUT/ddpm_w$2.npz" ;;
+            --out "runs/ddpm_w$2.npz" && cp "runs/ddpm_w$2.npz" "$OUT/" ;;
     *)
         sed -n '2,8p' "$0"; exit 2 ;;
 esac

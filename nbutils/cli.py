@@ -11,7 +11,9 @@ does); nothing is written half-way.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -20,12 +22,15 @@ import platform
 import re
 import sys
 import time
+import zipfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from PIL import Image
+from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoints import CheckpointError, atomic_write_bytes, read_model, resolve_checkpoint
@@ -43,6 +48,7 @@ from .config import (
 from .data import (
     CorruptDatasetError,
     DatasetNotFoundError,
+    class_labels,
     dataset_spec,
     find_raw_dir,
     load_images,
@@ -348,29 +354,118 @@ def _write_png_folder(out: Path, images: np.ndarray, labels: np.ndarray, class_n
     atomic_write_bytes(out / "manifest.csv", ("\n".join(rows) + "\n").encode())
 
 
+def _partial_path(out: Path) -> Path:
+    """Where ``sample --out OUT`` keeps the batches it has finished while more are to come."""
+    return out.parent / f"{out.name}.partial.npz"
+
+
+@contextlib.contextmanager
+def _partial_lock(out: Path, batched: bool):
+    """Keeps a second ``sample`` off ``OUT.partial.npz`` (and ``OUT``) while this one samples and writes."""
+    if not batched:
+        yield
+        return
+    path = Path(f"{_partial_path(out)}.lock")
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise CLIError(f"another `sample` is writing {out} (lock {path}); wait for it or choose another "
+                       "--out") from None
+    try:
+        yield
+    finally:
+        lock.release()
+        path.unlink(missing_ok=True)
+
+
+def _sample_in_batches(args: argparse.Namespace, pipe, recipe: SamplingRecipe, out: Path
+                       ) -> tuple[np.ndarray, np.ndarray, str, int]:
+    """``(images uint8, labels, precision, images resumed from)`` for a ``sample`` command.
+
+    With more than one batch, the images made so far and the noise generator's state are saved after each batch
+    in ``OUT.partial.npz`` (arrays only, no pickle), and the same command run again continues from there: the
+    result is the one an uninterrupted run gives, as one generator draws every batch's noise in order. The file
+    records the settings that shape the result (weights, recipe, n, classes, seed, batch size, device, torch);
+    a run with other settings is refused rather than mixed in. Call it under :func:`_partial_lock`."""
+    n, batch = args.n, args.batch_size
+    labels = torch.tensor(class_labels(args.class_, n, pipe.class_names), dtype=torch.long)
+    generator = make_generator(args.seed)
+    settings = json.dumps({"unet": pipe.meta.get("tensor_digest"), "recipe": recipe.to_dict(), "n": n,
+                           "labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest(), "seed": args.seed,
+                           "batch_size": batch, "device": str(pipe.device), "torch": torch.__version__},
+                          sort_keys=True)
+    partial, parts, done = _partial_path(out), [], 0
+    if n > batch and partial.exists():
+        images, done, state = _read_partial(partial, settings, n, batch)
+        parts.append(images)
+        generator.set_state(torch.from_numpy(state))
+        print(f"resuming from {partial}: {done:,} of {n:,} images already made", file=sys.stderr)
+    precision = ""  # a partial file never holds the last batch, so at least one runs here
+    bar = tqdm(total=n, initial=done, unit="img", desc="images", disable=args.no_progress or n <= batch)
+    try:
+        for start in range(done, n, batch):
+            result = sample(pipe, min(batch, n - start), labels[start : start + batch], recipe, generator,
+                            batch_size=batch, progress=not args.no_progress)
+            parts.append(to_uint8(result.images).numpy())
+            precision = result.precision
+            bar.update(len(parts[-1]))
+            if start + batch < n:
+                _write_npz(partial, images=np.concatenate(parts), generator=generator.get_state().numpy(),
+                           settings=np.array(settings))
+    except KeyboardInterrupt:
+        if parts:
+            print(f"{sum(len(p) for p in parts):,} of {n:,} images are kept in {partial}; run the same command "
+                  "again to continue", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+    return np.concatenate(parts), labels.numpy().astype(np.int64), precision, done
+
+
+def _read_partial(partial: Path, settings: str, n: int, batch: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """The images, their count and the generator state in a ``.partial.npz``, which must be this run's."""
+    try:
+        with np.load(partial, allow_pickle=False) as f:
+            images, state, saved = f["images"], f["generator"], str(f["settings"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise CLIError(f"{partial} is not a readable partial run ({exc}); delete it to start over") from None
+    if saved != settings:
+        ours, theirs = json.loads(settings), json.loads(saved) if saved.startswith("{") else {}
+        differ = sorted(k for k in ours if ours.get(k) != theirs.get(k)) or ["its format"]
+        raise CLIError(f"{partial} holds an unfinished run with other settings ({', '.join(differ)}); run that "
+                       "command again to finish it, or delete the file to start over")
+    done = len(images)
+    if images.dtype != np.uint8 or done == 0 or done >= n or done % batch or state.dtype != np.uint8:
+        raise CLIError(f"{partial} is damaged ({done} images of {n}, batches of {batch}); delete it to start over")
+    return images, done, state
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     folder = args.out.endswith(("/", os.sep))
     out = _output_folder(args.out) if folder else _output_path(args.out, (".npz", ".png"))
     t0 = time.perf_counter()
     pipe = load_pipeline(args.checkpoint, device=args.device, allow_unverified_vae=args.allow_unverified_vae)
     recipe = sampling_recipe(args, pipe.recipe)
-    result = sample(pipe, args.n, args.class_, recipe, make_generator(args.seed), batch_size=args.batch_size,
-                    progress=not args.no_progress)
-    images, labels = to_uint8(result.images).numpy(), result.labels.numpy().astype(np.int64)
-    if folder:
-        _write_png_folder(out, images, labels, pipe.class_names)
-    elif out.suffix.lower() == ".png":
-        order = np.argsort(labels, kind="stable")  # one class after the other
-        per_row = 10 if args.n % 10 == 0 else None
-        rows = labels[order].reshape(-1, per_row) if per_row else None
-        single = rows is not None and (rows == rows[:, :1]).all() and (rows >= 0).all()
-        names = [pipe.class_names[r[0]] for r in rows] if single else None
-        save_grid(images[order], out, nrow=per_row, row_labels=names)
-    else:  # the keys of this project and, as arr_0 / arr_1, those of ADM-style sample files
-        _write_npz(out, images=images, labels=labels, arr_0=images, arr_1=labels)
+    with _partial_lock(out, args.n > args.batch_size):
+        images, labels, precision, resumed = _sample_in_batches(args, pipe, recipe, out)
+        if folder:
+            _write_png_folder(out, images, labels, pipe.class_names)
+        elif out.suffix.lower() == ".png":
+            order = np.argsort(labels, kind="stable")  # one class after the other
+            per_row = 10 if args.n % 10 == 0 else None
+            rows = labels[order].reshape(-1, per_row) if per_row else None
+            single = rows is not None and (rows == rows[:, :1]).all() and (rows >= 0).all()
+            names = [pipe.class_names[r[0]] for r in rows] if single else None
+            save_grid(images[order], out, nrow=per_row, row_labels=names)
+        else:  # the keys of this project and, as arr_0 / arr_1, those of ADM-style sample files
+            _write_npz(out, images=images, labels=labels, arr_0=images, arr_1=labels)
+        if args.n > args.batch_size:  # the run is complete
+            _partial_path(out).unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"out": str(out), "n": args.n, **recipe.to_dict(), "precision": result.precision,
-                      "seed": args.seed, "checkpoint": pipe.meta["path"], "seconds": round(seconds, 2)}))
+    print(json.dumps({"out": str(out), "n": args.n, **recipe.to_dict(), "precision": precision,
+                      "seed": args.seed, "checkpoint": pipe.meta["path"], "seconds": round(seconds, 2),
+                      **({"resumed_at": resumed} if resumed else {})}))
     return 0
 
 
@@ -570,7 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. 995,902,731,584,415,266,159,91,51,13,0)")
     p.add_argument("--eta", type=float, help="DDIM η (0 = deterministic)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the noise (default 0)")
-    p.add_argument("--batch-size", type=_positive_int, default=500)
+    p.add_argument("--batch-size", type=_positive_int, default=500,
+                   help="images per batch (default 500); with more than one batch, finished batches are kept in "
+                        "OUT.partial.npz and the same command run again after an interruption continues from there")
     p.add_argument("--checkpoint", help="run folder or unet.safetensors (default: latest run, else shipped)")
     p.add_argument("--allow-unverified-vae", action="store_true",
                    help="use a UNet that does not record which VAE it was trained with (the VAE beside it is then "

@@ -414,3 +414,49 @@ def test_a_loaded_pipeline_runs_channels_last_on_the_cpu_with_the_same_results()
     plain = P.sample(pipe, 20, "all", recipe, torch.Generator().manual_seed(0))
     torch.testing.assert_close(fast.latents, plain.latents, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fast.images, plain.images, atol=1e-4, rtol=1e-4)
+
+
+def test_an_interrupted_sample_command_continues_where_it_stopped_with_the_same_result(tmp_path, capsys, monkeypatch):
+    """`sample` keeps finished batches and the generator state in OUT.partial.npz; the same command run again
+    continues from there and writes what an uninterrupted run writes. Other settings, a damaged file and a second
+    process are refused with one line each."""
+    import json
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    from nbutils import cli
+    from nbutils.config import checkpoints_dir
+
+    common = ["sample", "--checkpoint", str(checkpoints_dir()), "--steps", "2", "--n", "6", "--batch-size", "2",
+              "--sampler", "ddpm", "--no-progress"]  # DDPM: the generator also draws noise at every step
+    assert cli.main([*common, "--out", str(tmp_path / "whole.npz")]) == 0
+    out, partial = tmp_path / "cut.npz", tmp_path / "cut.npz.partial.npz"
+    real_sample, calls = cli.sample, []
+
+    def cut_after_two_batches(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "sample", cut_after_two_batches)
+    assert cli.main([*common, "--out", str(out)]) == 130
+    assert "4 of 6 images are kept in" in capsys.readouterr().err and not out.exists()
+    with np.load(partial) as f:
+        assert f["images"].shape == (4, 28, 28)
+    kept = partial.read_bytes()
+    assert cli.main([*common, "--seed", "1", "--out", str(out)]) == 1  # another run's settings: not mixed in
+    assert "other settings (seed)" in capsys.readouterr().err and partial.read_bytes() == kept
+    with FileLock(f"{partial}.lock"):
+        assert cli.main([*common, "--out", str(out)]) == 1
+    assert "another `sample` is writing" in capsys.readouterr().err
+    assert cli.main([*common, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "resuming from" in captured.err and json.loads(captured.out.splitlines()[-1])["resumed_at"] == 4
+    assert len(calls) == 4 and not partial.exists() and not Path(f"{partial}.lock").exists()
+    with np.load(tmp_path / "whole.npz") as a, np.load(out) as b:
+        assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["labels"], b["labels"])
+    partial.write_bytes(b"not a zip")
+    assert cli.main([*common, "--out", str(out)]) == 1
+    assert "not a readable partial run" in capsys.readouterr().err
