@@ -217,7 +217,11 @@ def train_unet(
             f"{-(-n // tc.batch_size)} steps/epoch, device {device}, run dir {display_path(run_dir)}")
         if run.epoch < epochs:
             flops = step_flops(unet, lambda m, k: _unet_loss(m, k, vae.latent_shape), tc.batch_size)
-            log(describe_estimate("UNet", flops, (epochs - run.epoch) * -(-n // tc.batch_size), device))
+            if distill is not None:  # the teacher's forward pass on each batch twice (conditional, unconditional)
+                flops += step_flops(distill.teacher, lambda m, k: _unet_loss(m, k, vae.latent_shape),
+                                    2 * tc.batch_size, backward=False)
+            what = "UNet" if distill is None else "UNet and its teacher"
+            log(describe_estimate(what, flops, (epochs - run.epoch) * -(-n // tc.batch_size), device))
         fit(run, epochs, batches, train_step, epoch_gens=("shuffle", "latent"), after_epoch=after_epoch,
             on_step=on_step, start_epoch=start_epoch, log_with=log_with, checkpoint_every=checkpoint_every,
             draw=draw)

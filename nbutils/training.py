@@ -267,13 +267,17 @@ ASSUMED_FLOPS = {"cpu": 5e10, "cuda": 7.5e10, "mps": 1e12}
 STEP_FLOOR_S = {"cpu": 0.0, "cuda": 0.010, "mps": 0.010}
 
 
-def step_flops(model: nn.Module, loss_of: Callable[[nn.Module, int], torch.Tensor], batch_size: int) -> float:
-    """FLOPs of one training step — ``loss_of(model, n)``'s forward pass on a batch of n, and its backward pass — at
-    ``batch_size``, counted by torch's FlopCounterMode on a meta-device copy of ``model``: nothing is computed."""
+def step_flops(model: nn.Module, loss_of: Callable[[nn.Module, int], torch.Tensor], batch_size: int,
+               backward: bool = True) -> float:
+    """FLOPs of one training step — ``loss_of(model, n)``'s forward pass on a batch of n, and its backward pass
+    unless ``backward`` is false (a frozen model such as a distillation's teacher) — at ``batch_size``, counted by
+    torch's FlopCounterMode on a meta-device copy of ``model``: nothing is computed."""
     meta = copy.deepcopy(model).to("meta")
     n = 2
-    with FlopCounterMode(display=False) as counter:
-        loss_of(meta, n).backward()
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(backward):
+        loss = loss_of(meta, n)
+        if backward:
+            loss.backward()
     return counter.get_total_flops() / n * batch_size
 
 

@@ -368,6 +368,11 @@ def test_step_flops_are_counted_on_meta_without_computing():
         loss_of(unet, 2).backward()
     # (within a few percent: on the meta device attention may dispatch to another kernel than on a CPU)
     assert counted == pytest.approx(counter.get_total_flops() / 2 * 64, rel=0.05)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        loss_of(unet, 2)
+    forward = counter.get_total_flops() / 2 * 64  # a frozen model (a teacher): its forward pass only
+    assert step_flops(unet, loss_of, 64, backward=False) == pytest.approx(forward, rel=0.05)
+    assert forward < 0.6 * counted
     cpu = torch.device("cpu")
     assert estimate_seconds(1e9, 200, cpu) == pytest.approx(2 * estimate_seconds(1e9, 100, cpu))
     assert "expect about" in describe_estimate("UNet", 1e9, 100, cpu) and "100 steps" in describe_estimate(
