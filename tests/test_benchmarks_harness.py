@@ -68,9 +68,21 @@ def test_judges_table_at_a_tiny_size():
     assert len({r["fid"] for r in rows if r["row"] == "recipe"}) == 4  # each judge and reference sees differently
 
 
+def test_guidance_sweeps_the_scale_of_a_listed_recipe():
+    out = _run("guidance", "--n", "20", "--n-ref", "50", "--checkpoint", "checkpoints", "--timesteps", "995,500,0",
+               "2@30-600", "3@30-600")
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads(out.stdout.strip().splitlines()[0])
+    assert record["timesteps"] == [995, 500, 0] and [r["spec"] for r in record["rows"]] == [
+        "2@30-600 (listed 3)", "3@30-600 (listed 3)"]
+    assert all(r["recipe"]["timesteps"] == [995, 500, 0] and r["recipe"]["steps"] is None for r in record["rows"])
+    assert record["rows"][0]["fid"] != record["rows"][1]["fid"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (("judges", "--samples", "a/s.npz", "b/s.npz"), "would be ambiguous"),  # two rows would be called "s"
     (("training", "--processes", "1", "--sync-every", "32"), "must be multiples of --sync-every"),
+    (("guidance", "--timesteps", "shipped", "--spacing", "logsnr", "3"), "takes no --spacing"),
 ])
 def test_settings_that_cannot_work_are_refused_first(argv, message):
     out = _run(*argv)
