@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoints import CheckpointError, atomic_write_bytes, read_model, resolve_checkpoint
+from .checkpoints import CheckpointError, atomic_write_bytes, read_model, resolve_checkpoint, tensor_digest
 from .classifier import ARCHS, CLASSIFIERS, train_classifier
 from .config import (
     MIXED_PRECISION,
@@ -337,6 +337,9 @@ def _output_folder(text: str) -> Path:
     """``--out DIR/``: a folder for one PNG per image, new or empty, in a folder that exists."""
     path = Path(text)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if path.is_dir() and _partial_path(path).exists():  # a run cut off while writing its PNGs
+            raise CLIError(f"output folder {text!r} exists and is not empty: empty it and run the same command "
+                           f"again to continue from {_partial_path(path)}, or name a new one")
         raise CLIError(f"output folder {text!r} exists and is not empty (name a new one)")
     if not path.parent.is_dir():
         raise CLIError(f"output folder {str(path.parent)!r} does not exist (create it first)")
@@ -361,11 +364,13 @@ def _partial_path(out: Path) -> Path:
 
 @contextlib.contextmanager
 def _partial_lock(out: Path, batched: bool):
-    """Keeps a second ``sample`` off ``OUT.partial.npz`` (and ``OUT``) while this one samples and writes."""
+    """Keeps a second ``sample`` of more than one batch off ``OUT.partial.npz`` (and ``OUT``) while this one samples
+    and writes; removes the temporaries of a partial write that was killed. The lock file, hidden beside ``OUT``,
+    stays: deleting a Unix lock file on release would let two processes lock two different files of one name."""
     if not batched:
         yield
         return
-    path = Path(f"{_partial_path(out)}.lock")
+    path = out.parent / f".{out.name}.lock"
     lock = FileLock(path)
     try:
         lock.acquire(timeout=0)
@@ -373,10 +378,11 @@ def _partial_lock(out: Path, batched: bool):
         raise CLIError(f"another `sample` is writing {out} (lock {path}); wait for it or choose another "
                        "--out") from None
     try:
+        for stale in out.parent.glob(f".{_partial_path(out).name}.*.tmp"):  # atomic_write_bytes' temporaries
+            stale.unlink(missing_ok=True)
         yield
     finally:
         lock.release()
-        path.unlink(missing_ok=True)
 
 
 def _sample_in_batches(args: argparse.Namespace, pipe, recipe: SamplingRecipe, out: Path
@@ -386,59 +392,76 @@ def _sample_in_batches(args: argparse.Namespace, pipe, recipe: SamplingRecipe, o
     With more than one batch, the images made so far and the noise generator's state are saved after each batch
     in ``OUT.partial.npz`` (arrays only, no pickle), and the same command run again continues from there: the
     result is the one an uninterrupted run gives, as one generator draws every batch's noise in order. The file
-    records the settings that shape the result (weights, recipe, n, classes, seed, batch size, device, torch);
-    a run with other settings is refused rather than mixed in. Call it under :func:`_partial_lock`."""
+    records the settings that shape the result (both models' weights, recipe, n, classes, seed, batch size, device,
+    torch); a run with other settings is refused rather than mixed in. Call it under :func:`_partial_lock`."""
     n, batch = args.n, args.batch_size
     labels = torch.tensor(class_labels(args.class_, n, pipe.class_names), dtype=torch.long)
     generator = make_generator(args.seed)
-    settings = json.dumps({"unet": pipe.meta.get("tensor_digest"), "recipe": recipe.to_dict(), "n": n,
-                           "labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest(), "seed": args.seed,
-                           "batch_size": batch, "device": str(pipe.device), "torch": torch.__version__},
-                          sort_keys=True)
     partial, parts, done = _partial_path(out), [], 0
-    if n > batch and partial.exists():
-        images, done, state = _read_partial(partial, settings, n, batch)
-        parts.append(images)
-        generator.set_state(torch.from_numpy(state))
-        print(f"resuming from {partial}: {done:,} of {n:,} images already made", file=sys.stderr)
-    precision = ""  # a partial file never holds the last batch, so at least one runs here
+    settings = ""
+    if n > batch:
+        settings = json.dumps({"unet": pipe.meta.get("tensor_digest"), "vae": tensor_digest(pipe.vae.state_dict()),
+                               "recipe": recipe.to_dict(), "n": n, "seed": args.seed, "batch_size": batch,
+                               "labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest(),
+                               "device": str(pipe.device), "torch": torch.__version__}, sort_keys=True)
+        if partial.exists():
+            images, state = _read_partial(partial, settings, n, batch, generator)
+            parts.append(images)
+            done = len(images)
+            generator.set_state(torch.from_numpy(state))
+            print(f"resuming from {partial}: {done:,} of {n:,} images already made", file=sys.stderr)
+    kept, precision = done, ""  # a partial file never holds the last batch, so at least one runs here
     bar = tqdm(total=n, initial=done, unit="img", desc="images", disable=args.no_progress or n <= batch)
     try:
         for start in range(done, n, batch):
             result = sample(pipe, min(batch, n - start), labels[start : start + batch], recipe, generator,
                             batch_size=batch, progress=not args.no_progress)
             parts.append(to_uint8(result.images).numpy())
+            if parts[-1].shape[1:] != parts[0].shape[1:]:
+                raise CLIError(f"{partial} holds images of shape {parts[0].shape[1:]}, this run makes "
+                               f"{parts[-1].shape[1:]}; delete the file to start over")
             precision = result.precision
             bar.update(len(parts[-1]))
             if start + batch < n:
                 _write_npz(partial, images=np.concatenate(parts), generator=generator.get_state().numpy(),
                            settings=np.array(settings))
+                kept = start + batch
     except KeyboardInterrupt:
-        if parts:
-            print(f"{sum(len(p) for p in parts):,} of {n:,} images are kept in {partial}; run the same command "
-                  "again to continue", file=sys.stderr)
+        if kept:
+            print(f"{kept:,} of {n:,} images are kept in {partial}; run the same command again to continue",
+                  file=sys.stderr)
         raise
     finally:
         bar.close()
     return np.concatenate(parts), labels.numpy().astype(np.int64), precision, done
 
 
-def _read_partial(partial: Path, settings: str, n: int, batch: int) -> tuple[np.ndarray, int, np.ndarray]:
-    """The images, their count and the generator state in a ``.partial.npz``, which must be this run's."""
+def _read_partial(partial: Path, settings: str, n: int, batch: int, generator: torch.Generator
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The images and the generator state in a ``.partial.npz``, which must be this run's."""
     try:
         with np.load(partial, allow_pickle=False) as f:
             images, state, saved = f["images"], f["generator"], str(f["settings"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise CLIError(f"{partial} is not a readable partial run ({exc}); delete it to start over") from None
     if saved != settings:
-        ours, theirs = json.loads(settings), json.loads(saved) if saved.startswith("{") else {}
-        differ = sorted(k for k in ours if ours.get(k) != theirs.get(k)) or ["its format"]
-        raise CLIError(f"{partial} holds an unfinished run with other settings ({', '.join(differ)}); run that "
+        try:
+            theirs = json.loads(saved)
+        except ValueError:
+            theirs = {}
+        ours = json.loads(settings)
+        differ = [k if isinstance(ours[k], str) and len(ours[k]) == 64 else  # a digest: its name says enough
+                  f"{k} {json.dumps(theirs.get(k))} there, {json.dumps(ours[k])} here"
+                  for k in sorted(ours) if ours.get(k) != theirs.get(k)]
+        raise CLIError(f"{partial} holds an unfinished run with other settings ({'; '.join(differ)}); run that "
                        "command again to finish it, or delete the file to start over")
+    fresh = generator.get_state()
     done = len(images)
-    if images.dtype != np.uint8 or done == 0 or done >= n or done % batch or state.dtype != np.uint8:
-        raise CLIError(f"{partial} is damaged ({done} images of {n}, batches of {batch}); delete it to start over")
-    return images, done, state
+    if (images.dtype != np.uint8 or images.ndim not in (3, 4) or done == 0 or done >= n or done % batch
+            or state.dtype != np.uint8 or state.shape != tuple(fresh.shape)):
+        raise CLIError(f"{partial} is damaged ({done} images of {n} in batches of {batch}, or a generator state "
+                       "of the wrong size); delete it to start over")
+    return images, state
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -392,6 +392,9 @@ def test_sample_outputs_other_tools_read(tmp_path, capsys):
     assert grid.mode == "L" and grid.width > 2 * (10 * 30)  # the class names' margin beside 10 images per row
     assert cli.main([*common, "--n", "2", "--out", str(tmp_path / "pngs") + "/"]) == 1  # not empty: not overwritten
     assert "exists and is not empty" in capsys.readouterr().err
+    (tmp_path / "pngs.partial.npz").write_bytes(b"")  # a run cut off while writing its PNGs: the way on is said
+    assert cli.main([*common, "--n", "2", "--out", str(tmp_path / "pngs") + "/"]) == 1
+    assert "empty it and run the same command again to continue from" in capsys.readouterr().err
 
 
 def test_a_loaded_pipeline_runs_channels_last_on_the_cpu_with_the_same_results():
@@ -421,7 +424,6 @@ def test_an_interrupted_sample_command_continues_where_it_stopped_with_the_same_
     continues from there and writes what an uninterrupted run writes. Other settings, a damaged file and a second
     process are refused with one line each."""
     import json
-    from pathlib import Path
 
     from filelock import FileLock
 
@@ -446,17 +448,25 @@ def test_an_interrupted_sample_command_continues_where_it_stopped_with_the_same_
     with np.load(partial) as f:
         assert f["images"].shape == (4, 28, 28)
     kept = partial.read_bytes()
+    with np.load(partial) as f:
+        kept_settings = str(f["settings"])
     assert cli.main([*common, "--seed", "1", "--out", str(out)]) == 1  # another run's settings: not mixed in
-    assert "other settings (seed)" in capsys.readouterr().err and partial.read_bytes() == kept
-    with FileLock(f"{partial}.lock"):
+    assert "other settings (seed 0 there, 1 here)" in capsys.readouterr().err and partial.read_bytes() == kept
+    with FileLock(tmp_path / ".cut.npz.lock"):
         assert cli.main([*common, "--out", str(out)]) == 1
     assert "another `sample` is writing" in capsys.readouterr().err
     assert cli.main([*common, "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert "resuming from" in captured.err and json.loads(captured.out.splitlines()[-1])["resumed_at"] == 4
-    assert len(calls) == 4 and not partial.exists() and not Path(f"{partial}.lock").exists()
+    assert len(calls) == 4 and not partial.exists() and not list(tmp_path.glob(".*.tmp"))
     with np.load(tmp_path / "whole.npz") as a, np.load(out) as b:
         assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["labels"], b["labels"])
     partial.write_bytes(b"not a zip")
     assert cli.main([*common, "--out", str(out)]) == 1
     assert "not a readable partial run" in capsys.readouterr().err
+    with np.load(tmp_path / "whole.npz") as f:  # a generator state cut short: one line, not a traceback
+        settings = json.loads(kept_settings)
+        np.savez(partial, images=f["images"][:2], generator=np.zeros(8, np.uint8), settings=np.array(
+            json.dumps(settings, sort_keys=True)))
+    assert cli.main([*common, "--out", str(out)]) == 1
+    assert "is damaged" in capsys.readouterr().err
