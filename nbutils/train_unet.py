@@ -132,6 +132,10 @@ def train_unet(
             image_shape(cfg.data, vae.cfg, f"the VAE {vae_meta['path']}")
             cache = latent_dataset(vae, vae_meta["path"], subset=cfg.data.train_subset, root=data_root,
                                    progress=progress, data_cfg=cfg.data)
+        labels = cache["labels"]  # checked once here: the UNet checks label values only on the CPU (no sync)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= cfg.unet.num_classes):
+            raise ValueError(f"the training labels must be in 0..{cfg.unet.num_classes - 1} (unet.num_classes = "
+                             f"{cfg.unet.num_classes}), got values in [{int(labels.min())}, {int(labels.max())}]")
         shift, scale = vae.latent_shift.cpu()[:, None, None], float(vae.latent_scale)
         distill = load_teacher(teacher, cfg, vae_meta, device, log) if teacher is not None else None
 

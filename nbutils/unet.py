@@ -173,13 +173,13 @@ class Upsample(nn.Module):
 
 
 def _checkable(x: torch.Tensor) -> bool:
-    """Whether a check may read ``x``'s values on the host: not while torch.compile or torch.export traces the
-    model, not while a CUDA graph is being captured (a training step replayed as one: nbutils.training.StepGraph),
-    not on the meta device."""
+    """Whether a check may read ``x``'s values on the host for free: ``x`` is on the CPU, and torch.compile or
+    torch.export is not tracing the model. On an accelerator reading a value waits for the device (a host
+    synchronisation per call, which keeps the host from queueing the next kernels); callers there check their
+    labels once up front (:func:`nbutils.pipeline.sample`, the training data), and an index out of range still
+    fails on the device."""
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    if torch.compiler.is_compiling() or exporting() or x.device.type == "meta":
-        return False
-    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    return x.device.type == "cpu" and not (torch.compiler.is_compiling() or exporting())
 
 
 class UNet(nn.Module):

@@ -159,3 +159,14 @@ def test_bad_input_is_one_error_line_and_writes_nothing(case, files):
     assert len(errors) == 1 or (out.returncode == 2 and "error:" in out.stderr), out.stderr  # argparse adds usage
     assert message in out.stderr, out.stderr
     assert _snapshot(files) == before, "files were created or changed"
+
+
+def test_training_labels_beyond_the_unets_classes_are_one_error_line(tmp_path):
+    """The UNet reads label values on the host only on the CPU (on a GPU that would wait for the device every
+    step), so training checks its labels once, as they are loaded."""
+    out = subprocess.run([sys.executable, "-m", "nbutils", "train-unet", "--preset", "smoke", "--vae",
+                          str(checkpoints_dir()), "--set", "unet.num_classes=5", "--run-dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, env=dict(os.environ, NBUTILS_DEVICE="cpu"), cwd=tmp_path,
+                         timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "error: the training labels must be in 0..4 (unet.num_classes = 5), got values in [0, 9]" in out.stderr
