@@ -59,7 +59,7 @@ from .data import (
 )
 from .data import class_names as dataset_class_names
 from .distributed import is_main_process
-from .evaluation import REFERENCES, evaluate_file, evaluators, load_sample_file, to_json
+from .evaluation import REFERENCES, array_header, evaluate_file, evaluators, load_sample_file, to_json
 from .grading import DEFAULT_TIMEOUT, grade, write_scores
 from .hub import save_pretrained
 from .metrics import reconstruction_metrics
@@ -438,12 +438,19 @@ def _sample_in_batches(args: argparse.Namespace, pipe, recipe: SamplingRecipe, o
 
 def _read_partial(partial: Path, settings: str, n: int, batch: int, generator: torch.Generator
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """The images and the generator state in a ``.partial.npz``, which must be this run's."""
+    """The images and the generator state in a ``.partial.npz``, which must be this run's. The arrays' headers are
+    read first: nothing is decompressed that a run of these settings cannot have written."""
+    unreadable = f"{partial} is not a readable partial run"
     try:
+        with zipfile.ZipFile(partial) as zf:
+            (shape, dtype), (state_shape, state_dtype), (settings_shape, settings_dtype) = (
+                array_header(zf, k, partial) for k in ("images", "generator", "settings"))
+        if settings_shape != () or settings_dtype.kind != "U" or settings_dtype.itemsize > 4 * 65536:
+            raise CLIError(f"{unreadable} (its settings are not one short string); delete it to start over")
         with np.load(partial, allow_pickle=False) as f:
-            images, state, saved = f["images"], f["generator"], str(f["settings"])
+            saved = str(f["settings"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise CLIError(f"{partial} is not a readable partial run ({exc}); delete it to start over") from None
+        raise CLIError(f"{unreadable} ({exc}); delete it to start over") from None
     if saved != settings:
         try:
             theirs = json.loads(saved)
@@ -455,13 +462,16 @@ def _read_partial(partial: Path, settings: str, n: int, batch: int, generator: t
                   for k in sorted(ours) if ours.get(k) != theirs.get(k)]
         raise CLIError(f"{partial} holds an unfinished run with other settings ({'; '.join(differ)}); run that "
                        "command again to finish it, or delete the file to start over")
-    fresh = generator.get_state()
-    done = len(images)
-    if (images.dtype != np.uint8 or images.ndim not in (3, 4) or done == 0 or done >= n or done % batch
-            or state.dtype != np.uint8 or state.shape != tuple(fresh.shape)):
-        raise CLIError(f"{partial} is damaged ({done} images of {n} in batches of {batch}, or a generator state "
-                       "of the wrong size); delete it to start over")
-    return images, state
+    if (dtype != np.uint8 or len(shape) not in (3, 4) or not 0 < shape[0] < n or shape[0] % batch
+            or math.prod(shape[1:]) > 3 * 512 * 512
+            or state_dtype != np.uint8 or state_shape != tuple(generator.get_state().shape)):
+        raise CLIError(f"{partial} is damaged (images {dtype} {shape}: not whole batches of {batch} images short "
+                       f"of {n}, or a generator state of the wrong size); delete it to start over")
+    try:
+        with np.load(partial, allow_pickle=False) as f:
+            return f["images"], f["generator"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise CLIError(f"{unreadable} ({exc}); delete it to start over") from None
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -58,7 +58,7 @@ def check_sample_arrays(images, labels, source: str = "samples") -> tuple[torch.
 MAX_SAMPLES = 1_000_000
 
 
-def _array_header(zf: zipfile.ZipFile, name: str, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+def array_header(zf: zipfile.ZipFile, name: str, path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of one array of an ``.npz``, read from its header only (nothing is decompressed)."""
     try:
         with zf.open(f"{name}.npy") as f:
@@ -87,14 +87,14 @@ def load_sample_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
             if missing:
                 raise ValueError(f"{path}: missing array(s) {missing}; a sample file holds 'images' and 'labels' "
                                  f"(found {names})")
-            shape, dtype = _array_header(zf, "images", path)
+            shape, dtype = array_header(zf, "images", path)
             n = shape[0] if shape else 0
             if dtype != np.uint8 or len(shape) not in (3, 4) or tuple(shape[-2:]) != (28, 28) \
                     or (len(shape) == 4 and shape[1] != 1):
                 raise ValueError(f"{path}: images must be uint8 of shape (N, 28, 28), got {dtype} {shape}")
             if n > MAX_SAMPLES:
                 raise ValueError(f"{path}: {n:,} images is more than the {MAX_SAMPLES:,} a sample file may hold")
-            label_shape, _ = _array_header(zf, "labels", path)
+            label_shape, _ = array_header(zf, "labels", path)
             if label_shape != (n,):
                 raise ValueError(f"{path}: labels must have shape ({n},), got {label_shape}")
             with np.load(path, allow_pickle=False) as f:
