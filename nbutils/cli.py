@@ -654,7 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-unet", help="train the latent UNet on a VAE's cached latents (--resume continues)")
     _training_args(p)
-    p.add_argument("--vae", help="VAE file or run folder when --run-dir has none (default: latest run, else shipped)")
+    p.add_argument("--vae", help="VAE file or run folder, copied into --run-dir when it has none (default: latest "
+                   "run, else shipped); when it has one, --vae must be that VAE")
     p.add_argument("--init-from", metavar="RUN",
                    help="start a new run from RUN's UNet weights (fine-tuning: fresh optimizer, this config's lr)")
     p.add_argument("--teacher", metavar="CHECKPOINT",

@@ -17,9 +17,10 @@ teacher needs two on the guided steps; it may also be narrower than its teacher.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -114,8 +115,7 @@ def train_unet(
     check_checkpoint_every(checkpoint_every)
     run_dir, procs, device, log, progress = start(tc, epochs, run_dir, cfg.preset, device, log, progress,
                                                   "unet_state.pt" if resume else None)
-    with owned(run_dir, procs):
-        own_vae = run_dir / VAE_FILE
+    with owned(run_dir, procs), _vae_copied_in(run_dir, procs.is_main) as own_vae:
         with procs.main_first():  # process 0 copies the VAE and writes the latent cache; the others then read them
             if procs.is_main and not own_vae.is_file():  # self-contained run: sampling needs the exact VAE
                 source = resolve_checkpoint(VAE_FILE, vae_checkpoint)
@@ -123,6 +123,8 @@ def train_unet(
                 if source.with_suffix(".json").is_file():
                     shutil.copyfile(source.with_suffix(".json"), own_vae.with_suffix(".json"))
                 log(f"using the VAE {source} (copied into {run_dir})")
+            elif procs.is_main and vae_checkpoint is not None:  # asked for a VAE, but the run has its own
+                _check_same_vae(own_vae, resolve_checkpoint(VAE_FILE, vae_checkpoint), run_dir)
             vae, vae_meta = load_vae(own_vae, device=device)
             if not vae_meta["extra"].get("latent_stats"):
                 raise CheckpointError(f"{vae_meta['path']} has no latent statistics; run finalize_vae on its run first")
@@ -269,6 +271,33 @@ class Distillation:
                                    "guidance": self.recipe.guidance,
                                    "guidance_interval": list(self.recipe.guidance_interval or [])},
                 "sampling_recipe": self.student_recipe.to_dict()}
+
+
+@contextlib.contextmanager
+def _vae_copied_in(run_dir: Path, is_main: bool) -> Iterator[Path]:
+    """Yields the run's own VAE path. When the run fails before it writes anything but a VAE it copied in, that
+    copy goes again: a failed first attempt leaves no VAE behind that a retry with another ``--vae`` would take."""
+    own_vae = run_dir / VAE_FILE
+    copies = (own_vae, own_vae.with_suffix(".json"))
+    had_one = own_vae.exists()
+    try:
+        yield own_vae
+    except BaseException:
+        if is_main and not had_one:
+            written = {p.name for p in run_dir.iterdir() if not p.name.startswith(".")}
+            if written <= {p.name for p in copies}:
+                for p in copies:
+                    p.unlink(missing_ok=True)
+        raise
+
+
+def _check_same_vae(own: Path, asked: Path, run_dir: Path) -> None:
+    """An error when the VAE the user asked for is not the one the run folder already trains with."""
+    if own.resolve() == asked.resolve():
+        return
+    if read_model(own, "vae")[1]["tensor_digest"] != read_model(asked, "vae")[1]["tensor_digest"]:
+        raise CheckpointError(f"{run_dir} already has its own VAE, which is not {asked}; leave out --vae to go on "
+                              "with the run's VAE, or use another --run-dir")
 
 
 def load_teacher(checkpoint: str | Path, cfg: Config, vae_meta: dict, device, log: Callable[[str], None]

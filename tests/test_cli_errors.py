@@ -170,3 +170,22 @@ def test_training_labels_beyond_the_unets_classes_are_one_error_line(tmp_path):
                          timeout=300)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert "error: the training labels must be in 0..4 (unet.num_classes = 5), got values in [0, 9]" in out.stderr
+    # the VAE it had copied in goes with the run folder: a retry with another --vae is not given this one instead
+    assert not (tmp_path / "run").exists(), sorted(p.name for p in (tmp_path / "run").iterdir())
+
+
+def test_a_vae_other_than_the_run_folders_own_is_one_error_line(files, tmp_path):
+    """``--vae`` names a VAE, but the run folder already trains with another: refused, not silently ignored."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(files / "swapped" / "vae.safetensors", run / "vae.safetensors")
+    before = (run / "vae.safetensors").read_bytes()
+    out = subprocess.run([sys.executable, "-m", "nbutils", "train-unet", "--preset", "smoke", "--vae",
+                          str(checkpoints_dir()), "--run-dir", str(run)],
+                         capture_output=True, text=True, env=dict(os.environ, NBUTILS_DEVICE="cpu"), cwd=tmp_path,
+                         timeout=300)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 1 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr
+    assert "already has its own VAE, which is not" in errors[0] and "leave out --vae" in errors[0], errors
+    assert (run / "vae.safetensors").read_bytes() == before  # the run's own VAE stays
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["vae.safetensors"]
