@@ -10,7 +10,10 @@ inputs, expected outputs and the outputs of known mistakes (ᾱ where √ᾱ bel
 sign…) come from ``fixtures/exercises.safetensors``, generated from the instructor's answer key
 (``instructor/`` in the repository, not installed). While the student's function runs, a call monitor
 (``sys.setprofile``) watches every call it makes: calling the library's own version (any function of ``nbutils``),
-the ``torch``/``scipy`` function that does the exercise's whole job, or reading a file fails the check.
+the ``torch``/``scipy`` function that does the exercise's whole job, or reading a file fails the check. Before
+that, the function's source is read as text (:func:`source_violation`): importing anything but the plain tensor
+libraries, or naming the interpreter's machinery (``getattr``, ``exec``, ``sys``, ``torch.ops``, private ``_names``)
+fails it too — the ways around a call monitor that runs in the student's own process.
 
 Hints come in tiers: a failed check says *what* is wrong (which input, expected vs got, and the known mistake it
 matches); from the second failed attempt on it adds the formula to use (in mathematical notation); nothing prints
@@ -21,9 +24,11 @@ the same checks on submitted notebooks, one exercise per fresh process (``python
 
 from __future__ import annotations
 
+import ast
 import base64
 import dataclasses
 import importlib
+import inspect
 import json
 import math
 import os
@@ -354,6 +359,45 @@ def _resolve(dotted: str) -> Any:
         except AttributeError:
             return None
         return obj
+    return None
+
+
+#: What an exercise cell may import: the plain tensor libraries the exercises are written in.
+ALLOWED_IMPORTS = ("math", "numpy", "torch", "torch.nn", "torch.nn.functional", "scipy", "scipy.linalg")
+#: Names and attributes an exercise cell may not use: ways around the checks (running or importing code by name,
+#: reaching the interpreter or the check's own state) and torch's operator registry (``torch.ops.aten.*``: the
+#: library kernels without their Python wrappers, which the call monitor cannot see).
+BLOCKED_NAMES = frozenset({
+    "exec", "eval", "compile", "__import__", "globals", "locals", "vars", "getattr", "setattr", "delattr",
+    "open", "breakpoint", "input", "sys", "os", "importlib", "builtins", "nbutils", "instructor", "exercises",
+    "ops", "modules", "subprocess"})
+
+
+def source_violation(source: str) -> str | None:
+    """Why an exercise cell's ``source`` cannot be scored (one line), or None. Checked before it runs, as text:
+    an import beyond :data:`ALLOWED_IMPORTS`, a name of :data:`BLOCKED_NAMES`, or an attribute or name that starts
+    with ``_`` (private state, dunders), e.g. switching off the call monitor or importing the answer key."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None  # running it reports the syntax error, with its line
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            bad = [a.name for a in node.names if a.name not in ALLOWED_IMPORTS]
+        elif isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            bad = [module] if module not in ALLOWED_IMPORTS else [
+                f"{module}.{a.name}" for a in node.names
+                if a.name in BLOCKED_NAMES or a.name.startswith("_") or a.name == "*"]
+        else:
+            bad = []
+        if bad:
+            return (f"imports {bad[0]}: an exercise may import only "
+                    f"{', '.join(ALLOWED_IMPORTS)}")
+        name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+        if name is not None and (name in BLOCKED_NAMES or (name.startswith("_") and name != "_")):
+            return (f"uses {name!r} (line {node.lineno}), which an exercise may not: "
+                    "write it with plain tensor operations")
     return None
 
 
@@ -854,7 +898,11 @@ def check(key: str, fn: Callable, strict: bool | None = None) -> CheckResult:
     """Check the student's ``fn`` for exercise ``key`` and print the verdict (see the module docstring)."""
     if key not in EXERCISES:
         raise KeyError(f"no exercise named {key!r}; the exercises: {', '.join(EXERCISES)}")
-    outputs = run_cases(key, fn)
+    try:
+        violation = source_violation(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError):  # no source to read (a builtin, a lambda typed at a prompt): the monitor still runs
+        violation = None
+    outputs = [{"error": violation}] if violation else run_cases(key, fn)
     result = judge(key, outputs, _attempts.get(key, 0) + 1)
     started = not outputs[-1].get("error", "").startswith("not implemented")
     _attempts[key] = 0 if result else _attempts.get(key, 0) + started

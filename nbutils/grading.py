@@ -1,6 +1,8 @@
 """Grading submitted notebooks: ``python -m nbutils grade STUDENT.ipynb [...] --out scores.csv``.
 
-For every code cell tagged as an exercise (cell metadata ``nbutils_exercise``: the function's name), a fresh Python
+For every code cell tagged as an exercise (cell metadata ``nbutils_exercise``: the function's name), the cell's
+text is checked first (:func:`nbutils.exercises.source_violation`: only the plain tensor libraries may be imported,
+and nothing that reaches the checker, the answer key or the interpreter's machinery may be named); then a fresh Python
 process executes the cell and runs the function on the exercise's stored cases under the call monitor of
 :mod:`nbutils.exercises`; only the function's outputs come back (as JSON), and this process judges them against
 the stored expected outputs. So a notebook's own check cells are never trusted (deleting one changes nothing), a
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .exercises import EXERCISE_KEY, EXERCISES, decode_outputs, encode_outputs, judge, run_cases
+from .exercises import EXERCISE_KEY, EXERCISES, decode_outputs, encode_outputs, judge, run_cases, source_violation
 
 DEFAULT_TIMEOUT = 60.0
 FIELDS = ("notebook", "exercise", "function", "points", "max_points", "message")
@@ -38,6 +40,9 @@ class Score:
     points: float
     max_points: float
     message: str
+
+    def __post_init__(self) -> None:  # written the same way in the CSV, whole points or not
+        self.points, self.max_points = float(self.points), float(self.max_points)
 
 
 def exercise_sources(nb: dict) -> dict[str, str]:
@@ -101,7 +106,8 @@ def grade_notebook(path: str | Path, timeout: float = DEFAULT_TIMEOUT) -> list[S
             scores.append(Score(path.name, ex.number, ex.key, 0.0, ex.points,
                                 f"not found: no code cell tagged {EXERCISE_KEY}={ex.key!r}"))
             continue
-        outputs = run_in_fresh_process(ex.key, sources[ex.key], timeout)
+        violation = source_violation(sources[ex.key])
+        outputs = violation or run_in_fresh_process(ex.key, sources[ex.key], timeout)
         if isinstance(outputs, str):
             scores.append(Score(path.name, ex.number, ex.key, 0.0, ex.points, f"✗ {outputs}"))
             continue

@@ -475,9 +475,51 @@ def test_grade_scores_stubs_zero_answers_full_and_delegation_zero(tmp_path):
     for k in keys:
         assert points["03_stub.ipynb", k] == 0 and points["03_delegating.ipynb", k] == 0
         assert points["03_solved.ipynb", k] == E.EXERCISES[k].points
-    assert all("calls nbutils" in r["message"] for r in rows if r["notebook"] == "03_delegating.ipynb")
+    assert all("imports nbutils" in r["message"] for r in rows if r["notebook"] == "03_delegating.ipynb")
     assert f"{2 * len(keys)} of {3 * len(keys)} points" not in proc.stdout  # one notebook's worth, no more
     assert f"{len(keys)}" in proc.stdout
+
+
+# Ways around the checks that a grader must score 0, each with the reason it names (found by a review).
+BYPASSES = {
+    "kernel without its wrapper": ("attention", "def attention(q, k, v):\n"
+                                   "    return torch.ops.aten.scaled_dot_product_attention(q, k, v)\n", "'ops'"),
+    "monitor switched off": ("attention", "from nbutils import exercises as E\n"
+                             "E.CallMonitor._profile = lambda *a: None\n"
+                             "def attention(q, k, v):\n    return E.attention(q, k, v)\n", "imports nbutils"),
+    "answer key imported": ("attention", "from instructor.answers import solution_cell\n"
+                            "exec(solution_cell('attention'))\n", "imports instructor.answers"),
+    "stored outputs looked up": ("guided_epsilon", "import nbutils.exercises\n"
+                                 "table = nbutils.exercises.cases('guided_epsilon')\n"
+                                 "def guided_epsilon(eps_cond, eps_uncond, w):\n    return table[0].expected\n",
+                                 "imports nbutils.exercises"),
+    "name built at run time": ("guided_epsilon", "def guided_epsilon(eps_cond, eps_uncond, w):\n"
+                               "    return getattr(torch, 'zeros_like')(eps_cond)\n", "'getattr'"),
+    "private state": ("guided_epsilon", "def guided_epsilon(eps_cond, eps_uncond, w):\n"
+                      "    return eps_cond.__class__(eps_cond)\n", "'__class__'"),
+}
+
+
+def test_source_check_passes_every_answer_and_names_each_bypass():
+    for key in E.EXERCISES:
+        assert E.source_violation(answers.solution_cell(key)) is None, key
+    for name, (_, source, reason) in BYPASSES.items():
+        assert reason in (E.source_violation(source) or ""), name
+
+
+def test_grade_scores_every_bypass_zero(tmp_path):
+    paths = []
+    for i, (key, source, _) in enumerate(BYPASSES.values()):
+        path = tmp_path / f"{E.EXERCISES[key].notebook}_bypass{i}.ipynb"  # just the one cell: nothing else runs
+        path.write_text(json.dumps({"cells": [{"cell_type": "code", "source": source,
+                                               "metadata": {E.EXERCISE_KEY: key}}]}))
+        paths.append(path)
+    scores = {(s.notebook, s.function): s for s in grading.grade(paths, out=tmp_path / "s.csv")}
+    for i, (name, (key, _, reason)) in enumerate(BYPASSES.items()):
+        s = scores[f"{E.EXERCISES[key].notebook}_bypass{i}.ipynb", key]
+        assert s.points == 0 and reason in s.message, (name, s)
+    rows = list(csv.DictReader((tmp_path / "s.csv").open()))
+    assert {r["points"] for r in rows} == {"0.0"} and {r["max_points"] for r in rows} <= {"1.0", "3.0"}
 
 
 def test_grade_handles_missing_cells_endless_loops_and_broken_files(tmp_path):
