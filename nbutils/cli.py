@@ -173,7 +173,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         except CheckpointError as exc:
             info[f"{kind}_checkpoint"] = f"none ({exc})"
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(to_json(info, indent=2))
     else:
         width = max(map(len, info))
         for key, value in info.items():
@@ -204,7 +204,7 @@ def cmd_data(args: argparse.Namespace) -> int:
             "per_class": {name: int((labels == c).sum()) for c, name in enumerate(names)},
         }
     stats["seconds"] = round(time.perf_counter() - t0, 2)
-    print(json.dumps(stats, indent=2))
+    print(to_json(stats, indent=2))
     if out is not None:
         images, labels = load_images(data_cfg, "train", root=args.data_root, download=False)
         save_grid(per_class(images, labels, args.per_class, names), out, nrow=args.per_class, row_labels=names)
@@ -232,7 +232,7 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
                     checkpoint_every=args.checkpoint_every, cuda_graph=args.cuda_graph,
                     log=lambda m: print(m, file=sys.stderr))
     if is_main_process():
-        print(json.dumps({"run_dir": str(run_dir or (project_root() / "runs" / cfg.preset)),
+        print(to_json({"run_dir": str(run_dir or (project_root() / "runs" / cfg.preset)),
                           "seconds": round(time.perf_counter() - t0, 1),
                           "latent_scale": float(vae.latent_scale)}))
     return 0
@@ -248,7 +248,7 @@ def cmd_train_unet(args: argparse.Namespace) -> int:
                checkpoint_every=args.checkpoint_every, cuda_graph=args.cuda_graph,
                log=lambda m: print(m, file=sys.stderr))
     if is_main_process():
-        print(json.dumps({"run_dir": str(run_dir or (project_root() / "runs" / cfg.preset)),
+        print(to_json({"run_dir": str(run_dir or (project_root() / "runs" / cfg.preset)),
                           "seconds": round(time.perf_counter() - t0, 1)}))
     return 0
 
@@ -279,7 +279,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         save_grid(pairs, out, nrow=10)
     else:
         _write_npz(out, images=recon.numpy(), originals=images.numpy(), labels=labels.numpy().astype(np.int64))
-    print(json.dumps({"out": str(out), "n": args.n, "checkpoint": meta["path"],
+    print(to_json({"out": str(out), "n": args.n, "checkpoint": meta["path"],
                       **{k: round(v, 5) for k, v in m.items()}}))
     return 0
 
@@ -343,6 +343,8 @@ def _output_folder(text: str) -> Path:
         raise CLIError(f"output folder {text!r} exists and is not empty (name a new one)")
     if not path.parent.is_dir():
         raise CLIError(f"output folder {str(path.parent)!r} does not exist (create it first)")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise CLIError(f"output folder {str(path if path.exists() else path.parent)!r} is not writable")
     return path
 
 
@@ -496,7 +498,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if args.n > args.batch_size:  # the run is complete
             _partial_path(out).unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"out": str(out), "n": args.n, **recipe.to_dict(), "precision": precision,
+    print(to_json({"out": str(out), "n": args.n, **recipe.to_dict(), "precision": precision,
                       "seed": args.seed, "checkpoint": pipe.meta["path"], "seconds": round(seconds, 2),
                       **({"resumed_at": resumed} if resumed else {})}))
     return 0
@@ -511,7 +513,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
         out = _output_path(args.out, (".safetensors",))
     _, info = train_classifier(cfg, out, device=args.device, progress=not args.no_progress,
                                data_root=args.data_root)
-    print(json.dumps({"out": info["path"], "test_accuracy": info["test_accuracy"],
+    print(to_json({"out": info["path"], "test_accuracy": info["test_accuracy"],
                       "seconds": round(sum(r["seconds"] for r in info["history"]), 1)}))
     return 0
 
@@ -541,7 +543,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     dtype = {"as-is": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     recipe = SHIPPED_RECIPE if args.recipe == "shipped" else None
     out = save_pretrained(args.source, args.out, results, dtype=dtype, recipe=recipe)
-    print(json.dumps({"out": str(out), "files": sorted(p.name for p in out.iterdir())}))
+    print(to_json({"out": str(out), "files": sorted(p.name for p in out.iterdir())}))
     return 0
 
 
@@ -550,7 +552,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     out = _output_path(args.out, (".png",))
     fig = plot_run(args.run_dir)
     fig.savefig(out, dpi=110)
-    print(json.dumps({"out": str(out), "run_dir": args.run_dir}))
+    print(to_json({"out": str(out), "run_dir": args.run_dir}))
     return 0
 
 
@@ -790,5 +792,5 @@ def main(argv: list[str] | None = None) -> int:
         elif isinstance(exc, TrainingInterrupted):
             print(f"error: {exc}", file=sys.stderr)
         else:
-            print("interrupted", file=sys.stderr)
+            print("error: interrupted", file=sys.stderr)
         return 130

@@ -282,16 +282,17 @@ def evaluate_file(path: str | Path, n_ref: int | None = None, evaluator: Evaluat
     return result
 
 
-def to_json(result: dict) -> str:
-    """JSON with NaN written as null (strict JSON)."""
+def to_json(result: dict, **kwargs) -> str:
+    """JSON with NaN and infinities written as null: valid JSON always (RFC 8259 has neither); ``kwargs`` go to
+    :func:`json.dumps`."""
 
     def clean(v):
         if isinstance(v, float) and not np.isfinite(v):
             return None
         if isinstance(v, dict):
             return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
+        if isinstance(v, list | tuple):
             return [clean(x) for x in v]
         return v
 
-    return json.dumps(clean(result))
+    return json.dumps(clean(result), allow_nan=False, **kwargs)

@@ -4,6 +4,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import zipfile
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
 from nbutils.checkpoints import read_model, save_model
 from nbutils.config import Config, checkpoints_dir
@@ -21,7 +23,10 @@ pytestmark = pytest.mark.slow  # a fresh process per case
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+    """Every file's size and time of change; a lock file's time changes when a process tries the lock, so only its
+    presence counts."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, 0 if p.name == ".lock" else p.stat().st_mtime_ns)
+            for p in folder.rglob("*")}
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +75,10 @@ def files(tmp_path_factory):
 
     (listcfg / "unet.safetensors").write_bytes(save({"w": torch.zeros(1)}, metadata={"nbutils": json.dumps(header)}))
 
+    noextra = copy("noextra")  # metadata with no "extra" (no digests, no record of a VAE)
+    header = {"format_version": 1, "kind": "unet", "config": meta["config"]}
+    (noextra / "unet.safetensors").write_bytes(save(tensors, metadata={"nbutils": json.dumps(header)}))
+
     (d / "text.npz").write_text("images,labels\n1,2\n")
     with zipfile.ZipFile(d / "bomb.npz", "w") as zf:  # a header that promises 2 million images, and no data
         with zf.open("images.npy", "w") as f:
@@ -87,6 +96,9 @@ SHIPPED = ["--checkpoint", str(checkpoints_dir())]
 CASES = {
     "guidance nan": (["sample", *SHIPPED, "--guidance", "nan", "--out", "{d}/s.npz"], "--guidance must be a finite"),
     "guidance inf": (["sample", *SHIPPED, "--guidance", "inf", "--out", "{d}/s.npz"], "--guidance must be a finite"),
+    "guidance huge": (["sample", *SHIPPED, "--guidance", "1e308", "--out", "{d}/s.npz"],
+                      "--guidance must be a finite number from 0 to 100"),
+    "eta above 1": (["sample", *SHIPPED, "--sampler", "ddim", "--eta", "2", "--out", "{d}/s.npz"], "--eta must be"),
     "eta nan": (["sample", *SHIPPED, "--sampler", "ddim", "--eta", "nan", "--out", "{d}/s.npz"], "--eta must be"),
     "huge seed": (["sample", *SHIPPED, "--seed", "12345678901234567890123", "--out", "{d}/s.npz"], "--seed"),
     "n = 0": (["sample", *SHIPPED, "--n", "0", "--out", "{d}/s.npz"], "--n"),
@@ -110,6 +122,8 @@ CASES = {
     "NaN weight": (["sample", "--checkpoint", "{d}/nan", "--out", "{d}/s.npz"], "non-finite weights"),
     "VAE not recorded": (["sample", "--checkpoint", "{d}/unrecorded", "--out", "{d}/s.npz"], "--allow-unverified-vae"),
     "swapped VAE": (["sample", "--checkpoint", "{d}/swapped", "--out", "{d}/s.npz"], "is not the VAE"),
+    "metadata without extra": (["sample", "--checkpoint", "{d}/noextra", "--out", "{d}/s.npz"],
+                               "does not record which VAE"),
     "config is a list": (["sample", "--checkpoint", "{d}/listcfg", "--out", "{d}/s.npz"], "malformed metadata"),
     "batch size 0": (["train-vae", "--preset", "smoke", "--set", "train_vae.batch_size=0", "--run-dir", "{d}/run"],
                      "train_vae.batch_size must be a whole number ≥ 1"),
@@ -123,6 +137,8 @@ CASES = {
                        "cannot resume"),
     "resume in a new folder": (["train-vae", "--preset", "smoke", "--resume", "--run-dir", "{d}/new/run"],
                                "cannot resume"),
+    "run folder in use": (["train-vae", "--preset", "smoke", "--run-dir", "{d}/busy"],
+                          "is in use by another training process"),
     "garbage device, training": (["train-vae", "--preset", "smoke", "--run-dir", "{d}/new/run"],
                                  "unknown device 'garbage'"),
     "no VAE for a new UNet run": (["train-unet", "--preset", "smoke", "--vae", "{d}/nowhere", "--run-dir",
@@ -145,8 +161,16 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def busy(files):
+    """``files/busy``: a run folder that this process is training in (it holds the folder's lock)."""
+    (files / "busy").mkdir()
+    with FileLock(files / "busy" / ".lock"):
+        yield
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_error_line_and_writes_nothing(case, files):
+def test_bad_input_is_one_error_line_and_writes_nothing(case, files, busy):
     argv, message = CASES[case]
     argv = [a.replace("{d}", str(files)) for a in argv]
     env = dict(os.environ, NBUTILS_DEVICE="garbage" if case.startswith("garbage device") else "cpu")
@@ -159,6 +183,22 @@ def test_bad_input_is_one_error_line_and_writes_nothing(case, files):
     assert len(errors) == 1 or (out.returncode == 2 and "error:" in out.stderr), out.stderr  # argparse adds usage
     assert message in out.stderr, out.stderr
     assert _snapshot(files) == before, "files were created or changed"
+
+
+@pytest.mark.parametrize("after", [0.05, 0.3, 0.8, 1.5])
+def test_ctrl_c_during_start_up_is_one_error_line(after):
+    """Ctrl-C while Python is still importing torch (``import nbutils`` itself imports nothing heavy)."""
+    proc = subprocess.Popen([sys.executable, "-m", "nbutils", "sample", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        proc.wait(timeout=after)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:  # started up and printed its help before the signal: nothing to check
+        return
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.strip()] == ["error: interrupted"], err
 
 
 def test_training_labels_beyond_the_unets_classes_are_one_error_line(tmp_path):

@@ -260,3 +260,7 @@ def test_reference_features_are_cached_per_classifier(tmp_path, evaluator):
     second = E.Evaluator(classifier_path="checkpoints", cache_dir=tmp_path)  # read back from the cache
     assert torch.equal(first.test_features, second.test_features)
     assert torch.allclose(first.test_features, evaluator.test_features, atol=1e-5)
+    raw = cached[0].read_bytes()  # a cache cut short (a full disk, a killed write by hand): recomputed, not an error
+    cached[0].write_bytes(raw[: len(raw) // 2])
+    third = E.Evaluator(classifier_path="checkpoints", cache_dir=tmp_path)
+    assert torch.equal(first.test_features, third.test_features) and cached[0].read_bytes() == raw

@@ -533,9 +533,11 @@ def test_a_run_folder_belongs_to_one_process_and_stale_temporaries_go(smoke_run,
 
 @pytest.mark.slow
 def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_weights(tmp_path):
-    """kill -9 at 20 random moments of a real training process (start-up, steps, checkpoint writes, the latent
-    cache), each time started again with --resume (or afresh when no state was written yet): the weights at the
-    end are bit for bit those of a run that was never interrupted."""
+    """kill -9 at 20 moments of a real training process, each time started again with --resume (or afresh when no
+    state was written yet): every other life ends at a random moment (start-up, steps, the latent cache), the
+    others the moment a checkpoint set is being written (its first temporary or pending file appears). The weights
+    at the end are bit for bit those of a run that was never interrupted."""
+    import os
     import random
     import subprocess
     import sys
@@ -544,18 +546,31 @@ def test_kill_9_anywhere_then_resume_gives_the_uninterrupted_weights(tmp_path):
     base = [sys.executable, "-m", "nbutils", "train-vae", "--preset", "smoke", "--epochs", "80", "--device", "cpu",
             "--no-progress"]
     subprocess.run([*base, "--run-dir", str(tmp_path / "whole")], check=True, capture_output=True, timeout=900)
-    run, rng, kills = tmp_path / "killed", random.Random(0), 0
+    run, rng, kills, during_writes = tmp_path / "killed", random.Random(0), 0, 0
+
+    def writing() -> bool:  # a checkpoint file is being written: a temporary or a pending file of a set exists
+        try:
+            return any(e.name.endswith((".tmp", ".pending")) for e in os.scandir(run))
+        except FileNotFoundError:
+            return False
+
     while kills < 20:  # each life a few seconds: start-up, some steps, a checkpoint write or two
         resume = ["--resume"] if (run / "vae_state.pt").exists() else []
         proc = subprocess.Popen([*base, "--run-dir", str(run), *resume], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.5, 5.0))
+        if kills % 2 == 0:
+            time.sleep(rng.uniform(0.5, 5.0))
+        else:  # wait for a write in progress
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline and not writing():
+                time.sleep(0.0005)
+            during_writes += proc.poll() is None and writing()
         if proc.poll() is not None:  # it finished the whole run before this kill
             break
         proc.kill()
         proc.wait()
         kills += 1
-    assert kills == 20
+    assert kills == 20 and during_writes >= 5, (kills, during_writes)
     resume = ["--resume"] if (run / "vae_state.pt").exists() else []
     done = subprocess.run([*base, "--run-dir", str(run), *resume], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
