@@ -27,6 +27,7 @@ multi-gigabyte model is refused before it is built.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,17 +37,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import ModelHubMixin, snapshot_download
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save
 from torch import nn
 
-from .config import Config, checkpoints_dir, default_preset_name, runs_dir
+from .config import Config, checkpoints_dir, default_preset_name, pick_device, runs_dir
 
 FORMAT_VERSION = 1
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, of the wrong kind or for a different config."""
+
+
+#: The two weights files of a model folder (a run folder, ``checkpoints/``, a Hub-format folder).
+VAE_FILE = "vae.safetensors"
+UNET_FILE = "unet.safetensors"
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,8 +415,8 @@ def resolve_checkpoint(filename: str, checkpoint: str | os.PathLike | None = Non
     """
     if checkpoint is not None:
         p = Path(checkpoint)
-        if not p.exists() and _is_hub_id(str(checkpoint)):
-            p = _hub_download(str(checkpoint))
+        if not p.exists() and is_hub_id(str(checkpoint)):
+            p = hub_download(str(checkpoint))
         if p.is_dir():
             p = p / filename
         if not p.is_file():
@@ -429,19 +436,19 @@ def resolve_checkpoint(filename: str, checkpoint: str | os.PathLike | None = Non
     )
 
 
-def _is_hub_id(text: str) -> bool:
+def is_hub_id(text: str) -> bool:
     """``owner/name`` as the Hugging Face Hub spells model ids (and not a relative path such as ``runs/x``)."""
     owner, sep, name = text.partition("/")
     return bool(sep and owner and name and "/" not in name and not text.startswith(".")
                 and owner not in ("runs", "checkpoints", "data", "notebooks") and not Path(owner).exists())
 
 
-def _hub_download(repo_id: str) -> Path:
-    """A Hub model folder, downloaded once into huggingface_hub's cache (then read offline from there)."""
-    from huggingface_hub import snapshot_download  # only when a Hub id is given
-
+def hub_download(repo_id: str, **options: Any) -> Path:
+    """A Hub model folder, downloaded once into huggingface_hub's cache (then read offline from there);
+    ``options`` (revision, cache_dir, token, …) go to ``huggingface_hub.snapshot_download``."""
     try:
-        return Path(snapshot_download(repo_id=repo_id, allow_patterns=["*.safetensors", "*.json", "*.md"]))
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=["*.safetensors", "*.json", "*.md"],
+                                      **options))
     except Exception as exc:  # offline, no such repository, no access
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise CheckpointError(f"{repo_id} is neither a local path nor a reachable Hugging Face Hub model "
@@ -458,3 +465,68 @@ def export_model(src: str | os.PathLike, dst: str | os.PathLike, kind: str, dtyp
     extra = {k: v for k, v in meta["extra"].items() if k != "exported_from"}
     extra = dict(extra, stored_dtype=str(dtype or extra.get("stored_dtype", "as trained")), **notes)
     return save_model(dst, kind, tensors, Config.from_dict(meta["config"]), extra, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# One model in, one model out (what the VAE and the UNet share)
+# --------------------------------------------------------------------------------------------
+
+
+def load_model(path: str | os.PathLike, kind: str, build: Callable[[Any], nn.Module]) -> tuple[nn.Module, dict]:
+    """``(model, metadata)`` from the checkpoint file ``path``: read and verified (:func:`read_model`), its size
+    checked before anything is built (:func:`model_parameters`), then built as ``build(config.<kind>)`` and filled."""
+    path = Path(path)
+    tensors, meta = read_model(path, kind)
+    section = getattr(Config.from_dict(meta["config"]), kind)
+    model_parameters(build, section, f"the config in {path}")  # not a doctored multi-GB model
+    model = build(section)
+    load_state_strict(model, tensors, path)
+    meta["path"] = str(path)
+    return model, meta
+
+
+class HubFolderMixin(ModelHubMixin):
+    """Hugging Face's ``ModelHubMixin``, with a Hub id downloaded whole (one snapshot into huggingface_hub's cache;
+    one clear error when unreachable) before the mixin reads the folder."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, force_download: bool = False,
+                        token: str | bool | None = None, cache_dir: str | Path | None = None,
+                        local_files_only: bool = False, revision: str | None = None, **model_kwargs: Any):
+        source = str(pretrained_model_name_or_path)
+        if not Path(source).exists() and is_hub_id(source):
+            source = str(hub_download(source, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                                      local_files_only=local_files_only, token=token))
+        if not Path(source).is_dir():
+            raise CheckpointError(f"no model folder at {source}")
+        return super().from_pretrained(source, **model_kwargs)
+
+
+class HubModel(HubFolderMixin):
+    """``save_pretrained(folder)``, ``from_pretrained(folder_or_hub_id)`` and ``push_to_hub(repo_id)`` (Hugging
+    Face's ``ModelHubMixin``) for one model, the VAE or the UNet, in this project's checkpoint format: the weights
+    with their config and the digest of their tensors (checked on load), a ``config.json`` with the architecture,
+    and a generated card. A model alone carries no diffusion process or sampling recipe: the whole generator is
+    :class:`nbutils.pipeline.Pipeline`, whose ``from_pretrained`` checks that the VAE is the UNet's own.
+    ``from_pretrained`` also reads the model out of a pipeline's folder (``UNet.from_pretrained("checkpoints")``)."""
+
+    _kind: str  # the config section and file name: "vae" or "unet"
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        kind = self._kind
+        section = self.cfg
+        config = Config(preset=f"{kind} alone")
+        if kind == "vae":  # the data section says what images the VAE takes
+            config = config.replace(data=dataclasses.replace(config.data, image_size=section.image_size,
+                                                             channels=section.in_channels))
+        config = config.replace(**{kind: section})
+        save_model(Path(save_directory) / f"{kind}.safetensors", kind, self.state_dict(), config,
+                   {"saved_by": f"{type(self).__name__}.save_pretrained"})
+        atomic_write_bytes(Path(save_directory) / "config.json", (json.dumps(
+            {"library_name": "nbutils", "kind": kind, "files": {kind: f"{kind}.safetensors"},
+             kind: config.to_dict()[kind]}, indent=2) + "\n").encode())
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, device: str | torch.device | None = None, **_options: Any):
+        model, _ = load_model(resolve_checkpoint(f"{cls._kind}.safetensors", model_id), cls._kind, cls)
+        return model.to(pick_device(device)).eval()

@@ -1,37 +1,29 @@
-"""Hub-format model folders: what the Hugging Face Hub (and anyone without this repository) expects to find.
+"""Hub-format model folders from run folders: what the Hugging Face Hub (and anyone without this repository)
+expects to find (the format: :mod:`nbutils.card`).
 
-A folder holds the VAE and UNet weights (the project's safetensors checkpoints, unchanged, so their digests and the
-UNet's record of its VAE still hold; or both stored at a lower precision, ``dtype``), a ``config.json`` that says what
-is in it (architecture, diffusion process, sampling recipe, class names, files), an optional ``results.json``
-(measured quality, with the date, machine and command that measured it), and a model card, ``README.md``, generated
-from all of that — never written by hand, so it cannot drift from the weights.
-
-* :func:`save_pretrained` — a run folder (or the shipped ``checkpoints/``) → a Hub-format folder.
+* :func:`save_pretrained` — a run folder (or the shipped ``checkpoints/``) → a Hub-format folder, the weights
+  unchanged (so their digests and the UNet's record of its VAE still hold) or both stored at a lower precision.
+  A pipeline in memory has its own ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub``
+  (:class:`nbutils.pipeline.Pipeline`, Hugging Face's ``ModelHubMixin``), as the VAE and the UNet do.
 * ``load_pipeline("owner/name")`` (and ``--checkpoint owner/name``) downloads such a folder from the Hub once
   (:func:`nbutils.checkpoints.resolve_checkpoint`).
-* Publishing: ``huggingface_hub.upload_folder(repo_id="you/fashion-ldm", folder_path="checkpoints")``
-  after ``huggingface-cli login`` (docs/architecture.md).
+* Publishing: ``load_pipeline("checkpoints").push_to_hub("you/fashion-ldm")``, or
+  ``huggingface_hub.upload_folder(repo_id="you/fashion-ldm", folder_path="checkpoints")``, after
+  ``huggingface-cli login`` (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoints import atomic_write_bytes, encode_model, read_model
+from .card import RESULTS_FILE, write_folder
+from .checkpoints import UNET_FILE, VAE_FILE, encode_model, read_model
 from .config import Config
-from .data import class_names
-from .imagefolder import is_folder
-from .pipeline import UNET_FILE, VAE_FILE, SamplingRecipe, check_vae
-
-CONFIG_FILE = "config.json"
-RESULTS_FILE = "results.json"
-CARD_FILE = "README.md"
-HUB_DATASETS = {"fashion_mnist": "zalando-datasets/fashion_mnist", "cifar10": "uoft-cs/cifar10"}
+from .pipeline import SamplingRecipe, check_vae
 
 
 def save_pretrained(source: str | Path, out_dir: str | Path, results: dict[str, Any] | None = None,
@@ -76,22 +68,15 @@ def save_pretrained(source: str | Path, out_dir: str | Path, results: dict[str, 
             extra["stored_dtype"] = str(dtype)
         files[UNET_FILE], files["unet.json"] = encode_model(
             "unet", unet_tensors, Config.from_dict(unet_meta["config"]), extra, dtype)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in (UNET_FILE, VAE_FILE):
-        if name in files:
-            atomic_write_bytes(out_dir / name, files[name])
-            atomic_write_bytes((out_dir / name).with_suffix(".json"), files[Path(name).stem + ".json"])
-        elif (source / name).resolve() != (out_dir / name).resolve():
-            shutil.copyfile(source / name, out_dir / name)
-            if (source / name).with_suffix(".json").is_file():
-                shutil.copyfile((source / name).with_suffix(".json"), (out_dir / name).with_suffix(".json"))
-    _, unet_meta = read_model(out_dir / UNET_FILE, "unet")
-    _, vae_meta = read_model(out_dir / VAE_FILE, "vae")
-    config = hub_config(unet_meta, vae_meta)
-    atomic_write_bytes(out_dir / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
-    if results is not None:
-        atomic_write_bytes(out_dir / RESULTS_FILE, (json.dumps(results, indent=2) + "\n").encode())
-    atomic_write_bytes(out_dir / CARD_FILE, model_card(config, unet_meta, results).encode())
+    for name in (UNET_FILE, VAE_FILE):  # the files not re-encoded, byte for byte
+        if name not in files:
+            files[name] = (source / name).read_bytes()
+            sidecar = (source / name).with_suffix(".json")
+            if sidecar.is_file():
+                files[sidecar.name] = sidecar.read_bytes()
+    stored = recipe.to_dict() if recipe is not None else \
+        SamplingRecipe.from_dict(unet_meta["extra"].get("sampling_recipe") or {}).to_dict()
+    write_folder(out_dir, files, stored, results)
     return out_dir
 
 
@@ -103,115 +88,3 @@ def _check_representable(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -
                              "export it at a wider precision")
 
 
-def hub_config(unet_meta: dict[str, Any], vae_meta: dict[str, Any]) -> dict[str, Any]:
-    """``config.json``: what the folder holds, in the names diffusers users know where they exist."""
-    config = Config.from_dict(unet_meta["config"])
-    cfg = config.to_dict()
-    recipe = SamplingRecipe.from_dict(unet_meta["extra"].get("sampling_recipe") or {})
-    return {
-        "library_name": "nbutils",
-        "pipeline": "class-conditional latent diffusion",
-        "files": {"unet": UNET_FILE, "vae": VAE_FILE},
-        "weights_sha256": {"unet": unet_meta["tensor_digest"], "vae": vae_meta["tensor_digest"]},
-        # a folder of your own images is named by the folder, not by a path on the machine that trained it
-        "dataset": (f"images of {len(config.data.class_names)} classes ({Path(cfg['data']['dataset']).name})"
-                    if is_folder(cfg["data"]["dataset"]) else cfg["data"]["dataset"]),
-        "image_shape": [cfg["data"]["channels"], cfg["data"]["image_size"], cfg["data"]["image_size"]],
-        "class_names": list(class_names(config.data)),
-        "vae": Config.from_dict(vae_meta["config"]).to_dict()["vae"],
-        "unet": cfg["unet"],
-        "scheduler": cfg["diffusion"],
-        "sampling_recipe": recipe.to_dict(),
-    }
-
-
-def model_card(config: dict[str, Any], unet_meta: dict[str, Any], results: dict[str, Any] | None) -> str:
-    """The ``README.md`` of a Hub folder: metadata for the Hub, then what the model is, how it was trained and
-    sampled, and what it measured."""
-    unet, vae, sched, recipe = config["unet"], config["vae"], config["scheduler"], config["sampling_recipe"]
-    extra = unet_meta["extra"]
-    interval = recipe["guidance_interval"]
-    lines = [
-        "---",
-        "license: mit",
-        "library_name: nbutils",
-        "pipeline_tag: unconditional-image-generation",
-        *([f"datasets:\n- {HUB_DATASETS[config['dataset']]}"] if config["dataset"] in HUB_DATASETS else []),
-        "tags:\n- diffusion\n- latent-diffusion\n- class-conditional\n- classifier-free-guidance",
-        "---",
-        "",
-        f"# Class-conditional latent diffusion on {config['dataset']}",
-        "",
-        f"A VAE (channels {tuple(vae['block_out_channels'])}, latent {vae['latent_channels']}×"
-        f"{config['image_shape'][1] // 4}×{config['image_shape'][2] // 4}) and a class-conditional UNet (channels "
-        f"{tuple(unet['block_out_channels'])}, {unet['layers_per_block']} residual block(s) per level, "
-        f"cross-attention to {unet['context_tokens']} class tokens) trained on a "
-        f"{sched['num_train_timesteps']}-step diffusion process ({sched['beta_schedule']} schedule, "
-        f"{sched['prediction_type']} target). Classes: {', '.join(config['class_names'])}.",
-        "",
-        "This card is generated by `nbutils.hub.save_pretrained` from the files beside it.",
-        "",
-        "## Use",
-        "",
-        "```python",
-        "import nbutils",
-        "from nbutils.pipeline import load_pipeline, sample",
-        "",
-        'pipe = load_pipeline("THIS_FOLDER_OR_HUB_ID")  # checks the VAE is the one the UNet was trained with',
-        'out = sample(pipe, 10, classes="all", generator=nbutils.make_generator(0))  # the recipe below',
-        "```",
-        "",
-        "## Training",
-        "",
-        f"EMA weights after epoch {extra.get('epoch')} (step {extra.get('step')}). "
-        + (f"How: {extra['trained']}." if extra.get("trained") else "")
-        + f" UNet dropout {unet['dropout']}, class dropped for guidance with probability {sched['cond_drop_prob']}.",
-        "",
-        "## Sampling recipe",
-        "",
-        f"{recipe['sampler']}, "
-        + (f"{len(recipe['timesteps'])} listed timesteps ({', '.join(map(str, recipe['timesteps']))}), "
-           if recipe.get("timesteps") else
-           f"{recipe['steps'] or 'default'} steps, spacing {recipe['timestep_spacing'] or 'default'}, ")
-        + ("no classifier-free guidance (w = 1: the conditional model alone)" if recipe["guidance"] == 1 else
-           f"classifier-free guidance w = {recipe['guidance']:g}"
-           + (f" on {interval[0]} ≤ t ≤ {interval[1]} only" if interval else " on every step"))
-        + f", {recipe['precision']}.",
-        "",
-    ]
-    if results:
-        lines += ["## Measured quality", "", _results_table(results), ""]
-    lines += ["## License", "", "MIT.", ""]
-    return "\n".join(lines)
-
-
-def _results_table(results: dict[str, Any]) -> str:
-    """The card's quality table: from a ``python -m benchmarks judges`` record (every judge side by side, test
-    reference only), or from an older one-judge record."""
-    machine = results.get("machine", {})
-    where = (f"measured {results.get('date', '?')[:10]} on {machine.get('cpu', '?')} ({machine.get('cores', '?')} "
-             f"cores, torch {machine.get('torch', '?')}) by `{results.get('command', '?')}`.")
-    rows = [r for r in results.get("rows", []) if r.get("reference", "test") == "test"]
-    judges = list(dict.fromkeys(r["judge"] for r in rows if "judge" in r))
-    if not judges:
-        lines = ["| images | FID | KID | conditional accuracy | FID ÷ VAE ceiling |", "| --- | --- | --- | --- | --- |"]
-        for r in rows:
-            ratio = f"{r['fid_vs_ceiling']:g}×" if "fid_vs_ceiling" in r else "—"
-            lines.append(f"| {r['row']} | {r['fid']:g} | {r['kid']:g} | {100 * r['cond_acc']:.2f}% | {ratio} |")
-        return "\n".join([*lines, "", f"N = {results.get('n')}, features and predictions of the project's "
-                                        f"FashionMNIST classifier against the test images; {where}"])
-    head = "| images | " + " | ".join(f"{j}: FID | {j}: accuracy | {j}: FID ÷ ceiling" for j in judges) + " |"
-    lines = [head, "|" + " --- |" * (1 + 3 * len(judges))]
-    for name in dict.fromkeys(r["row"] for r in rows):
-        cells = []
-        for j in judges:
-            r = next((r for r in rows if r["row"] == name and r.get("judge") == j), None)
-            if r is None:
-                cells += ["—", "—", "—"]
-                continue
-            ratio = f"{r['fid_vs_ceiling']:g}×" if "fid_vs_ceiling" in r else "—"
-            cells += [f"{r['fid']:g}", f"{100 * r['cond_acc']:.2f}%", ratio]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join([*lines, "", f"N = {results.get('n')} against the 10,000 test images, judged by the project's "
-                                    f"FashionMNIST classifiers {', '.join(judges)} (features for FID, predictions "
-                                    f"for accuracy); {where}"])

@@ -1,8 +1,7 @@
 """The generator as one object: VAE + UNet + noise schedule + the recipe they are sampled with.
 
-* :class:`SamplingRecipe` — sampler, steps, timestep spacing, guidance scale and interval, precision:
-  everything that turns a trained UNet into pictures, validated once. A released UNet carries its recipe
-  in its checkpoint metadata; :data:`SHIPPED_RECIPE` is the one ``checkpoints/`` was released with.
+* :class:`~nbutils.recipe.SamplingRecipe` (in :mod:`nbutils.recipe`, importable from here too) — everything
+  that turns a trained UNet into pictures; a released UNet carries its recipe in its checkpoint metadata.
 * :func:`load_pipeline` — a UNet checkpoint (file or folder) and the VAE beside it, checked to be the
   VAE the UNet was trained with (SHA-256), as a :class:`Pipeline`.
 * :func:`guided_output` — classifier-free guidance (Ho & Salimans 2022):
@@ -17,7 +16,7 @@ model runs (w = 1, one forward pass instead of two).
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,135 +26,29 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .card import write_folder
 from .checkpoints import (
+    UNET_FILE,
+    VAE_FILE,
     CheckpointError,
+    HubFolderMixin,
     config_differences,
+    encode_model,
     file_digest,
-    load_state_strict,
-    model_parameters,
-    read_model,
+    load_model,
     resolve_checkpoint,
 )
 from .config import Config, DiffusionConfig, bf16_supported, pick_device
 from .data import class_labels, dataset_spec
 from .data import class_names as dataset_class_names
 from .diffusion import to_x0
-from .samplers import SAMPLERS, SPACINGS, make_sampler, split_timesteps, top_timestep
+from .recipe import PRECISIONS as PRECISIONS
+from .recipe import SHIPPED_RECIPE as SHIPPED_RECIPE
+from .recipe import SamplingRecipe
+from .samplers import make_sampler, split_timesteps, top_timestep
 from .schedules import NoiseSchedule
 from .unet import UNet
 from .vae import VAE
-
-VAE_FILE = "vae.safetensors"
-UNET_FILE = "unet.safetensors"
-PRECISIONS = ("fp32", "bf16", "auto")
-
-
-# --------------------------------------------------------------------------------------------
-# The sampling recipe
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SamplingRecipe:
-    """How to sample: validated on construction, stored with a released UNet.
-
-    ``steps`` None = the sampler's default (every timestep for ``ddpm``, 50 for ``ddim`` and ``dpm-sde``, 20 for
-    ``dpm``); ``timestep_spacing`` None = the sampler's default. ``guidance_interval=(lo, hi)`` guides only at
-    lo ≤ t ≤ hi. ``guided_steps`` (with an interval starting at 0) puts that many of the ``steps`` inside the
-    interval and the rest above it, instead of spacing all evenly (:func:`nbutils.samplers.split_timesteps`).
-    ``timesteps`` lists the timesteps to visit, noisiest first, instead of spacing ``steps`` of them (as diffusers'
-    ``set_timesteps(timesteps=…)``; hand-placed schedules such as Sabour et al. 2024's "Align Your Steps" are
-    such lists). ``eta`` is DDIM's η. ``precision="bf16"`` runs the UNet under bfloat16 autocast (the sampler's
-    arithmetic and the VAE stay float32); ``auto`` = bf16 where the device has it natively, else fp32.
-    """
-
-    sampler: str = "dpm"
-    steps: int | None = None
-    timestep_spacing: str | None = None
-    guidance: float = 3.0
-    guidance_interval: tuple[int, int] | None = None
-    guided_steps: int | None = None
-    eta: float = 0.0
-    precision: str = "fp32"
-    timesteps: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ValueError(f"steps must be a whole number ≥ 1, got {self.steps!r}")
-        if self.timestep_spacing is not None and self.timestep_spacing not in SPACINGS:
-            raise ValueError(f"unknown timestep_spacing {self.timestep_spacing!r}; valid: {', '.join(SPACINGS)}")
-        if not math.isfinite(self.guidance) or self.guidance < 0:
-            raise ValueError(f"guidance must be a finite number ≥ 0, got {self.guidance}")
-        if not math.isfinite(self.eta) or self.eta < 0:
-            raise ValueError(f"eta must be a finite number ≥ 0, got {self.eta}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.guidance_interval is not None:
-            interval = tuple(self.guidance_interval)
-            if len(interval) != 2 or not all(isinstance(v, int) for v in interval) \
-                    or not 0 <= interval[0] <= interval[1]:
-                raise ValueError(f"guidance_interval must be (lo, hi), timestep numbers with 0 ≤ lo ≤ hi, got "
-                                 f"{self.guidance_interval!r}")
-            object.__setattr__(self, "guidance_interval", interval)
-        if self.timesteps is not None:
-            ts = tuple(self.timesteps)
-            if not ts or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ts) \
-                    or any(a <= b for a, b in zip(ts, ts[1:], strict=False)):
-                raise ValueError(f"timesteps must be whole numbers ≥ 0, strictly decreasing, got {self.timesteps!r}")
-            if self.steps is not None and self.steps != len(ts):
-                raise ValueError(f"steps ({self.steps}) and the {len(ts)} timesteps disagree (leave steps unset)")
-            if self.guided_steps is not None or self.timestep_spacing is not None:
-                raise ValueError("timesteps replace steps' spacing: leave guided_steps and timestep_spacing unset")
-            object.__setattr__(self, "timesteps", ts)
-        if self.guided_steps is not None:
-            if self.guidance_interval is None or self.guidance_interval[0] != 0:
-                raise ValueError("guided_steps needs guidance_interval=(0, hi): the guided part ends the schedule")
-            if self.steps is None:
-                raise ValueError("guided_steps needs steps (the total, e.g. steps=16, guided_steps=12)")
-            if not 1 <= self.guided_steps < self.steps:
-                raise ValueError(f"guided_steps must be at least 1 and less than steps ({self.steps}), got "
-                                 f"{self.guided_steps}")
-            if self.timestep_spacing not in (None, "trailing", "logsnr"):
-                raise ValueError("with guided_steps, timestep_spacing spaces the guided part: trailing or logsnr, "
-                                 f"got {self.timestep_spacing!r}")
-
-    def replace(self, **changes: Any) -> SamplingRecipe:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for key in ("guidance_interval", "timesteps"):
-            if d[key] is not None:
-                d[key] = list(d[key])
-        if d["timesteps"] is None:  # recipes stored before the field existed read the same
-            del d["timesteps"]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SamplingRecipe:
-        """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
-        if not isinstance(d, dict):
-            raise ValueError(f"a sampling recipe must be a JSON object, got {type(d).__name__}")
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown sampling recipe fields: {', '.join(sorted(unknown))}")
-        d = dict(d)
-        for key in ("guidance_interval", "timesteps"):
-            if d.get(key) is not None:
-                d[key] = tuple(d[key])
-        return cls(**d)
-
-
-#: The recipe ``checkpoints/`` was released with (stored in its UNet's metadata too): DPM-Solver++ on the 20
-#: timesteps spaced evenly in log-SNR less three of the five below t = 30 (17 steps), classifier-free guidance w = 3
-#: on 30 ≤ t ≤ 600 only (6 of the 17 steps on the cosine schedule). Chosen by measurement for those weights on the
-#: validation reference: docs/sampling.md says how, docs/results.md what.
-SHIPPED_TIMESTEPS = (995, 992, 987, 979, 965, 942, 902, 836, 731, 584, 415, 266, 159, 91, 51, 13, 0)
-SHIPPED_RECIPE = SamplingRecipe(sampler="dpm", timesteps=SHIPPED_TIMESTEPS, guidance=3.0, guidance_interval=(30, 600))
-
 
 # --------------------------------------------------------------------------------------------
 # Loading
@@ -169,39 +62,32 @@ def load_vae(checkpoint: str | Path | None = None, device: str | torch.device | 
     ``metadata["extra"]["latent_stats"]`` says whether the latent shift/scale are set (a finished run).
     With ``expected``, a checkpoint whose VAE config differs is an error naming the fields.
     """
-    path = resolve_checkpoint(VAE_FILE, checkpoint)
-    tensors, meta = read_model(path, "vae")
-    cfg = Config.from_dict(meta["config"])
+    vae, meta = load_model(resolve_checkpoint(VAE_FILE, checkpoint), "vae", VAE)
     if expected is not None:
         def arch(d: dict) -> dict:  # kl_weight only matters in training
             return {k: v for k, v in d.items() if k != "kl_weight"}
 
-        diffs = config_differences(arch(cfg.to_dict()["vae"]), arch(expected.to_dict()["vae"]), "vae.")
+        diffs = config_differences(arch(meta["config"]["vae"]), arch(expected.to_dict()["vae"]), "vae.")
         if diffs:
-            raise CheckpointError(f"{path} was trained with a different VAE config: " + "; ".join(diffs))
-    model_parameters(VAE, cfg.vae, f"the config in {path}")  # not a doctored multi-GB model
-    vae = VAE(cfg.vae)
-    load_state_strict(vae, tensors, path)
-    meta["path"] = str(path)
+            raise CheckpointError(f"{meta['path']} was trained with a different VAE config: " + "; ".join(diffs))
     return vae.to(pick_device(device)).eval(), meta
 
 
 def load_unet(checkpoint: str | Path | None = None, device: str | torch.device | None = None
               ) -> tuple[UNet, dict[str, Any]]:
     """``(unet, metadata)`` from a checkpoint file or folder (default: latest run, else shipped)."""
-    path = resolve_checkpoint(UNET_FILE, checkpoint)
-    tensors, meta = read_model(path, "unet")
-    cfg = Config.from_dict(meta["config"])
-    model_parameters(UNet, cfg.unet, f"the config in {path}")  # not a doctored multi-GB model
-    unet = UNet(cfg.unet)
-    load_state_strict(unet, tensors, path)
-    meta["path"] = str(path)
+    unet, meta = load_model(resolve_checkpoint(UNET_FILE, checkpoint), "unet", UNet)
     return unet.to(pick_device(device)).eval(), meta
 
 
 @dataclass
-class Pipeline:
-    """A trained generator: the VAE, the UNet, the diffusion process the UNet learned, and its recipe."""
+class Pipeline(HubFolderMixin, library_name="nbutils", license="mit",
+               tags=["diffusion", "latent-diffusion", "class-conditional", "classifier-free-guidance"]):
+    """A trained generator: the VAE, the UNet, the diffusion process the UNet learned, and its recipe.
+
+    ``save_pretrained(folder)``, ``from_pretrained(folder_or_hub_id)`` and ``push_to_hub(repo_id)`` (Hugging
+    Face's ``ModelHubMixin``) write and read a Hub-format folder (:mod:`nbutils.card`): both weights files with
+    their digests, ``config.json`` and a generated model card; ``from_pretrained`` is :func:`load_pipeline`."""
 
     vae: Any  # a VAE, or anything with ``latent_shape`` and ``decode`` (tests use an identity)
     unet: Any  # a UNet, or anything called as ``unet(x, t, labels)`` with a ``null_label``
@@ -209,6 +95,7 @@ class Pipeline:
     recipe: SamplingRecipe = field(default_factory=SamplingRecipe)
     class_names: tuple[str, ...] = dataset_spec("fashion_mnist").class_names
     meta: dict[str, Any] = field(default_factory=dict)  # the UNet checkpoint's metadata, when loaded from one
+    vae_meta: dict[str, Any] = field(default_factory=dict)  # the VAE checkpoint's metadata, likewise
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -217,6 +104,29 @@ class Pipeline:
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        if not isinstance(self.vae, VAE) or not isinstance(self.unet, UNet):
+            raise TypeError("save_pretrained writes a VAE and a UNet of nbutils; this pipeline holds "
+                            f"{type(self.vae).__name__} and {type(self.unet).__name__}")
+        unet_cfg = Config.from_dict(self.meta["config"]) if self.meta.get("config") else Config(preset="in memory")
+        unet_cfg = unet_cfg.replace(vae=self.vae.cfg, unet=self.unet.cfg, diffusion=self.diffusion)
+        vae_cfg = Config.from_dict(self.vae_meta["config"]) if self.vae_meta.get("config") else unet_cfg
+        files = {}
+        in_memory = ("stored_dtype", "vae_digest", "vae_record_before_export")  # (float32 weights, new records)
+        vae_extra = {k: v for k, v in self.vae_meta.get("extra", {}).items() if k not in in_memory}
+        files[VAE_FILE], files["vae.json"] = encode_model("vae", self.vae.state_dict(), vae_cfg.replace(
+            vae=self.vae.cfg), vae_extra)
+        extra = dict(self.meta.get("extra", {}), sampling_recipe=self.recipe.to_dict())
+        extra = {k: v for k, v in extra.items() if k not in in_memory}
+        extra["vae_tensor_digest"] = json.loads(files["vae.json"])["tensor_digest"]  # the VAE saved beside it
+        files[UNET_FILE], files["unet.json"] = encode_model("unet", self.unet.state_dict(), unet_cfg, extra)
+        write_folder(save_directory, files, self.recipe.to_dict())
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, device: str | torch.device | None = None,
+                         allow_unverified_vae: bool = False, **_options: Any) -> Pipeline:
+        return load_pipeline(model_id, device, allow_unverified_vae)
 
 
 def vae_identity(vae_meta: dict[str, Any]) -> dict[str, str]:
@@ -260,7 +170,7 @@ def load_pipeline(checkpoint: str | Path | None = None, device: str | torch.devi
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{meta['path']} carries an invalid sampling recipe: {exc}") from exc
     return Pipeline(inference_layout(vae), inference_layout(unet), cfg.diffusion, recipe,
-                    dataset_class_names(cfg.data), meta)
+                    dataset_class_names(cfg.data), meta, vae_meta)
 
 
 def inference_layout(model: torch.nn.Module) -> torch.nn.Module:
@@ -443,6 +353,9 @@ def sample(
                 trajectory.append((int(t), vae.decode(x0).cpu()))
             x = s.step(out, t, x, generator=generator)
             bar.update(1)
+        if not torch.isfinite(x).all():  # e.g. a large guidance scale on an undertrained model
+            raise ValueError(f"sampling diverged: the latents are not finite (guidance {recipe.guidance:g}, "
+                             f"{recipe.sampler}); try a smaller guidance scale")
         latents.append(x.cpu())
         images.append(vae.decode(x).cpu())
     bar.close()

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoints import HubModel
 from .config import UNetConfig
 
 
@@ -182,8 +183,11 @@ def _checkable(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not (torch.compiler.is_compiling() or exporting())
 
 
-class UNet(nn.Module):
+class UNet(nn.Module, HubModel, library_name="nbutils", license="mit",
+          tags=["diffusion", "latent-diffusion", "unet", "class-conditional"]):
     """The class-conditional latent UNet. ``forward(x_t, t, labels) -> prediction``."""
+
+    _kind = "unet"  # HubModel: the config section and file name
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoints import HubModel
 from .config import VAEConfig
 
 
@@ -131,7 +132,8 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(z)))))
 
 
-class VAE(nn.Module):
+class VAE(nn.Module, HubModel, library_name="nbutils", license="mit",
+          tags=["diffusion", "latent-diffusion", "vae"]):
     """Encoder + decoder + the latent standardisation the diffusion model relies on.
 
     * :meth:`encode_dist` — raw posterior ``(mean, logvar)`` (what training and the latent cache use);
@@ -140,6 +142,8 @@ class VAE(nn.Module):
     * :meth:`decode` — inverse of :meth:`encode`: standardised latent → image in [-1, 1] space;
     * :meth:`forward` — one training pass: reconstruction (from a posterior sample), mean, logvar.
     """
+
+    _kind = "vae"  # HubModel: the config section and file name
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()

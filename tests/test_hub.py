@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +136,83 @@ def test_export_cli_stores_float16_and_the_shipped_recipe(tmp_path):
                               "--dtype", "float16"], capture_output=True, text=True)
     assert refused.returncode != 0 and "holds a training run" in refused.stderr
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["unet_state.pt"]
+
+
+def _same_weights(a, b):
+    for (name, t), u in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(t, u), name
+
+
+def test_pipeline_vae_and_unet_save_and_load_through_the_hub_mixin(tmp_path):
+    """Hugging Face's ModelHubMixin on all three: save_pretrained → from_pretrained gives the same weights,
+    recipe and diffusion process; the files are the project's checkpoints (digests checked on load) with a
+    generated card; a model is also read out of a pipeline's folder."""
+    from nbutils.pipeline import Pipeline
+    from nbutils.unet import UNet
+    from nbutils.vae import VAE
+
+    pipe = load_pipeline(checkpoints_dir(), device="cpu")
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert {p.name for p in (tmp_path / "pipe").iterdir()} == {
+        "README.md", "config.json", "unet.safetensors", "unet.json", "vae.safetensors", "vae.json"}
+    again = Pipeline.from_pretrained(tmp_path / "pipe", device="cpu")
+    _same_weights(pipe.unet, again.unet)
+    _same_weights(pipe.vae, again.vae)
+    assert again.recipe == pipe.recipe == SHIPPED_RECIPE and again.diffusion == pipe.diffusion
+    card = (tmp_path / "pipe" / "README.md").read_text()
+    assert card.startswith("---\nlicense: mit\n") and "16 epochs at lr 0.001, then 24 more at lr 0.0001" in card
+    for cls, model in ((UNet, pipe.unet), (VAE, pipe.vae)):
+        folder = tmp_path / cls.__name__
+        model.save_pretrained(folder)
+        assert json.loads((folder / "config.json").read_text())[cls._kind] == \
+            json.loads((checkpoints_dir() / "config.json").read_text())[cls._kind]
+        _same_weights(model, cls.from_pretrained(folder))
+        _same_weights(model, cls.from_pretrained(checkpoints_dir()))  # out of the pipeline's folder
+    raw = bytearray((tmp_path / "UNet" / "unet.safetensors").read_bytes())
+    raw[-10] ^= 0xFF
+    (tmp_path / "UNet" / "unet.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="do not match the digest"):
+        UNet.from_pretrained(tmp_path / "UNet")
+    with pytest.raises(CheckpointError, match="does not record which VAE"):  # a UNet alone is not a pipeline
+        shutil.copy(tmp_path / "VAE" / "vae.safetensors", tmp_path / "UNet" / "vae.safetensors")
+        model = UNet.from_pretrained(checkpoints_dir())
+        model.save_pretrained(tmp_path / "UNet")
+        Pipeline.from_pretrained(tmp_path / "UNet", device="cpu")
+
+
+def test_a_hub_id_loads_through_the_hub_cache_and_push_to_hub_uploads_the_folder(tmp_path, monkeypatch):
+    """Offline: the Hub download and upload are replaced by fakes that record what they are given."""
+    from nbutils import checkpoints as C
+    from nbutils.pipeline import Pipeline
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns, **options):
+        calls.append((repo_id, options.get("revision")))
+        return str(checkpoints_dir())
+
+    monkeypatch.setattr(C, "snapshot_download", fake_snapshot_download)
+    a = load_pipeline("someone/fashion-ldm", device="cpu")
+    b = Pipeline.from_pretrained("someone/fashion-ldm", revision="v1", device="cpu")
+    assert calls == [("someone/fashion-ldm", None), ("someone/fashion-ldm", "v1")]
+    _same_weights(a.unet, b.unet)
+
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploaded[repo_id] = sorted(p.name for p in Path(folder_path).iterdir())
+            return "done"
+
+    import huggingface_hub.hub_mixin
+
+    monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", FakeApi)
+    assert a.push_to_hub("someone/copy") == "done"
+    assert uploaded["someone/copy"] == ["README.md", "config.json", "unet.json", "unet.safetensors", "vae.json",
+                                        "vae.safetensors"]

@@ -143,7 +143,8 @@ def test_make_demo_draws_the_readme_picture(tmp_path):
 def test_recipe_is_validated_once_and_round_trips():
     for bad, message in [({"sampler": "euler"}, "unknown sampler"), ({"steps": 0}, "steps"),
                          ({"guidance": float("nan")}, "finite"), ({"guidance": float("inf")}, "finite"),
-                         ({"guidance": -1.0}, "≥ 0"), ({"eta": float("nan")}, "eta"),
+                         ({"guidance": -1.0}, "from 0 to 100"), ({"guidance": 1e308}, "from 0 to 100"),
+                         ({"eta": 1.5}, "from 0"), ({"eta": float("nan")}, "eta"),
                          ({"guidance_interval": (500, 100)}, "guidance_interval"), ({"precision": "fp16"}, "precision"),
                          ({"timestep_spacing": "cosine"}, "timestep_spacing"),
                          ({"steps": 10, "guided_steps": 5}, "guidance_interval=\\(0, hi\\)"),

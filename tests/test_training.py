@@ -1,5 +1,6 @@
 """The shared training machinery: what it refuses to load, and the second training phase."""
 
+import json
 import math
 import os
 import pickle
@@ -62,6 +63,8 @@ def test_shipped_preset_is_the_release_recipe():
     assert (cfg.train_unet.epochs, cfg.train_unet.lr) == (16, 1e-3)
     assert (cfg.finetune_unet.epochs, cfg.finetune_unet.lr, cfg.finetune_unet.lr_warmup_steps) == (24, 1e-4, 50)
     assert unet_meta["extra"]["epoch"] == cfg.finetune_unet.epochs
+    # the weights record the preset itself: what a reader of their metadata (or the model card) is told
+    assert unet_meta["config"] == vae_meta["config"] == json.loads(json.dumps(cfg.to_dict()))
 
 
 # --------------------------------------------------------------------------------------------
