@@ -2,7 +2,7 @@
 
     python -m benchmarks full_gpu --device cuda --run-dir runs/full --budget-s 540       # one device lend
     python -m benchmarks full_gpu --device cuda --run-dir runs/full --budget-s 540       # again, same machine: resumes
-    python -m benchmarks full_gpu --preset smoke --run-dir /tmp/full-smoke --n 200       # the same path on a CPU
+    python -m benchmarks full_gpu --preset smoke --run-dir runs/full-smoke --n 200       # the same path on a CPU
 
 Made for a GPU lent for a few minutes at a time. Training runs with the settings that remove per-step overhead
 on CUDA: the data on the device, bf16 autocast, the forward pass compiled for the full batch size, each full-batch
