@@ -186,7 +186,7 @@ def test_sample_cli_npz_png_and_determinism(smoke_run, tmp_path, capsys):
     assert cli.main([*common, "--n", "2", "--class", "sock", "--out", str(c)]) == 1
     assert "unknown class 'sock'" in capsys.readouterr().err
     assert cli.main([*common, "--n", "2", "--guidance", "-1", "--out", str(c)]) == 1
-    assert "--guidance must be a finite number ≥ 0" in capsys.readouterr().err
+    assert "--guidance must be a finite number from 0 to 100" in capsys.readouterr().err
     for bad in (["--steps", "0"], ["--n", "0"]):
         with pytest.raises(SystemExit) as exc:
             cli.main([*common[:-2], *bad, "--out", str(c)])
