@@ -185,7 +185,7 @@ def test_bad_input_is_one_error_line_and_writes_nothing(case, files, busy):
     assert _snapshot(files) == before, "files were created or changed"
 
 
-@pytest.mark.parametrize("after", [0.05, 0.3, 0.8, 1.5])
+@pytest.mark.parametrize("after", [0.05, 0.3, 0.8, 1.1, 1.2, 1.3, 1.5, 2.0])
 def test_ctrl_c_during_start_up_is_one_error_line(after):
     """Ctrl-C while Python is still importing torch (``import nbutils`` itself imports nothing heavy)."""
     proc = subprocess.Popen([sys.executable, "-m", "nbutils", "sample", "--help"], stdout=subprocess.PIPE,
@@ -194,8 +194,8 @@ def test_ctrl_c_during_start_up_is_one_error_line(after):
         proc.wait(timeout=after)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:  # started up and printed its help before the signal: nothing to check
+    out, err = proc.communicate(timeout=120)
+    if "usage:" in out:  # it had done its work (printed its help) before the signal came: nothing to check
         return
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert [line for line in err.splitlines() if line.strip()] == ["error: interrupted"], err
