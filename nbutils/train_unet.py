@@ -122,7 +122,7 @@ def train_unet(
                 atomic_write_bytes(own_vae, source.read_bytes())  # whole or not at all, even when killed
                 if source.with_suffix(".json").is_file():
                     shutil.copyfile(source.with_suffix(".json"), own_vae.with_suffix(".json"))
-                log(f"using the VAE {source} (copied into {run_dir})")
+                log(f"using the VAE {display_path(source)} (copied into {display_path(run_dir)})")
             elif procs.is_main and vae_checkpoint is not None:  # asked for a VAE, but the run has its own
                 _check_same_vae(own_vae, resolve_checkpoint(VAE_FILE, vae_checkpoint), run_dir)
             vae, vae_meta = load_vae(own_vae, device=device)
@@ -172,7 +172,8 @@ def train_unet(
             if run.epoch >= epochs:
                 log(f"already trained {run.epoch} epochs (asked for {epochs}); nothing to do")
         elif run.weights_path.exists():
-            log(f"note: overwriting the UNet checkpoint in {run_dir} (pass resume=True / --resume to continue it)")
+            log(f"note: overwriting the UNet checkpoint in {display_path(run_dir)} "
+                "(pass resume=True / --resume to continue it)")
         if init_from is not None and not resume:
             _init_from(Path(init_from), unet, run.ema, vae_meta, log)
         run.cuda_graph = cuda_graph

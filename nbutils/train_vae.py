@@ -108,7 +108,8 @@ def train_vae(
             if run.epoch >= epochs:
                 log(f"already trained {run.epoch} epochs (asked for {epochs}); nothing to do")
         elif run.weights_path.exists():
-            log(f"note: overwriting the checkpoint in {run_dir} (pass resume=True / --resume to continue it)")
+            log(f"note: overwriting the checkpoint in {display_path(run_dir)} "
+                "(pass resume=True / --resume to continue it)")
         run.cuda_graph = cuda_graph
         run.prepare()
         log(f"VAE: {sum(p.numel() for p in vae.parameters()):,} parameters, {len(train_x):,} training images, batch "
